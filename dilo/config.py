@@ -1,0 +1,405 @@
+"""One validated configuration tree for a dilo run.
+
+A run is described by a TOML file (see `configs/`) plus dotted command-line overrides:
+
+    cfg = load("configs/quickstart.toml", ["--outer.lr=0.5", "--inner.precision=bf16"])
+
+Every section is a frozen pydantic model with `extra="forbid"`, so a misspelt key, a wrong type
+or a value out of range fails here, before any process or socket starts, with a `ConfigError`
+that names the dotted key and the allowed values. Field docstrings are the help text shown by
+`dilo config schema`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dilo.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+class GPTConfig(Frozen):
+    kind: Literal["gpt"] = "gpt"
+    """The built-in small GPT (dilo/model.py)."""
+    vocab_size: int = Field(256, gt=1)
+    """Vocabulary size; 256 for the byte-level corpora."""
+    n_layer: int = Field(4, gt=0)
+    """Number of transformer blocks."""
+    n_head: int = Field(4, gt=0)
+    """Attention heads per block; must divide d_model."""
+    d_model: int = Field(128, gt=0)
+    """Width of the residual stream."""
+    context: int = Field(128, gt=0)
+    """Longest sequence the position embedding covers; data.seq_len must not exceed it."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout probability inside the blocks (0 keeps runs deterministic and fast)."""
+    tie_weights: bool = True
+    """Share the token embedding with the output projection."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> GPTConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head={self.n_head} must divide d_model={self.d_model}")
+        return self
+
+
+class ImportModelConfig(Frozen):
+    kind: Literal["import"] = "import"
+    """Any nn.Module, built by a function named by import path."""
+    builder: str = Field(pattern=r"^[\w.]+:[\w.]+$")
+    """"package.module:function"; called as function(**kwargs) and must return an nn.Module
+    whose forward(x, y) returns the scalar loss of the batch."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to the builder."""
+
+
+ModelConfig = Annotated[GPTConfig | ImportModelConfig, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+class DataConfig(Frozen):
+    corpus: Literal["stdlib", "text", "tokens"] = "stdlib"
+    """stdlib: the .py sources of the running Python's standard library (no download);
+    text: UTF-8 files, directories or globs in `paths`, read as bytes;
+    tokens: .bin files of uint16 token ids in `paths`, read by memmap."""
+    paths: list[str] = Field(default_factory=list)
+    """Files, directories or glob patterns for the text and tokens corpora."""
+    islands: Literal["iid", "by_source"] = "iid"
+    """iid: every worker sees the same distribution; by_source: whole files (stdlib: whole
+    top-level packages) per worker, the non-IID case."""
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    """Share held out for validation: whole files, chosen by a stable hash of their path
+    (tokens: the tail of each file)."""
+    batch_size: int = Field(16, gt=0)
+    """Sequences per micro-batch on each worker."""
+    seq_len: int = Field(128, gt=0)
+    """Tokens per sequence."""
+
+
+# ---------------------------------------------------------------------------------------------
+# inner loop
+
+
+class InnerConfig(Frozen):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """Inner optimizer; AdamW in DiLoCo, SGD for exactness tests against DDP."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Peak inner learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    weight_decay: float = Field(0.1, ge=0.0)
+    """AdamW decoupled weight decay (ignored by SGD)."""
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    """SGD momentum (ignored by AdamW)."""
+    warmup_steps: int = Field(100, ge=0)
+    """Linear warmup from 0 to lr, then cosine decay over the rest of the run."""
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """The cosine decays to lr * min_lr_ratio at the last step."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Clip the global gradient norm to this value; 0 turns clipping off."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches accumulated per optimizer step."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 runs forward and backward under bf16 autocast; parameters, optimizer state,
+    anchors and pseudo-gradients stay fp32."""
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> InnerConfig:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={self.betas} must both lie in [0, 1)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# outer strategies
+
+
+class DiLoCoConfig(Frozen):
+    kind: Literal["diloco"] = "diloco"
+    """Synchronous DiLoCo (Douillard et al., arXiv:2311.08105): mean pseudo-gradient, then
+    outer Nesterov SGD on the fp32 anchor."""
+    inner_steps: int = Field(50, gt=0)
+    """H: inner steps between two outer steps."""
+    lr: float = Field(0.7, gt=0.0)
+    """Outer learning rate."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """Outer momentum."""
+    nesterov: bool = True
+    """Nesterov momentum (torch.optim.SGD semantics)."""
+    weighting: Literal["uniform", "tokens"] = "uniform"
+    """uniform: plain mean over contributors; tokens: weight each pseudo-gradient by the
+    tokens its worker trained on this round."""
+
+
+class FedAvgConfig(Frozen):
+    kind: Literal["fedavg"] = "fedavg"
+    """FedAvg: average the workers' parameters every H steps (outer SGD, lr 1, no momentum)."""
+    inner_steps: int = Field(50, gt=0)
+    """H: inner steps between two averages."""
+    lr: float = Field(1.0, gt=0.0)
+    """Outer learning rate; 1 is plain parameter averaging."""
+    weighting: Literal["uniform", "tokens"] = "uniform"
+    """uniform or token-weighted mean."""
+
+
+class DDPConfig(Frozen):
+    kind: Literal["ddp"] = "ddp"
+    """Data-parallel baseline: gradients are averaged over all workers after every step."""
+
+
+OuterConfig = Annotated[DiLoCoConfig | FedAvgConfig | DDPConfig, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------------------------------------
+# codec, transport, logging, checkpoints
+
+
+class CodecConfig(Frozen):
+    kind: Literal["none"] = "none"
+    """How pseudo-gradients are encoded on the wire; none sends fp32."""
+
+
+class TransportConfig(Frozen):
+    kind: Literal["torch"] = "torch"
+    """torch.distributed collectives between workers."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """auto picks nccl when CUDA is available, gloo otherwise."""
+    bucket_mb: float = Field(32.0, gt=0.0)
+    """Size of the flat fp32 buckets that are all-reduced together."""
+    timeout_s: float = Field(300.0, gt=0.0)
+    """A collective that has not finished after this many seconds fails the round."""
+
+
+class LogConfig(Frozen):
+    eval_every: int = Field(1, ge=0)
+    """Evaluate validation loss every this many rounds (DDP: every inner_steps-equivalent of
+    50 steps); 0 evaluates only at the end."""
+    eval_batches: int = Field(16, gt=0)
+    """Validation batches, split across the workers."""
+    progress: bool = True
+    """Show a live progress bar on worker 0."""
+    plot: bool = True
+    """Write loss plots (PNG) next to the logs at the end of the run."""
+
+
+class CheckpointConfig(Frozen):
+    every: int = Field(0, ge=0)
+    """Save a checkpoint every this many rounds; 0 saves only at the end and on Ctrl+C."""
+    resume: bool = False
+    """Continue from the newest checkpoint in out_dir/checkpoints."""
+
+
+class RunConfig(Frozen):
+    name: str = Field("dilo", pattern=r"^[\w.-]+$")
+    """Run name; logs and checkpoints go to out_dir."""
+    out_dir: str = ""
+    """Where logs, plots and checkpoints go; empty means runs/<name>."""
+    seed: int = 0
+    """Seeds model initialisation and data order."""
+    steps: int = Field(1000, gt=0)
+    """Inner steps each worker runs in total."""
+    workers: int = Field(1, gt=0)
+    """Default worker count for `dilo run` (overridden by --workers)."""
+    sync_every_ddp_eval: int = Field(50, gt=0)
+    """DDP has no rounds; it logs and evaluates as if a round were this many steps."""
+    model: ModelConfig = Field(default_factory=GPTConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    inner: InnerConfig = Field(default_factory=InnerConfig)
+    outer: OuterConfig = Field(default_factory=DiLoCoConfig)
+    codec: CodecConfig = Field(default_factory=CodecConfig)
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kinds(cls, data: Any) -> Any:
+        # a [model] or [outer] table without `kind` means the default variant
+        if isinstance(data, dict):
+            data = dict(data)
+            for section, default in (("model", "gpt"), ("outer", "diloco")):
+                if isinstance(data.get(section), dict) and "kind" not in data[section]:
+                    data[section] = {"kind": default, **data[section]}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if isinstance(self.model, GPTConfig) and self.data.seq_len > self.model.context:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.context={self.model.context}; "
+                "raise model.context or lower data.seq_len"
+            )
+        if self.data.corpus in ("text", "tokens") and not self.data.paths:
+            raise ValueError(f"data.corpus={self.data.corpus!r} needs data.paths (files, dirs or globs)")
+        if self.data.corpus == "stdlib" and self.data.paths:
+            raise ValueError("data.paths is only read by the text and tokens corpora; remove it or set data.corpus")
+        if self.inner.warmup_steps >= self.steps:
+            raise ValueError(f"inner.warmup_steps={self.inner.warmup_steps} must be below steps={self.steps}")
+        return self
+
+    @property
+    def round_steps(self) -> int:
+        """Inner steps per round: H for DiLoCo/FedAvg, the logging period for DDP."""
+        return self.sync_every_ddp_eval if isinstance(self.outer, DDPConfig) else self.outer.inner_steps
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir or f"runs/{self.name}")
+
+    def fingerprint(self) -> str:
+        """Hash of everything that must agree between workers (not logging or resume flags)."""
+        d = self.model_dump(mode="json", exclude={"log", "checkpoint", "out_dir", "workers"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn ["--outer.lr=0.5", "--inner.precision", "bf16"] into a nested dict.
+
+    Values are read as TOML literals when they parse (numbers, booleans, arrays, quoted
+    strings) and as plain strings otherwise.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"override --{key} has no value; write --{key}=VALUE")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"bad override key {key!r}; write --section.key=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override --{key} conflicts with an earlier override of --{p}")
+        node[leaf] = _literal(value)
+    return out
+
+
+def _literal(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def load(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Read a TOML file (or start from defaults), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        raw = _merge(raw, extra)
+    return from_dict(raw, source=str(path) if path else "config")
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors()]
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def _describe(err: Any) -> str:
+    cls, parts = _resolve([str(x) for x in err["loc"]])
+    key = ".".join(parts)
+    if err["type"] == "extra_forbidden":
+        parent, _ = _resolve([str(x) for x in err["loc"]][:-1])
+        hint = f"; allowed keys here: {', '.join(sorted(parent.model_fields))}" if parent else ""
+        return f"unknown key {key!r}{hint}"
+    shown = err.get("input")
+    shown_text = "" if isinstance(shown, dict) or err["type"] == "missing" else f" (got {shown!r})"
+    return f"{key or '(top level)'}: {err['msg']}{shown_text}"
+
+
+def _union_members(annotation: Any) -> dict[str, type[BaseModel]]:
+    """For an Annotated discriminated union, map tag -> model class."""
+    members: dict[str, type[BaseModel]] = {}
+    args = typing.get_args(annotation)
+    inner = args[0] if args and typing.get_origin(annotation) is Annotated else annotation
+    for cls in typing.get_args(inner):
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and "kind" in cls.model_fields:
+            members[cls.model_fields["kind"].default] = cls
+    return members
+
+
+def _resolve(loc: list[str]) -> tuple[type[BaseModel] | None, list[str]]:
+    """Follow a pydantic error location through the config tree.
+
+    Returns the model class the location ends in (None for a leaf) and the location as the
+    user writes it, without the union tags pydantic inserts ("outer.diloco.lr" -> "outer.lr").
+    """
+    cls: type[BaseModel] | None = RunConfig
+    parts: list[str] = []
+    i = 0
+    while i < len(loc):
+        parts.append(loc[i])
+        field = cls.model_fields.get(loc[i]) if cls is not None else None
+        if field is None:
+            cls = None
+            i += 1
+            continue
+        members = _union_members(field.annotation)
+        if members:
+            cls = members.get(loc[i + 1]) if i + 1 < len(loc) else None
+            i += 2
+            continue
+        ann = field.annotation
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        i += 1
+    return cls, parts
+
+
+def schema() -> dict[str, Any]:
+    return RunConfig.model_json_schema()

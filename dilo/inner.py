@@ -1,0 +1,101 @@
+"""The inner loop: local optimizer steps on one worker's island. It never communicates.
+
+AdamW (or SGD) with linear warmup and cosine decay over the whole run, gradient accumulation,
+global-norm clipping and optional bf16 autocast. Parameters and optimizer state stay fp32.
+The optimizer state persists across rounds: DiLoCo keeps each worker's AdamW moments local.
+
+    inner = InnerLoop(model, cfg.inner, total_steps=cfg.steps)
+    loss = inner.step(island.next_batch, grad_hook=None)   # one optimizer step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from dilo.config import InnerConfig
+from dilo.outer.base import params_of
+
+Batch = tuple[Tensor, Tensor]
+
+
+def lr_at(step: int, cfg: InnerConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio*lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps - 1)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: InnerConfig) -> torch.optim.Optimizer:
+    """AdamW decays matrices (weights, embeddings) but not biases and norm gains, as in GPT-2."""
+    params = params_of(model)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
+
+
+class InnerLoop:
+    def __init__(self, model: nn.Module, cfg: InnerConfig, *, total_steps: int) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.optimizer = build_optimizer(model, cfg)
+        self.step_count = 0
+        self._params = params_of(model)
+        device_type = next(model.parameters()).device.type
+        self._autocast: Callable[[], contextlib.AbstractContextManager[object]] = (
+            (lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16))
+            if cfg.precision == "bf16"
+            else contextlib.nullcontext
+        )
+
+    def step(self, next_batch: Callable[[], Batch], grad_hook: Callable[[nn.Module], None] | None = None) -> float:
+        """One optimizer step over `grad_accum` micro-batches; returns the mean loss."""
+        lr = lr_at(self.step_count, self.cfg, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        total = 0.0
+        for _ in range(self.cfg.grad_accum):
+            x, y = next_batch()
+            with self._autocast():
+                loss = self.model(x, y)
+            (loss / self.cfg.grad_accum).backward()
+            total += float(loss.detach())
+        if grad_hook is not None:
+            grad_hook(self.model)  # DDP averages gradients here, before clipping
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return total / self.cfg.grad_accum
+
+    @property
+    def lr(self) -> float:
+        return lr_at(max(0, self.step_count - 1), self.cfg, self.total_steps)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterator[Batch] | list[Batch], precision: str = "fp32") -> tuple[float, int]:
+    """Sum of per-batch mean losses and the number of batches (so workers can add them up)."""
+    was_training = model.training
+    model.eval()
+    ctx = (lambda: torch.autocast(device_type="cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    total, n = 0.0, 0
+    for x, y in batches:
+        with ctx():
+            total += float(model(x, y))
+        n += 1
+    model.train(was_training)
+    return total, n

@@ -1,0 +1,138 @@
+"""What a run reports: a live progress bar, one JSONL log per worker, a summary, plots.
+
+Each worker writes `logs/worker<rank>.jsonl` with one record per line:
+
+    {"event": "start", "rank": 0, "workers": 4, "num_params": ..., "config": {...}}
+    {"event": "round", "round": 3, "step": 150, "tokens": ..., "loss": 2.31, "val_loss": 2.40,
+     "bytes_sent": ..., "bytes_recv": ..., "inner_s": ..., "sync_s": ..., "eval_s": ...,
+     "wall_s": ..., "committed": true, "participants": 4, "anchor_hash": "..."}
+    {"event": "end", ...totals...}
+
+Worker 0 also writes `summary.json` and, with `log.plot`, `loss.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+
+class Sink(Protocol):
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    def __init__(self, path: Path, *, append: bool = False) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._f = path.open("a" if append else "w")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, sort_keys=True) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class NullSink:
+    def write(self, record: dict[str, Any]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class Progress:
+    """tqdm bar over inner steps; a null object where disabled (workers other than 0)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str) -> None:
+        self._bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step",
+                         dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def show(self, **fields: Any) -> None:
+        self._bar.set_postfix({k: _short(v) for k, v in fields.items()}, refresh=False)
+
+    def print(self, text: str) -> None:
+        self._bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The end-of-run table printed by worker 0."""
+    val = s.get("val_loss")
+    rows = [
+        ("strategy", s["strategy"]),
+        ("workers", str(s["workers"])),
+        ("validation loss", "n/a" if val is None else f"{val:.4f}"),
+        ("tokens (all workers)", f"{s['tokens']:,}"),
+        ("wall time", f"{s['wall_s']:.1f} s"),
+        ("tokens/s (all workers)", f"{s['tokens'] / max(s['wall_s'], 1e-9):,.0f}"),
+        ("bytes sent per worker", human_bytes(s["bytes_sent_per_worker"])),
+        ("bytes DDP would send", human_bytes(s["ddp_bytes_per_worker"])),
+        ("communication reduction", f"{s['comm_reduction']:.1f}x"),
+        ("compute utilization", f"{100 * s['utilization']:.1f} %"),
+        ("rounds committed", f"{s['rounds_committed']}/{s['rounds']}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 24)
+    return "\n".join([line, *(f"{k.ljust(width)}  {v}" for k, v in rows), line])
+
+
+def plot_run(log_path: Path, out_path: Path, title: str) -> Path | None:
+    """Validation (and inner) loss against tokens and against bytes sent, from one worker's log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r for r in read_jsonl(log_path) if r.get("event") == "round"]
+    if not rounds:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    tokens = [r["global_tokens"] for r in rounds]
+    sent = [r["cum_bytes_sent"] / 1e6 for r in rounds]
+    val = [(t, b, r["val_loss"]) for t, b, r in zip(tokens, sent, rounds) if r.get("val_loss") is not None]
+    for ax, xs, xlabel in ((axes[0], tokens, "tokens (all workers)"), (axes[1], sent, "MB sent per worker")):
+        ax.plot(xs, [r["loss"] for r in rounds], label="inner loss (worker 0)", alpha=0.6)
+        if val:
+            ax.plot([v[0] if ax is axes[0] else v[1] for v in val], [v[2] for v in val], "o-", label="validation loss")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

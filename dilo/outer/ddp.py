@@ -1,0 +1,96 @@
+"""Data-parallel baseline: average gradients over all workers after every backward pass.
+
+This is the reference dilo is measured against: it communicates every step, so its bytes are
+`steps * 2(W-1)/W * 4 * num_params` per worker. It has no outer optimizer; the inner
+optimizer steps on the averaged gradient, so all workers stay identical.
+
+    ddp = DDP(model, transport, log_every=50)
+    loss.backward(); ddp.reduce_grads(model); optimizer.step()
+    if ddp.due(step): report = ddp.sync(model, tail=...)   # logging boundary only
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from dilo.errors import TransportError
+from dilo.outer.base import TAIL_COUNT, TAIL_STOP, TAIL_TOKENS, FlatLayout, SyncReport, Tail, params_of, tensor_digest
+from dilo.transport.base import Transport
+
+
+class DDP:
+    def __init__(self, model: nn.Module, transport: Transport, *, log_every: int, bucket_mb: float = 32.0) -> None:
+        self.round_steps = log_every
+        self.transport = transport
+        self.layout = FlatLayout.of(params_of(model), bucket_mb)
+        self._flat = torch.empty(self.layout.total, dtype=torch.float32)
+        self._bytes_mark = (0, 0)
+
+    def due(self, step: int) -> bool:
+        return (step + 1) % self.round_steps == 0
+
+    @torch.no_grad()
+    def broadcast_initial(self, model: nn.Module, src: int = 0) -> None:
+        params = params_of(model)
+        flat = self.layout.flatten(params)
+        self.transport.broadcast_(self.layout.buckets(flat), src)
+        for p, v in zip(params, self.layout.unflatten(flat)):
+            p.copy_(v)
+        self.mark_bytes()  # the start-up broadcast is not part of the first round's traffic
+
+    def mark_bytes(self) -> None:
+        """Count this round's traffic from here (start of training, or after a resume)."""
+        self._bytes_mark = (self.transport.counter.sent, self.transport.counter.recv)
+
+    @torch.no_grad()
+    def reduce_grads(self, model: nn.Module) -> None:
+        """Replace every .grad by the mean over workers. Raises TransportError: in DDP a lost
+        peer ends the step, there is no round to fall back to."""
+        params = params_of(model)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.layout.flatten(grads, out=self._flat)
+        self.transport.all_reduce_(self.layout.buckets(flat))
+        flat.div_(self.transport.size)
+        for p, g in zip(params, self.layout.unflatten(flat)):
+            if p.grad is None:
+                p.grad = g.to(p.dtype).clone()
+            else:
+                p.grad.copy_(g)
+
+    @torch.no_grad()
+    def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
+        """Agree on stop and count tokens; the gradients were already averaged every step."""
+        t0 = time.perf_counter()
+        sent0, recv0 = self._bytes_mark
+        t = tail.tensor()
+        reason = ""
+        try:
+            self.transport.all_reduce_([t])
+            committed = True
+        except TransportError as e:
+            committed, reason = False, repr(e)
+        c = self.transport.counter
+        self._bytes_mark = (c.sent, c.recv)
+        return SyncReport(
+            committed=committed,
+            participants=int(t[TAIL_COUNT]) if committed else 0,
+            bytes_sent=c.sent - sent0,
+            bytes_recv=c.recv - recv0,
+            sync_s=time.perf_counter() - t0,
+            stop=bool(t[TAIL_STOP] > 0),
+            tokens=int(t[TAIL_TOKENS]),
+            reason=reason,
+            anchor_hash=tensor_digest(params_of(model)),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        # the model and the inner optimizer hold all of DDP's state
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"DDP keeps no outer state, got keys {sorted(state)}: was this checkpoint written by another strategy?")

@@ -1,0 +1,1 @@
+"""Transports move tensors between workers; they raise only `dilo.errors.TransportError`."""

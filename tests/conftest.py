@@ -1,0 +1,80 @@
+"""Shared fixtures: a small text corpus, tiny configs, and workers as threads over real Gloo."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch.distributed as dist
+
+from dilo.config import RunConfig, from_dict
+from dilo.train import World, train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 1 MB of Python sources: small enough to load in milliseconds per worker."""
+    src = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path_factory.mktemp("corpus")
+    for pkg in ("json", "email", "collections", "concurrent", "logging", "urllib"):
+        for f in sorted((src / pkg).rglob("*.py")):
+            dest = out / pkg / f.relative_to(src / pkg)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dest)
+    return out
+
+
+def tiny_config(run_dir: Path, corpus: Path, **sections: Any) -> RunConfig:
+    """A config that trains in well under a second per round."""
+    raw: dict[str, Any] = {
+        "name": "test",
+        "out_dir": str(run_dir),
+        "steps": 12,
+        "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "context": 32},
+        "data": {"corpus": "text", "paths": [str(corpus)], "batch_size": 4, "seq_len": 32, "val_fraction": 0.1},
+        "inner": {"lr": 3e-3, "warmup_steps": 2},
+        "outer": {"kind": "diloco", "inner_steps": 4},
+        "log": {"progress": False, "plot": False, "eval_every": 1, "eval_batches": 4},
+        "transport": {"timeout_s": 60},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return from_dict(raw)
+
+
+def run_workers(fn: Callable[[World], Any], n: int) -> list[Any]:
+    """Run fn(world) for n workers as threads sharing a real TCPStore; re-raise the first error."""
+    store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, wait_for_workers=False)
+    results: list[Any] = [None] * n
+    errors: list[BaseException | None] = [None] * n
+
+    def target(rank: int) -> None:
+        try:
+            results[rank] = fn(World(rank=rank, size=n, port=store.port, hosted=True))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors[rank] = e
+
+    threads = [threading.Thread(target=target, args=(r,), daemon=True) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for e in errors:
+        if e is not None:
+            raise e
+    assert not any(t.is_alive() for t in threads), "a worker thread hung"
+    return results
+
+
+def train_threads(cfg: RunConfig, n: int, **kwargs: Any) -> list[dict[str, Any]]:
+    return run_workers(lambda world: train(cfg, world, **kwargs), n)

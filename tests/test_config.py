@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dilo import cli
+from dilo.config import DDPConfig, DiLoCoConfig, FedAvgConfig, RunConfig, load, parse_overrides
+from dilo.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((REPO / "configs").glob("**/*.toml"))
+
+
+def test_there_are_configs() -> None:
+    assert any(p.name == "quickstart.toml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads(path: Path) -> None:
+    cfg = load(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.steps >= cfg.round_steps
+
+
+def test_quickstart_is_the_documented_main_job() -> None:
+    cfg = load(REPO / "configs" / "quickstart.toml")
+    assert cfg.workers == 4 and isinstance(cfg.outer, DiLoCoConfig) and cfg.data.corpus == "stdlib"
+
+
+def test_overrides_are_typed_and_nested() -> None:
+    assert parse_overrides(["--outer.lr=0.5", "--inner.precision", "bf16", "--inner.betas=[0.8, 0.9]", "--name=x"]) == {
+        "outer": {"lr": 0.5}, "inner": {"precision": "bf16", "betas": [0.8, 0.9]}, "name": "x"}
+    cfg = load(None, ["--outer.kind=fedavg", "--outer.inner_steps=10"])
+    assert isinstance(cfg.outer, FedAvgConfig) and cfg.outer.inner_steps == 10 and cfg.outer.lr == 1.0
+    assert isinstance(load(None, ["--outer.kind=ddp"]).outer, DDPConfig)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["--outer.lrr=1"], "unknown key 'outer.lrr'; allowed keys here: inner_steps, kind, lr, momentum"),
+        (["--bogus=1"], "unknown key 'bogus'"),
+        (["--outer.kind=foo"], "'diloco', 'fedavg', 'ddp'"),
+        (["--inner.precision=fp8"], "inner.precision: Input should be 'fp32' or 'bf16' (got 'fp8')"),
+        (["--inner.lr=-1"], "inner.lr: Input should be greater than 0"),
+        (["--inner.lr=abc"], "inner.lr: Input should be a valid number"),
+        (["--model.n_head=3"], "n_head=3 must divide d_model=128"),
+        (["--data.seq_len=4096"], "data.seq_len=4096 exceeds model.context=128"),
+        (["--data.corpus=text"], "data.corpus='text' needs data.paths"),
+        (["--outer.kind=fedavg", "--outer.momentum=0.9"], "unknown key 'outer.momentum'"),
+        (["--inner.betas=[0.9, 1.5]"], "betas=(0.9, 1.5) must both lie in [0, 1)"),
+        (["outer.lr=1"], "overrides look like --section.key=value"),
+        (["--outer.lr"], "has no value"),
+    ],
+)
+def test_bad_configs_say_what_to_fix(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(None, overrides)
+    assert expected in str(e.value)
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[outer\nlr = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(bad)
+
+
+def test_fingerprint_ignores_logging_but_not_training() -> None:
+    a = load(None)
+    assert a.fingerprint() == load(None, ["--log.progress=false", "--checkpoint.every=3"]).fingerprint()
+    assert a.fingerprint() != load(None, ["--outer.lr=0.5"]).fingerprint()
+
+
+def test_cli_config_show_and_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["config", "show", str(REPO / "configs" / "quickstart.toml"), "--outer.lr=0.25"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["outer"]["lr"] == 0.25 and shown["workers"] == 4
+    assert cli.main(["config", "schema"]) == 0
+    sch = json.loads(capsys.readouterr().out)
+    assert "H: inner steps between two outer steps." in json.dumps(sch)
+    assert cli.main(["config", "show", str(REPO / "configs" / "quickstart.toml"), "--outer.lrr=1"]) == 2
+    assert "unknown key 'outer.lrr'" in capsys.readouterr().err
