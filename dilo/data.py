@@ -26,9 +26,9 @@ training) side empty, which happens with a handful of files, the tail of the las
 out instead. tokens holds out the tail `val_fraction` of every file.
 
 Islands, over the training stream (the training files concatenated in listing order):
-- iid: the stream is cut into blocks of whole windows (about 64 Ki tokens, smaller for small
-  corpora so that each island gets several), shuffled with the run seed and dealt round-robin,
-  so every island sees the same distribution.
+- iid: the stream is cut into equal blocks (at most about 64 Ki tokens, at least 8 per island
+  when the corpus allows), shuffled with the run seed and dealt round-robin, the same number to
+  each island, so every island sees the same distribution and sizes match to a few tokens.
 - by_source: whole sources per island (stdlib: top-level packages and modules; text and tokens:
   files; tokens with fewer files than islands: equal contiguous ranges), largest first to the
   island holding the fewest tokens. Sizes stay balanced, content differs: the non-IID case.
@@ -62,6 +62,7 @@ from dilo.errors import DataError
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"})
 _BLOCK_TOKENS = 1 << 16
 _MIN_BLOCKS_PER_ISLAND = 8
+_IDENTITY = ("index", "seed", "num_tokens", "seq_len")  # cursor fields that must match on restore
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,9 +71,11 @@ _MIN_BLOCKS_PER_ISLAND = 8
 
 @dataclass(frozen=True)
 class _Piece:
-    """Tokens [start, stop) of one file; `group` is the by_source unit it belongs to."""
+    """Tokens [start, stop) of one file; `key` is its path relative to the corpus root and
+    `group` the by_source unit it belongs to."""
 
     path: str
+    key: str
     group: str
     start: int
     stop: int
@@ -104,6 +107,14 @@ def _list_corpus(cfg: DataConfig) -> _Corpus:
     return _token_corpus(cfg)
 
 
+def corpus_fingerprint(cfg: DataConfig) -> str:
+    """Hash of the corpus listing (files, split, sizes). Workers must agree on it: the stdlib of
+    another Python version, or a differently synced text directory, gives overlapping islands."""
+    corpus = _list_corpus(cfg)
+    listing = [(p.key, p.start, p.stop) for p in corpus.train] + [("val", p.key, p.start, p.stop) for p in corpus.val]
+    return hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
+
+
 def _stdlib_files() -> list[tuple[str, str, str]]:
     """(key, path, group) of every stdlib .py file; group is the first path component."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -115,8 +126,7 @@ def _stdlib_files() -> list[tuple[str, str, str]]:
                 key = Path(dirpath, name).relative_to(root).as_posix()
                 out.append((key, os.path.join(dirpath, name), key.split("/")[0]))
     if not out:
-        raise DataError(f"stdlib corpus: no .py files under {root} (this Python ships without sources); "
-                        "use data.corpus='text' with data.paths")
+        raise DataError(f"stdlib corpus: no .py files under {root}; use data.corpus='text' with data.paths")
     return out
 
 
@@ -132,21 +142,24 @@ def _expand(paths: list[str], suffix: str) -> list[tuple[str, str, str]]:
             base = Path(*itertools.takewhile(lambda p: not any(c in p for c in "*?["), Path(entry).parts))
             files = sorted(Path(m) for m in glob.glob(entry, recursive=True) if os.path.isfile(m))
             if not files:
-                raise DataError(f"data.paths: pattern {entry!r} matched no files (relative patterns start at "
-                                f"{os.getcwd()}); fix the pattern or list the files")
+                raise DataError(f"data.paths: pattern {entry!r} matched no files (cwd: {os.getcwd()}); fix the pattern")
         else:
             base = Path(entry)
             if base.is_file():
                 files, base = [base], base.parent
             elif base.is_dir():
-                files = sorted(f for f in base.rglob(f"*{suffix}") if f.is_file()
-                               and not any(p.startswith(".") for p in f.relative_to(base).parts))
+                files = sorted(
+                    f
+                    for f in base.rglob(f"*{suffix}")
+                    if f.is_file() and not any(p.startswith(".") for p in f.relative_to(base).parts)
+                )
                 if not files:
                     what = f"no {suffix} files" if suffix else "no files"
                     raise DataError(f"data.paths: directory {entry!r} contains {what}; point data.paths at the data")
             else:
-                raise DataError(f"data.paths: {entry!r} does not exist (relative paths start at {os.getcwd()}); "
-                                "fix the path")
+                raise DataError(
+                    f"data.paths: {entry!r} does not exist (relative paths start at {os.getcwd()}); fix the path"
+                )
         for f in files:
             out.setdefault(str(f), (f.relative_to(base).as_posix(), str(f), str(f)))
     return list(out.values())
@@ -159,7 +172,7 @@ def _split_files(name: str, files: list[tuple[str, str, str]], fraction: float) 
     for key, path, group in files:
         size = os.path.getsize(path)
         if size:
-            (val if _held_out(key, fraction) else train).append(_Piece(path, group, 0, size))
+            (val if _held_out(key, fraction) else train).append(_Piece(path, key, group, 0, size))
     if not train and not val:
         raise DataError(f"{name}: every file is empty; point data.paths at non-empty files")
     if not train or not val:
@@ -170,8 +183,8 @@ def _split_files(name: str, files: list[tuple[str, str, str]], fraction: float) 
         tail = min(math.ceil(sum(p.size for p in train) * fraction), last.size // 2)
         if tail == 0:
             raise DataError(f"{name}: too little data to hold out a validation split; add more text")
-        train[-1] = _Piece(last.path, last.group, 0, last.size - tail)
-        val = [_Piece(last.path, last.group, last.size - tail, last.size)]
+        train[-1] = _Piece(last.path, last.key, last.group, 0, last.size - tail)
+        val = [_Piece(last.path, last.key, last.group, last.size - tail, last.size)]
     return _Corpus(name, np.uint8, train, val)
 
 
@@ -179,20 +192,19 @@ def _token_corpus(cfg: DataConfig) -> _Corpus:
     name = f"data.paths={cfg.paths}"
     train: list[_Piece] = []
     val: list[_Piece] = []
-    for _, path, group in _expand(cfg.paths, suffix=".bin"):
+    for key, path, group in _expand(cfg.paths, suffix=".bin"):
         size = os.path.getsize(path)
         if size % 2:
             raise DataError(f"{path!r} has an odd size ({size} bytes), so it is not a file of uint16 token ids")
         n = size // 2
         n_val = int(n * cfg.val_fraction)
         if n - n_val:
-            train.append(_Piece(path, group, 0, n - n_val))
+            train.append(_Piece(path, key, group, 0, n - n_val))
         if n_val:
-            val.append(_Piece(path, group, n - n_val, n))
+            val.append(_Piece(path, key, group, n - n_val, n))
     if not train or not val:
         side = "training" if not train else "validation"
-        raise DataError(f"{name}: the {side} split is empty ({sum(p.size for p in train + val)} tokens in all); "
-                        "add token files or change data.val_fraction")
+        raise DataError(f"{name}: the {side} split is empty; add token files or change data.val_fraction")
     return _Corpus(name, np.uint16, train, val)
 
 
@@ -231,21 +243,30 @@ def _plan(corpus: _Corpus, cfg: DataConfig, count: int, seed: int) -> list[Islan
 
     if cfg.islands == "iid":
         window = cfg.seq_len + 1
-        block = window * max(1, min(_BLOCK_TOKENS // window, total // (window * count * _MIN_BLOCKS_PER_ISLAND)))
-        num_blocks = math.ceil(total / block)
-        if num_blocks < count:
-            raise DataError(f"{corpus.name}: asked for {count} islands but the {total} training tokens make only "
-                            f"{num_blocks} blocks of {block}; use fewer workers, a shorter seq_len or more data")
+        if total < count * window:
+            raise DataError(
+                f"{corpus.name}: asked for {count} islands but the {total} training tokens give fewer than one "
+                f"window of seq_len+1={window} each; use fewer workers, a shorter seq_len or more data"
+            )
+        # Equal blocks, the same number per island, so sizes match to a few tokens. Blocks need
+        # not align with windows: windows are cut later from each island's own stream.
+        per_island = max(
+            math.ceil(total / (count * _BLOCK_TOKENS)), min(_MIN_BLOCKS_PER_ISLAND, total // (count * window))
+        )
+        num_blocks = per_island * count
+        bounds = [b * total // num_blocks for b in range(num_blocks + 1)]
         order = torch.randperm(num_blocks, generator=_generator(seed, "blocks")).tolist()
-        shares = [[(b * block, min((b + 1) * block, total)) for b in sorted(order[i::count])] for i in range(count)]
+        shares = [[(bounds[b], bounds[b + 1]) for b in order[i::count]] for i in range(count)]
     elif len(corpus.train) < count and corpus.dtype == np.uint16:
         # fewer token files than islands: equal contiguous ranges keep neighbouring text together
         shares = [[(i * total // count, (i + 1) * total // count)] for i in range(count)]
     else:
         if len(groups) < count:
-            raise DataError(f"{corpus.name}: data.islands='by_source' asked for {count} islands but the training "
-                            f"split has only {len(groups)} sources; use fewer workers, more files or "
-                            "data.islands='iid'")
+            raise DataError(
+                f"{corpus.name}: data.islands='by_source' asked for {count} islands but the training "
+                f"split has only {len(groups)} sources; use fewer workers, more files or "
+                "data.islands='iid'"
+            )
         loads = [0] * count
         members: list[list[str]] = [[] for _ in range(count)]
         sizes = {g: sum(corpus.train[i].size for i in idx) for g, idx in groups.items()}
@@ -316,15 +337,25 @@ class Island:
     and `seed` pick the per-epoch window permutation.
     """
 
-    def __init__(self, segments: list[np.ndarray], *, batch_size: int, seq_len: int, seed: int, index: int = 0,
-                 sources: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        segments: list[np.ndarray],
+        *,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        index: int = 0,
+        sources: tuple[str, ...] = (),
+    ) -> None:
         self._segments = [s for s in segments if len(s)]
         self._starts = list(itertools.accumulate((len(s) for s in self._segments), initial=0))
         self.batch_size, self.seq_len, self.seed, self.index, self.sources = batch_size, seq_len, seed, index, sources
         self.num_windows = self.num_tokens // (seq_len + 1)
         if self.num_windows == 0:
-            raise DataError(f"island {index} holds {self.num_tokens} tokens, fewer than one window of "
-                            f"seq_len+1={seq_len + 1}; lower data.seq_len, use fewer workers or add data")
+            raise DataError(
+                f"island {index} holds {self.num_tokens} tokens, fewer than one window of "
+                f"seq_len+1={seq_len + 1}; lower data.seq_len, use fewer workers or add data"
+            )
         self._epoch, self._position = 0, 0
         self._perm: Tensor | None = None
 
@@ -353,15 +384,16 @@ class Island:
         return _gather(self._segments, self._starts, start, self.seq_len + 1)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "position": self._position, "index": self.index, "seed": self.seed,
-                "num_tokens": self.num_tokens, "seq_len": self.seq_len}
+        """The cursor, plus what identifies the island so a wrong restore fails loudly."""
+        return {"epoch": self._epoch, "position": self._position} | {k: getattr(self, k) for k in _IDENTITY}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        mine = self.state_dict()
-        for key in ("index", "seed", "num_tokens", "seq_len"):
-            if int(state[key]) != mine[key]:
-                raise DataError(f"data cursor is for {key}={state[key]} but this island has {key}={mine[key]}; "
-                                "resume with the data config and worker count of the saved run")
+        for key in _IDENTITY:
+            if int(state[key]) != getattr(self, key):
+                raise DataError(
+                    f"data cursor is for {key}={state[key]} but this island has {key}={getattr(self, key)}; "
+                    "resume with the data config and worker count of the saved run"
+                )
         if not 0 <= int(state["position"]) <= self.num_windows:
             raise DataError(f"data cursor position {state['position']} is outside 0..{self.num_windows}")
         self._epoch, self._position, self._perm = int(state["epoch"]), int(state["position"]), None
@@ -389,8 +421,9 @@ def load_island(cfg: DataConfig, index: int, count: int, seed: int) -> Island:
     corpus = _list_corpus(cfg)
     plan = _plan(corpus, cfg, count, seed)[index]
     segments = _read(corpus, corpus.train, list(plan.ranges))
-    return Island(segments, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=seed, index=index,
-                  sources=plan.sources)
+    return Island(
+        segments, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=seed, index=index, sources=plan.sources
+    )
 
 
 def load_validation(cfg: DataConfig, seed: int, num_batches: int) -> list[tuple[Tensor, Tensor]]:
@@ -406,8 +439,10 @@ def load_validation(cfg: DataConfig, seed: int, num_batches: int) -> list[tuple[
     window = cfg.seq_len + 1
     num_windows = total // window
     if num_windows == 0:
-        raise DataError(f"{corpus.name}: the validation split has {total} tokens, fewer than one window of "
-                        f"seq_len+1={window}; raise data.val_fraction, lower data.seq_len or add data")
+        raise DataError(
+            f"{corpus.name}: the validation split has {total} tokens, fewer than one window of "
+            f"seq_len+1={window}; raise data.val_fraction, lower data.seq_len or add data"
+        )
     order = torch.randperm(num_windows, generator=_generator(seed, "validation"))
     picks = order[torch.arange(num_batches * cfg.batch_size) % num_windows].tolist()
     out = []

@@ -53,7 +53,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, D)))
+        out: Tensor = self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, D)))
+        return out
 
 
 class MLP(nn.Module):
@@ -64,7 +65,8 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        out: Tensor = self.drop(self.proj(F.gelu(self.fc(x))))
+        return out
 
 
 class Block(nn.Module):
@@ -77,7 +79,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        out: Tensor = x + self.mlp(self.ln2(x))
+        return out
 
 
 class GPT(nn.Module):
@@ -133,7 +136,7 @@ class GPT(nn.Module):
         h = self.drop(self.tok_emb(x) + self.pos_emb(pos))
         for block in self.blocks:
             h = block(h)
-        logits = self.lm_head(self.ln_f(h))
+        logits: Tensor = self.lm_head(self.ln_f(h))
         if y is None:
             return logits
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))

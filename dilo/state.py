@@ -14,10 +14,10 @@ path-like key, the rest to JSON with a `{"__tensor__": key}` marker in their pla
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +78,9 @@ def save_worker_state(ckpt_dir: Path, round_idx: int, rank: int, state: dict[str
         od = ckpt_dir / f"round_{old:06d}"
         for suffix in (".json", ".safetensors"):
             (od / f"worker{rank}{suffix}").unlink(missing_ok=True)
-        if not any(od.iterdir()):
-            shutil.rmtree(od, ignore_errors=True)
+        # other workers may share this directory: remove it only once it is empty
+        with contextlib.suppress(OSError):
+            od.rmdir()
     return d
 
 

@@ -42,10 +42,10 @@ def tiny_config(run_dir: Path, corpus: Path, **sections: Any) -> RunConfig:
         "inner": {"lr": 3e-3, "warmup_steps": 2},
         "outer": {"kind": "diloco", "inner_steps": 4},
         "log": {"progress": False, "plot": False, "eval_every": 1, "eval_batches": 4},
-        "transport": {"timeout_s": 60},
+        "transport": {"timeout_s": 20},
     }
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+        if isinstance(value, dict) and isinstance(raw.get(key), dict) and key != "outer":
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dilo import data
 from dilo.config import DataConfig
-from dilo.data import Island, load_island, load_validation, plan_islands
+from dilo.data import Island, corpus_fingerprint, load_island, load_validation, plan_islands
 from dilo.errors import DataError
 
 STDLIB = DataConfig(batch_size=4, seq_len=64)
@@ -62,10 +65,10 @@ def test_iid_islands_partition_the_training_stream() -> None:
     plans = plan_islands(STDLIB, count=3, seed=1)
     ranges = sorted(r for p in plans for r in p.ranges)
     assert ranges[0][0] == 0 and ranges[-1][1] == len(stream)
-    assert all(prev[1] <= nxt[0] for prev, nxt in zip(ranges, ranges[1:]))  # disjoint
+    assert all(prev[1] <= nxt[0] for prev, nxt in itertools.pairwise(ranges))  # disjoint
     assert sum(b - a for a, b in ranges) == len(stream)  # and nothing missing
     sizes = [p.num_tokens for p in plans]
-    assert max(sizes) - min(sizes) <= 65536 * 2
+    assert max(sizes) - min(sizes) <= 100  # equal blocks, the same number per island
     for plan in plans:
         island = load_island(STDLIB, plan.index, 3, seed=1)
         assert island.num_tokens == plan.num_tokens
@@ -95,7 +98,7 @@ def test_validation_batches_are_fixed_and_shifted() -> None:
     a = load_validation(STDLIB, seed=0, num_batches=3)
     b = load_validation(STDLIB, seed=0, num_batches=3)
     assert len(a) == 3
-    for (xa, ya), (xb, yb) in zip(a, b):
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
         assert xa.shape == ya.shape == (4, 64) and xa.dtype == torch.int64
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
         assert torch.equal(xa[:, 1:], ya[:, :-1])
@@ -134,8 +137,33 @@ def test_cursor_restore_gives_bit_identical_batches() -> None:
     expected = [island.next_batch() for _ in range(80)]  # crosses two epoch boundaries
     resumed = _small_island()
     resumed.load_state_dict(state)
-    for (x, y), (rx, ry) in zip(expected, (resumed.next_batch() for _ in range(80))):
+    for (x, y), (rx, ry) in zip(expected, (resumed.next_batch() for _ in range(80)), strict=True):
         assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(10, 400),
+    seq_len=st.integers(1, 9),
+    batch_size=st.integers(1, 7),
+    before=st.integers(0, 60),
+    after=st.integers(1, 30),
+)
+def test_cursor_restore_property(n: int, seq_len: int, batch_size: int, before: int, after: int) -> None:
+    tokens = np.arange(n, dtype=np.uint16)
+
+    def make() -> Island:
+        return Island([tokens[: n // 3], tokens[n // 3 :]], batch_size=batch_size, seq_len=seq_len, seed=5)
+
+    island = make()
+    for _ in range(before):
+        island.next_batch()
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(island.state_dict())))
+    for _ in range(after):
+        (x, y), (rx, ry) = island.next_batch(), resumed.next_batch()
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+        assert torch.equal(x[:, 1:], y[:, :-1]) and bool((x % (seq_len + 1) == 0)[:, :1].all())
 
 
 def test_cursor_from_another_island_is_refused() -> None:
@@ -174,6 +202,16 @@ def test_text_corpus_from_directory_files_and_globs(tmp_path: Path, monkeypatch:
     assert sum(len(p.sources) for p in plans) == len(corpora[0].train)
 
 
+def test_corpus_fingerprint_tracks_the_listing(tmp_path: Path) -> None:
+    _write_text(tmp_path, {f"f{i}.txt": 1000 for i in range(5)})
+    cfg = DataConfig(corpus="text", paths=[str(tmp_path)])
+    first = corpus_fingerprint(cfg)
+    assert corpus_fingerprint(cfg) == first and len(first) == 16
+    _write_text(tmp_path, {"f2.txt": 999})
+    assert corpus_fingerprint(cfg) != first
+    assert corpus_fingerprint(STDLIB) == corpus_fingerprint(STDLIB)
+
+
 def test_text_single_file_holds_out_its_tail(tmp_path: Path) -> None:
     (tmp_path / "one.txt").write_bytes(bytes(range(256)) * 40)
     cfg = DataConfig(corpus="text", paths=[str(tmp_path / "one.txt")], batch_size=2, seq_len=16, val_fraction=0.1)
@@ -200,6 +238,12 @@ def test_tokens_corpus_reads_uint16_by_memmap(tmp_path: Path) -> None:
     # validation is the tail 10% of every file
     for xv, _ in load_validation(cfg, seed=0, num_batches=4):
         assert bool(((xv % 30_000) >= 18_000).all())  # windows may straddle the two tails
+    # iid over memmaps: two islands split the stream exactly
+    stream = _stream(data._list_corpus(cfg))
+    islands = [load_island(cfg, i, 2, seed=0) for i in range(2)]
+    assert sum(i.num_tokens for i in islands) == len(stream)
+    for i, plan in enumerate(plan_islands(cfg, 2, seed=0)):
+        assert np.array_equal(_island_tokens(islands[i]), np.concatenate([stream[a:b] for a, b in plan.ranges]))
     # by_source with more islands than files falls back to contiguous ranges
     plans = plan_islands(cfg.model_copy(update={"islands": "by_source"}), 3, seed=0)
     assert [p.num_tokens for p in plans] == [12_000] * 3

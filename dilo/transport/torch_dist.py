@@ -79,7 +79,7 @@ class TorchDistTransport:
                 w.wait()
         except RuntimeError as e:
             msg = str(e)
-            kind = SyncTimeout if "imeout" in msg or "timed out" in msg else PeerLost
+            kind = SyncTimeout if "timeout" in msg.lower() or "timed out" in msg.lower() else PeerLost
             raise kind(f"{what} failed on rank {self.rank}: {msg.splitlines()[0] if msg else e!r}") from e
 
     def _to_device(self, t: Tensor) -> Tensor:
