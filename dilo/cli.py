@@ -69,8 +69,15 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
         raise DiloError(f"--workers must be at least 1, got {n}")
     store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
     threads = max(1, (os.cpu_count() or 1) // n)
-    base_env = dict(os.environ, WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
-                    DILO_STORE_HOSTED="1", DILO_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    base_env = dict(
+        os.environ,
+        WORLD_SIZE=str(n),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(store.port),
+        DILO_STORE_HOSTED="1",
+        DILO_THREADS=str(threads),
+        OMP_NUM_THREADS=str(threads),
+    )
     print(f"dilo run: {n} workers, {cfg.outer.kind}, logs in {cfg.run_dir}", file=sys.stderr)
     procs = []
     for rank in range(n):
@@ -88,8 +95,9 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
             bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0, 130)]
             if bad and failed is None:
                 failed = bad[0]
-                print(f"dilo run: worker {failed[0]} exited with code {failed[1]}; stopping the others",
-                      file=sys.stderr)
+                print(
+                    f"dilo run: worker {failed[0]} exited with code {failed[1]}; stopping the others", file=sys.stderr
+                )
                 for p in procs:
                     if p.poll() is None:
                         p.terminate()

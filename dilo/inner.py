@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from dilo.config import InnerConfig
-from dilo.outer.base import params_of
+from dilo.model import params_of
 
 Batch = tuple[Tensor, Tensor]
 
@@ -91,7 +91,11 @@ def evaluate(model: nn.Module, batches: Iterator[Batch] | list[Batch], precision
     """Sum of per-batch mean losses and the number of batches (so workers can add them up)."""
     was_training = model.training
     model.eval()
-    ctx = (lambda: torch.autocast(device_type="cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    ctx = (
+        (lambda: torch.autocast(device_type="cpu", dtype=torch.bfloat16))
+        if precision == "bf16"
+        else contextlib.nullcontext
+    )
     total, n = 0.0, 0
     for x, y in batches:
         with ctx():

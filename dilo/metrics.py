@@ -53,8 +53,16 @@ class Progress:
     """tqdm bar over inner steps; a null object where disabled (workers other than 0)."""
 
     def __init__(self, total: int, initial: int, enabled: bool, desc: str) -> None:
-        self._bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step",
-                         dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            disable=not enabled,
+            desc=desc,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            mininterval=0.5,
+        )
 
     def update(self, n: int = 1) -> None:
         self._bar.update(n)

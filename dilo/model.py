@@ -183,3 +183,14 @@ def _import_builder(path: str) -> Callable[..., object]:
 def num_params(model: nn.Module) -> int:
     """Number of distinct parameters; a tied weight counts once."""
     return sum(p.numel() for p in model.parameters())
+
+
+def params_of(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters, each once (tied weights appear once), in a fixed order."""
+    seen: set[int] = set()
+    out = []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out

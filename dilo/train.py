@@ -65,8 +65,10 @@ class World:
                 hosted=store_is_hosted(),
             )
         except (KeyError, ValueError) as e:
-            raise DiloError(f"incomplete torch.distributed environment ({e}): set RANK, WORLD_SIZE, "
-                            "MASTER_ADDR and MASTER_PORT, or launch with torchrun / dilo run") from None
+            raise DiloError(
+                f"incomplete torch.distributed environment ({e}): set RANK, WORLD_SIZE, "
+                "MASTER_ADDR and MASTER_PORT, or launch with torchrun / dilo run"
+            ) from None
 
 
 @dataclass
@@ -94,12 +96,21 @@ def build_strategy(cfg: RunConfig, model: torch.nn.Module, transport: TorchDistT
         return DDP(model, transport, log_every=cfg.sync_every_ddp_eval, bucket_mb=cfg.transport.bucket_mb)
     momentum = getattr(o, "momentum", 0.0)
     nesterov = getattr(o, "nesterov", False)
-    return DiLoCo(model, transport, inner_steps=o.inner_steps, lr=o.lr, momentum=momentum, nesterov=nesterov,
-                  codec=build_codec(cfg.codec), bucket_mb=cfg.transport.bucket_mb)
+    return DiLoCo(
+        model,
+        transport,
+        inner_steps=o.inner_steps,
+        lr=o.lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        codec=build_codec(cfg.codec),
+        bucket_mb=cfg.transport.bucket_mb,
+    )
 
 
-def train(cfg: RunConfig, world: World | None = None, *, stop: threading.Event | None = None,
-          max_rounds: int | None = None) -> dict[str, Any]:
+def train(
+    cfg: RunConfig, world: World | None = None, *, stop: threading.Event | None = None, max_rounds: int | None = None
+) -> dict[str, Any]:
     """Run (or resume) training on this worker. Returns the run summary (identical on every worker).
 
     stop: when set (Ctrl+C, SIGTERM), all workers finish the current round, save a checkpoint
@@ -136,10 +147,21 @@ def train(cfg: RunConfig, world: World | None = None, *, stop: threading.Event |
         outer.mark_bytes()
 
     sink = metrics.JsonlSink(run_dir / "logs" / f"worker{rank}.jsonl", append=resume_round >= 0)
-    sink.write({"event": "resume" if resume_round >= 0 else "start", "rank": rank, "workers": size,
-                "num_params": n_params, "fingerprint": cfg.fingerprint(), "step": totals.step,
-                "setup_s": time.perf_counter() - setup_t0, "config": cfg.model_dump(mode="json")})
-    bar = metrics.Progress(cfg.steps, totals.step, enabled=cfg.log.progress and rank == 0, desc=f"{cfg.outer.kind} x{size}")
+    sink.write(
+        {
+            "event": "resume" if resume_round >= 0 else "start",
+            "rank": rank,
+            "workers": size,
+            "num_params": n_params,
+            "fingerprint": cfg.fingerprint(),
+            "step": totals.step,
+            "setup_s": time.perf_counter() - setup_t0,
+            "config": cfg.model_dump(mode="json"),
+        }
+    )
+    bar = metrics.Progress(
+        cfg.steps, totals.step, enabled=cfg.log.progress and rank == 0, desc=f"{cfg.outer.kind} x{size}"
+    )
 
     # --------------------------------------------------------------------------------------
     # the loop
@@ -167,12 +189,18 @@ def train(cfg: RunConfig, world: World | None = None, *, stop: threading.Event |
         if not (outer.due(totals.step - 1) or last):
             continue
         # ---------------------------------------------------------------- end of a round
-        tail = Tail(weight=float(round_steps * tokens_per_step) if _token_weighted(cfg) else 1.0,
-                    contributes=True, stop=stop.is_set(), tokens=round_steps * tokens_per_step)
+        tail = Tail(
+            weight=float(round_steps * tokens_per_step) if _token_weighted(cfg) else 1.0,
+            contributes=True,
+            stop=stop.is_set(),
+            tokens=round_steps * tokens_per_step,
+        )
         report = outer.sync(model, tail=tail)
         if not report.committed and size > 1 and "no worker contributed" not in report.reason:
-            raise TransportError(f"round {totals.round + 1}: {report.reason}; a static world cannot continue "
-                                 f"without the lost worker: restart with --checkpoint.resume=true")
+            raise TransportError(
+                f"round {totals.round + 1}: {report.reason}; a static world cannot continue "
+                f"without the lost worker: restart with --checkpoint.resume=true"
+            )
         totals.round += 1
         rounds_this_call += 1
         totals.rounds_committed += int(report.committed)
@@ -189,18 +217,35 @@ def train(cfg: RunConfig, world: World | None = None, *, stop: threading.Event |
         totals.bytes_sent, totals.bytes_recv = transport.counter.sent, transport.counter.recv
         totals.wall_s = time.perf_counter() - wall_t0
         record = {
-            "event": "round", "round": totals.round, "step": totals.step, "tokens": totals.tokens,
-            "global_tokens": totals.global_tokens, "loss": round_loss / round_steps, "val_loss": val_loss,
-            "lr": inner.lr, "bytes_sent": report.bytes_sent, "bytes_recv": report.bytes_recv,
-            "cum_bytes_sent": totals.bytes_sent, "cum_bytes_recv": totals.bytes_recv,
-            "inner_s": round_inner_s, "sync_s": report.sync_s + round_comm_s, "round_s": time.perf_counter() - round_t0,
-            "wall_s": totals.wall_s, "committed": report.committed, "participants": report.participants,
-            "anchor_hash": report.anchor_hash, "reason": report.reason,
+            "event": "round",
+            "round": totals.round,
+            "step": totals.step,
+            "tokens": totals.tokens,
+            "global_tokens": totals.global_tokens,
+            "loss": round_loss / round_steps,
+            "val_loss": val_loss,
+            "lr": inner.lr,
+            "bytes_sent": report.bytes_sent,
+            "bytes_recv": report.bytes_recv,
+            "cum_bytes_sent": totals.bytes_sent,
+            "cum_bytes_recv": totals.bytes_recv,
+            "inner_s": round_inner_s,
+            "sync_s": report.sync_s + round_comm_s,
+            "round_s": time.perf_counter() - round_t0,
+            "wall_s": totals.wall_s,
+            "committed": report.committed,
+            "participants": report.participants,
+            "anchor_hash": report.anchor_hash,
+            "reason": report.reason,
         }
         sink.write(record)
-        bar.show(round=totals.round, loss=record["loss"], val=val_loss if val_loss is not None else "-",
-                 tok_s=int(totals.global_tokens / max(totals.wall_s, 1e-9)),
-                 sent=metrics.human_bytes(totals.bytes_sent))
+        bar.show(
+            round=totals.round,
+            loss=record["loss"],
+            val=val_loss if val_loss is not None else "-",
+            tok_s=int(totals.global_tokens / max(totals.wall_s, 1e-9)),
+            sent=metrics.human_bytes(totals.bytes_sent),
+        )
         round_loss, round_steps, round_inner_s, round_comm_s = 0.0, 0, 0.0, 0.0
         round_t0 = time.perf_counter()
 
@@ -211,8 +256,10 @@ def train(cfg: RunConfig, world: World | None = None, *, stop: threading.Event |
         if stopping and not last:
             stopped = True
             if rank == 0:
-                bar.print(f"stopped after round {totals.round} (step {totals.step}); checkpoint in {ckpt_dir}, "
-                          "continue with --checkpoint.resume=true")
+                bar.print(
+                    f"stopped after round {totals.round} (step {totals.step}); checkpoint in {ckpt_dir}, "
+                    "continue with --checkpoint.resume=true"
+                )
             break
     bar.close()
 
@@ -226,8 +273,11 @@ def train(cfg: RunConfig, world: World | None = None, *, stop: threading.Event |
         if cfg.log.progress:
             print(metrics.format_summary(summary), file=sys.stderr)
         if cfg.log.plot:
-            metrics.plot_run(run_dir / "logs" / "worker0.jsonl", run_dir / "loss.png",
-                             f"{cfg.name}: {cfg.outer.kind}, {size} workers")
+            metrics.plot_run(
+                run_dir / "logs" / "worker0.jsonl",
+                run_dir / "loss.png",
+                f"{cfg.name}: {cfg.outer.kind}, {size} workers",
+            )
     transport.close()
     return summary
 
@@ -247,10 +297,13 @@ class _CommTimer:
             t0 = time.perf_counter()
             fn(model)
             self.seconds += time.perf_counter() - t0
+
         return timed
 
 
-def _distributed_eval(model: torch.nn.Module, batches: list[Any], transport: TorchDistTransport, precision: str) -> float:
+def _distributed_eval(
+    model: torch.nn.Module, batches: list[Any], transport: TorchDistTransport, precision: str
+) -> float:
     total, n = evaluate(model, batches, precision)
     t = torch.tensor([total, float(n)], dtype=torch.float64)
     transport.all_reduce_([t])
@@ -263,8 +316,10 @@ def _agree_resume_round(ckpt_dir: Any, rank: int, transport: TorchDistTransport)
     newest = torch.tensor([float(mine[-1] if mine else -1)], dtype=torch.float64)
     agreed = int(min(float(t) for t in transport.all_gather(newest)))
     if agreed >= 0 and agreed not in mine:
-        raise DiloError(f"worker {rank} has no checkpoint for round {agreed} in {ckpt_dir} (it has {mine}); "
-                        "the workers' checkpoint directories disagree")
+        raise DiloError(
+            f"worker {rank} has no checkpoint for round {agreed} in {ckpt_dir} (it has {mine}); "
+            "the workers' checkpoint directories disagree"
+        )
     if agreed < 0 and rank == 0:
         log.warning("resume requested but no complete checkpoint in %s: starting from scratch", ckpt_dir)
     return agreed
@@ -282,8 +337,9 @@ def _state(model: torch.nn.Module, inner: InnerLoop, outer: Strategy, island: An
     }
 
 
-def _load_state(state: dict[str, Any], model: torch.nn.Module, inner: InnerLoop, outer: Strategy, island: Any,
-                totals: Totals) -> None:
+def _load_state(
+    state: dict[str, Any], model: torch.nn.Module, inner: InnerLoop, outer: Strategy, island: Any, totals: Totals
+) -> None:
     with torch.no_grad():
         for p, v in zip(params_of(model), state["params"]):
             p.copy_(v)
@@ -299,22 +355,33 @@ def _load_state(state: dict[str, Any], model: torch.nn.Module, inner: InnerLoop,
         setattr(totals, k, v)
 
 
-def _summarize(cfg: RunConfig, totals: Totals, transport: TorchDistTransport, size: int, param_bytes: int,
-               stopped: bool) -> dict[str, Any]:
-    mine = torch.tensor([totals.tokens, totals.bytes_sent, totals.bytes_recv, totals.inner_s, totals.wall_s],
-                        dtype=torch.float64)
+def _summarize(
+    cfg: RunConfig, totals: Totals, transport: TorchDistTransport, size: int, param_bytes: int, stopped: bool
+) -> dict[str, Any]:
+    mine = torch.tensor(
+        [totals.tokens, totals.bytes_sent, totals.bytes_recv, totals.inner_s, totals.wall_s], dtype=torch.float64
+    )
     transport.all_reduce_([mine])
     tokens, sent, recv, inner_s, wall_s = (float(x) for x in mine)
     sent_per_worker = sent / size
     ddp_per_worker = totals.step * ring_all_reduce_bytes(param_bytes, size)
     return {
-        "name": cfg.name, "strategy": cfg.outer.kind, "workers": size, "steps": totals.step,
-        "rounds": totals.round, "rounds_committed": totals.rounds_committed, "val_loss": totals.val_loss,
-        "tokens": int(tokens), "wall_s": wall_s / size, "inner_s": inner_s / size,
-        "bytes_sent_per_worker": sent_per_worker, "bytes_recv_per_worker": recv / size,
+        "name": cfg.name,
+        "strategy": cfg.outer.kind,
+        "workers": size,
+        "steps": totals.step,
+        "rounds": totals.round,
+        "rounds_committed": totals.rounds_committed,
+        "val_loss": totals.val_loss,
+        "tokens": int(tokens),
+        "wall_s": wall_s / size,
+        "inner_s": inner_s / size,
+        "bytes_sent_per_worker": sent_per_worker,
+        "bytes_recv_per_worker": recv / size,
         "ddp_bytes_per_worker": ddp_per_worker,
         "comm_reduction": ddp_per_worker / sent_per_worker if sent_per_worker > 0 else float("inf"),
-        "utilization": inner_s / wall_s if wall_s > 0 else 0.0, "stopped": stopped,
+        "utilization": inner_s / wall_s if wall_s > 0 else 0.0,
+        "stopped": stopped,
     }
 
 

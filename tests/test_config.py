@@ -31,7 +31,10 @@ def test_quickstart_is_the_documented_main_job() -> None:
 
 def test_overrides_are_typed_and_nested() -> None:
     assert parse_overrides(["--outer.lr=0.5", "--inner.precision", "bf16", "--inner.betas=[0.8, 0.9]", "--name=x"]) == {
-        "outer": {"lr": 0.5}, "inner": {"precision": "bf16", "betas": [0.8, 0.9]}, "name": "x"}
+        "outer": {"lr": 0.5},
+        "inner": {"precision": "bf16", "betas": [0.8, 0.9]},
+        "name": "x",
+    }
     cfg = load(None, ["--outer.kind=fedavg", "--outer.inner_steps=10"])
     assert isinstance(cfg.outer, FedAvgConfig) and cfg.outer.inner_steps == 10 and cfg.outer.lr == 1.0
     assert isinstance(load(None, ["--outer.kind=ddp"]).outer, DDPConfig)

@@ -18,10 +18,24 @@ pytestmark = pytest.mark.slow
 
 
 def _overrides(run_dir: Path, corpus: Path, steps: int = 16, h: int = 4) -> list[str]:
-    return [f"--steps={steps}", "--inner.warmup_steps=2", f"--outer.inner_steps={h}", "--data.corpus=text",
-            f"--data.paths=['{corpus}']", "--data.batch_size=4", "--data.seq_len=32", "--model.n_layer=1",
-            "--model.d_model=32", "--model.n_head=2", "--model.context=32", "--log.progress=false",
-            "--log.plot=false", "--log.eval_batches=4", f"--out_dir={run_dir}", "--transport.timeout_s=30"]
+    return [
+        f"--steps={steps}",
+        "--inner.warmup_steps=2",
+        f"--outer.inner_steps={h}",
+        "--data.corpus=text",
+        f"--data.paths=['{corpus}']",
+        "--data.batch_size=4",
+        "--data.seq_len=32",
+        "--model.n_layer=1",
+        "--model.d_model=32",
+        "--model.n_head=2",
+        "--model.context=32",
+        "--log.progress=false",
+        "--log.plot=false",
+        "--log.eval_batches=4",
+        f"--out_dir={run_dir}",
+        "--transport.timeout_s=30",
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -34,8 +48,16 @@ def _hashes(run_dir: Path, rank: int) -> list[str]:
 
 def test_torchrun_two_processes(tmp_path: Path, corpus_dir: Path) -> None:
     repo = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "dilo.train",
-           str(repo / "configs" / "quickstart.toml"), *_overrides(tmp_path, corpus_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "-m",
+        "dilo.train",
+        str(repo / "configs" / "quickstart.toml"),
+        *_overrides(tmp_path, corpus_dir),
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -45,8 +67,17 @@ def test_torchrun_two_processes(tmp_path: Path, corpus_dir: Path) -> None:
 
 def test_dilo_run_two_workers(tmp_path: Path, corpus_dir: Path) -> None:
     repo = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "dilo.cli", "run", str(repo / "configs" / "quickstart.toml"), "--workers", "2",
-           *_overrides(tmp_path, corpus_dir), "--log.plot=true"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dilo.cli",
+        "run",
+        str(repo / "configs" / "quickstart.toml"),
+        "--workers",
+        "2",
+        *_overrides(tmp_path, corpus_dir),
+        "--log.plot=true",
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -57,8 +88,15 @@ def test_dilo_run_two_workers(tmp_path: Path, corpus_dir: Path) -> None:
 
 def test_dilo_run_rejects_a_bad_config_before_starting_workers(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "dilo.cli", "run", str(repo / "configs" / "quickstart.toml"), "--outer.lr=fast",
-           f"--out_dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dilo.cli",
+        "run",
+        str(repo / "configs" / "quickstart.toml"),
+        "--outer.lr=fast",
+        f"--out_dir={tmp_path}",
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "outer.lr: Input should be a valid number" in proc.stderr
@@ -67,11 +105,20 @@ def test_dilo_run_rejects_a_bad_config_before_starting_workers(tmp_path: Path) -
 
 def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path: Path, corpus_dir: Path) -> None:
     repo = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "dilo.cli", "run", str(repo / "configs" / "quickstart.toml"), "--workers", "2",
-           *_overrides(tmp_path, corpus_dir, steps=4000, h=20)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dilo.cli",
+        "run",
+        str(repo / "configs" / "quickstart.toml"),
+        "--workers",
+        "2",
+        *_overrides(tmp_path, corpus_dir, steps=4000, h=20),
+    ]
     # a new session, so that the signal reaches the launcher and its workers as a terminal's Ctrl+C would
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     log0 = tmp_path / "logs" / "worker0.jsonl"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and not (log0.exists() and '"event": "round"' in log0.read_text()):

@@ -84,8 +84,10 @@ def test_resume_is_bit_identical(tmp_path: Path, corpus_dir: Path) -> None:
         a, b = _rounds(tmp_path / "full", rank), _rounds(tmp_path / "part", rank)
         assert [r["anchor_hash"] for r in a] == [r["anchor_hash"] for r in b]
         assert [r["loss"] for r in a] == [r["loss"] for r in b]
-        assert all(torch.equal(x, y) for x, y in zip(_final_params(tmp_path / "full", rank),
-                                                     _final_params(tmp_path / "part", rank)))
+        assert all(
+            torch.equal(x, y)
+            for x, y in zip(_final_params(tmp_path / "full", rank), _final_params(tmp_path / "part", rank))
+        )
 
 
 def test_stop_event_stops_all_workers_on_the_same_round(tmp_path: Path, corpus_dir: Path) -> None:
@@ -103,8 +105,14 @@ def test_stop_event_stops_all_workers_on_the_same_round(tmp_path: Path, corpus_d
 
 
 def test_noniid_token_weighted_bf16_run(tmp_path: Path, corpus_dir: Path) -> None:
-    cfg = tiny_config(tmp_path, corpus_dir, data={"islands": "by_source"}, inner={"precision": "bf16", "grad_accum": 2},
-                      outer={"kind": "diloco", "inner_steps": 4, "weighting": "tokens"}, log={"plot": True, "progress": False})
+    cfg = tiny_config(
+        tmp_path,
+        corpus_dir,
+        data={"islands": "by_source"},
+        inner={"precision": "bf16", "grad_accum": 2},
+        outer={"kind": "diloco", "inner_steps": 4, "weighting": "tokens"},
+        log={"plot": True, "progress": False},
+    )
     s = train_threads(cfg, 2)[0]
     assert s["rounds_committed"] == 3 and s["tokens"] == 12 * 2 * 2 * 4 * 32
     assert (tmp_path / "loss.png").stat().st_size > 10_000

@@ -26,6 +26,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from dilo.model import params_of
+
+__all__ = ["params_of", "Anchor", "FlatLayout", "SyncReport", "Tail", "Strategy", "tensor_digest"]
+
 TAIL_WEIGHT, TAIL_COUNT, TAIL_STOP, TAIL_TOKENS = range(4)
 TAIL_LEN = 4
 
@@ -75,17 +79,6 @@ class Strategy(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def params_of(model: nn.Module) -> list[nn.Parameter]:
-    """Trainable parameters, each once (tied weights appear once), in a fixed order."""
-    seen: set[int] = set()
-    out = []
-    for p in model.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
 
 
 @dataclass

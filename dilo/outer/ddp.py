@@ -93,4 +93,6 @@ class DDP:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
-            raise ValueError(f"DDP keeps no outer state, got keys {sorted(state)}: was this checkpoint written by another strategy?")
+            raise ValueError(
+                f"DDP keeps no outer state, got keys {sorted(state)}: was this checkpoint written by another strategy?"
+            )

@@ -48,9 +48,18 @@ log = logging.getLogger(__name__)
 
 
 class DiLoCo:
-    def __init__(self, model: nn.Module, transport: Transport, *, inner_steps: int, lr: float,
-                 momentum: float = 0.0, nesterov: bool = False, codec: Codec | None = None,
-                 bucket_mb: float = 32.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        transport: Transport,
+        *,
+        inner_steps: int,
+        lr: float,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        codec: Codec | None = None,
+        bucket_mb: float = 32.0,
+    ) -> None:
         if nesterov and momentum == 0.0:
             raise ValueError("outer nesterov=True needs momentum > 0; set outer.momentum or outer.nesterov=false")
         self.round_steps = inner_steps
@@ -113,8 +122,16 @@ class DiLoCo:
         self.rounds += 1
         return self._report(True, participants, t0, sent0, recv0, tail_t)
 
-    def _report(self, committed: bool, participants: int, t0: float, sent0: int, recv0: int,
-                tail: torch.Tensor, reason: str = "") -> SyncReport:
+    def _report(
+        self,
+        committed: bool,
+        participants: int,
+        t0: float,
+        sent0: int,
+        recv0: int,
+        tail: torch.Tensor,
+        reason: str = "",
+    ) -> SyncReport:
         return SyncReport(
             committed=committed,
             participants=participants,
@@ -128,8 +145,11 @@ class DiLoCo:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"anchor": [a.detach() for a in self.anchor.params],
-                "optimizer": self.optimizer.state_dict(), "rounds": self.rounds}
+        return {
+            "anchor": [a.detach() for a in self.anchor.params],
+            "optimizer": self.optimizer.state_dict(),
+            "rounds": self.rounds,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():

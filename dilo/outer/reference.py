@@ -10,7 +10,9 @@ import torch
 from torch import Tensor
 
 
-def mean_pseudo_grad(anchor: list[Tensor], workers: list[list[Tensor]], weights: list[float] | None = None) -> list[Tensor]:
+def mean_pseudo_grad(
+    anchor: list[Tensor], workers: list[list[Tensor]], weights: list[float] | None = None
+) -> list[Tensor]:
     """Delta = sum_i w_i (anchor - theta_i) / sum_i w_i, over the contributing workers."""
     weights = weights if weights is not None else [1.0] * len(workers)
     total = sum(w for w in weights)
@@ -23,8 +25,15 @@ def mean_pseudo_grad(anchor: list[Tensor], workers: list[list[Tensor]], weights:
     return out
 
 
-def nesterov_step(anchor: list[Tensor], grad: list[Tensor], momentum_buf: list[Tensor] | None, *, lr: float,
-                  momentum: float, nesterov: bool) -> tuple[list[Tensor], list[Tensor]]:
+def nesterov_step(
+    anchor: list[Tensor],
+    grad: list[Tensor],
+    momentum_buf: list[Tensor] | None,
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+) -> tuple[list[Tensor], list[Tensor]]:
     """One outer SGD step with PyTorch semantics (dampening 0):
     m <- mu*m + g (m <- g on the first step); theta <- theta - lr*(g + mu*m) if nesterov else theta - lr*m."""
     new_anchor, new_buf = [], []
@@ -40,8 +49,16 @@ def nesterov_step(anchor: list[Tensor], grad: list[Tensor], momentum_buf: list[T
     return new_anchor, new_buf
 
 
-def diloco_round(anchor: list[Tensor], workers: list[list[Tensor]], momentum_buf: list[Tensor] | None, *, lr: float,
-                 momentum: float, nesterov: bool, weights: list[float] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+def diloco_round(
+    anchor: list[Tensor],
+    workers: list[list[Tensor]],
+    momentum_buf: list[Tensor] | None,
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weights: list[float] | None = None,
+) -> tuple[list[Tensor], list[Tensor]]:
     """One DiLoCo outer step from the workers' end-of-round parameters."""
     delta = mean_pseudo_grad(anchor, workers, weights)
     return nesterov_step(anchor, delta, momentum_buf, lr=lr, momentum=momentum, nesterov=nesterov)

@@ -39,7 +39,10 @@ def connect_store(host: str, port: int, rank: int, size: int, *, hosted: bool, t
 
 def store_is_hosted() -> bool:
     """True when the launcher hosts the store (torchrun >= 2.x sets TORCHELASTIC_USE_AGENT_STORE)."""
-    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true" or os.environ.get("DILO_STORE_HOSTED") == "1"
+    return (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        or os.environ.get("DILO_STORE_HOSTED") == "1"
+    )
 
 
 def resolve_backend(backend: str) -> str:
@@ -49,8 +52,16 @@ def resolve_backend(backend: str) -> str:
 
 
 class TorchDistTransport:
-    def __init__(self, store: dist.Store, rank: int, size: int, *, backend: str = "gloo",
-                 timeout_s: float = 300.0, prefix: str = "dilo/global") -> None:
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        size: int,
+        *,
+        backend: str = "gloo",
+        timeout_s: float = 300.0,
+        prefix: str = "dilo/global",
+    ) -> None:
         self.rank, self.size = rank, size
         self.backend = resolve_backend(backend)
         self.counter = ByteCounter()
