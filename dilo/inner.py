@@ -91,8 +91,9 @@ def evaluate(model: nn.Module, batches: Iterator[Batch] | list[Batch], precision
     """Sum of per-batch mean losses and the number of batches (so workers can add them up)."""
     was_training = model.training
     model.eval()
+    device_type = next(model.parameters()).device.type
     ctx = (
-        (lambda: torch.autocast(device_type="cpu", dtype=torch.bfloat16))
+        (lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16))
         if precision == "bf16"
         else contextlib.nullcontext
     )

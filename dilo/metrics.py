@@ -101,7 +101,7 @@ def format_summary(s: dict[str, Any]) -> str:
     rows = [
         ("strategy", s["strategy"]),
         ("workers", str(s["workers"])),
-        ("validation loss", "n/a" if val is None else f"{val:.4f}"),
+        ("validation loss", _val_text(s.get("initial_val_loss"), val)),
         ("tokens (all workers)", f"{s['tokens']:,}"),
         ("wall time", f"{s['wall_s']:.1f} s"),
         ("tokens/s (all workers)", f"{s['tokens'] / max(s['wall_s'], 1e-9):,.0f}"),
@@ -116,6 +116,12 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join([line, *(f"{k.ljust(width)}  {v}" for k, v in rows), line])
 
 
+def _val_text(first: float | None, last: float | None) -> str:
+    if last is None:
+        return "n/a"
+    return f"{last:.4f}" if first is None else f"{first:.4f} -> {last:.4f}"
+
+
 def plot_run(log_path: Path, out_path: Path, title: str) -> Path | None:
     """Validation (and inner) loss against tokens and against bytes sent, from one worker's log."""
     import matplotlib
@@ -123,13 +129,17 @@ def plot_run(log_path: Path, out_path: Path, title: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r for r in read_jsonl(log_path) if r.get("event") == "round"]
+    records = read_jsonl(log_path)
+    rounds = [r for r in records if r.get("event") == "round"]
     if not rounds:
         return None
+    start = next((r for r in records if r.get("event") == "start"), None)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     tokens = [r["global_tokens"] for r in rounds]
     sent = [r["cum_bytes_sent"] / 1e6 for r in rounds]
     val = [(t, b, r["val_loss"]) for t, b, r in zip(tokens, sent, rounds) if r.get("val_loss") is not None]
+    if start is not None and start.get("val_loss") is not None:
+        val.insert(0, (0, 0.0, start["val_loss"]))
     for ax, xs, xlabel in ((axes[0], tokens, "tokens (all workers)"), (axes[1], sent, "MB sent per worker")):
         ax.plot(xs, [r["loss"] for r in rounds], label="inner loss (worker 0)", alpha=0.6)
         if val:

@@ -27,7 +27,7 @@ import torch
 from dilo import metrics
 from dilo.compress import build_codec
 from dilo.config import DDPConfig, RunConfig, load
-from dilo.data import load_island, load_validation
+from dilo.data import corpus_fingerprint, load_island, load_validation
 from dilo.errors import DiloError, TransportError
 from dilo.inner import InnerLoop, evaluate
 from dilo.model import build_model, num_params
@@ -36,7 +36,7 @@ from dilo.outer.ddp import DDP
 from dilo.outer.diloco import DiLoCo
 from dilo.state import load_worker_state, rounds_of, save_worker_state
 from dilo.transport.base import ring_all_reduce_bytes
-from dilo.transport.torch_dist import TorchDistTransport, connect_store, store_is_hosted
+from dilo.transport.torch_dist import TorchDistTransport, connect_store, resolve_backend, store_is_hosted
 
 log = logging.getLogger("dilo.train")
 
@@ -126,10 +126,12 @@ def train(
     # --------------------------------------------------------------------------------------
     # the global world, the model, this worker's island
     store = connect_store(world.host, world.port, rank, size, hosted=world.hosted, timeout_s=cfg.transport.timeout_s)
+    device = _pick_device(cfg.transport.backend)
     transport = TorchDistTransport(store, rank, size, backend=cfg.transport.backend, timeout_s=cfg.transport.timeout_s)
-    model = build_model(cfg.model, cfg.seed)
+    _check_same_run(cfg, transport)
+    model = build_model(cfg.model, cfg.seed).to(device)
     island = load_island(cfg.data, rank, size, cfg.seed)
-    val_batches = load_validation(cfg.data, cfg.seed, cfg.log.eval_batches)[rank::size]
+    val_batches = [_to(b, device) for b in load_validation(cfg.data, cfg.seed, cfg.log.eval_batches)[rank::size]]
     inner = InnerLoop(model, cfg.inner, total_steps=cfg.steps)
     outer: Strategy = build_strategy(cfg, model, transport)
     n_params = num_params(model)
@@ -146,6 +148,8 @@ def train(
     if isinstance(outer, DDP):
         outer.mark_bytes()
 
+    if resume_round < 0:
+        totals.extra["initial_val_loss"] = _distributed_eval(model, val_batches, transport, cfg.inner.precision)
     sink = metrics.JsonlSink(run_dir / "logs" / f"worker{rank}.jsonl", append=resume_round >= 0)
     sink.write(
         {
@@ -155,6 +159,7 @@ def train(
             "num_params": n_params,
             "fingerprint": cfg.fingerprint(),
             "step": totals.step,
+            "val_loss": totals.extra.get("initial_val_loss"),
             "setup_s": time.perf_counter() - setup_t0,
             "config": cfg.model_dump(mode="json"),
         }
@@ -175,7 +180,7 @@ def train(
     stopped = False
     while totals.step < cfg.steps:
         t0, comm0 = time.perf_counter(), comm.seconds
-        loss = inner.step(island.next_batch, grad_hook=grad_hook)
+        loss = inner.step(lambda: _to(island.next_batch(), device), grad_hook=grad_hook)
         step_comm = comm.seconds - comm0  # DDP's gradient all-reduce is communication, not compute
         round_inner_s += time.perf_counter() - t0 - step_comm
         round_comm_s += step_comm
@@ -242,7 +247,7 @@ def train(
         bar.show(
             round=totals.round,
             loss=record["loss"],
-            val=val_loss if val_loss is not None else "-",
+            val=totals.val_loss if totals.val_loss is not None else "-",
             tok_s=int(totals.global_tokens / max(totals.wall_s, 1e-9)),
             sent=metrics.human_bytes(totals.bytes_sent),
         )
@@ -282,6 +287,21 @@ def train(
     return summary
 
 
+def _pick_device(backend: str) -> torch.device:
+    """NCCL workers train on the GPU of their local rank; Gloo workers on the CPU."""
+    if resolve_backend(backend) != "nccl":
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def _to(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+
+
 def _token_weighted(cfg: RunConfig) -> bool:
     return getattr(cfg.outer, "weighting", "uniform") == "tokens"
 
@@ -308,6 +328,19 @@ def _distributed_eval(
     t = torch.tensor([total, float(n)], dtype=torch.float64)
     transport.all_reduce_([t])
     return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+
+
+def _check_same_run(cfg: RunConfig, transport: TorchDistTransport) -> None:
+    """Refuse to train when workers were started with different configs or see different corpora."""
+    mine = int((cfg.fingerprint() + corpus_fingerprint(cfg.data))[:15], 16)
+    everyone = [int(t) for t in transport.all_gather(torch.tensor([mine], dtype=torch.int64))]
+    if any(f != everyone[0] for f in everyone):
+        odd = [r for r, f in enumerate(everyone) if f != everyone[transport.rank]]
+        raise DiloError(
+            f"worker {transport.rank}: workers {odd} run a different configuration or see a different corpus "
+            "(another config file or overrides, another Python's stdlib, other files); start every worker "
+            "with the same config"
+        )
 
 
 def _agree_resume_round(ckpt_dir: Any, rank: int, transport: TorchDistTransport) -> int:
@@ -373,6 +406,7 @@ def _summarize(
         "rounds": totals.round,
         "rounds_committed": totals.rounds_committed,
         "val_loss": totals.val_loss,
+        "initial_val_loss": totals.extra.get("initial_val_loss"),
         "tokens": int(tokens),
         "wall_s": wall_s / size,
         "inner_s": inner_s / size,

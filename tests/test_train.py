@@ -117,3 +117,13 @@ def test_noniid_token_weighted_bf16_run(tmp_path: Path, corpus_dir: Path) -> Non
     assert s["rounds_committed"] == 3 and s["tokens"] == 12 * 2 * 2 * 4 * 32
     assert (tmp_path / "loss.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "summary.json").read_text())["val_loss"] == s["val_loss"]
+
+
+def test_workers_with_different_configs_refuse_to_train(tmp_path: Path, corpus_dir: Path) -> None:
+    from dilo.errors import DiloError
+    from dilo.train import train
+    from tests.conftest import run_workers
+
+    cfgs = [tiny_config(tmp_path, corpus_dir), tiny_config(tmp_path, corpus_dir, inner={"lr": 0.1})]
+    with pytest.raises(DiloError, match="run a different configuration"):
+        run_workers(lambda w: train(cfgs[w.rank], w), 2)

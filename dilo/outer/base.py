@@ -98,7 +98,8 @@ class FlatLayout:
         return cls([t.shape for t in tensors], [t.numel() for t in tensors], max(1, int(bucket_mb * 2**20 / 4)))
 
     def flatten(self, tensors: list[Tensor], out: Tensor | None = None) -> Tensor:
-        out = torch.empty(self.total, dtype=torch.float32) if out is None else out
+        if out is None:
+            out = torch.empty(self.total, dtype=torch.float32, device=tensors[0].device)
         torch.cat([t.detach().reshape(-1).float() for t in tensors], out=out)
         return out
 

@@ -27,7 +27,7 @@ class DDP:
         self.round_steps = log_every
         self.transport = transport
         self.layout = FlatLayout.of(params_of(model), bucket_mb)
-        self._flat = torch.empty(self.layout.total, dtype=torch.float32)
+        self._flat = torch.empty(self.layout.total, dtype=torch.float32, device=params_of(model)[0].device)
         self._bytes_mark = (0, 0)
 
     def due(self, step: int) -> bool:
