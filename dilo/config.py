@@ -326,6 +326,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+_DEFAULT_KIND = {"model": "gpt", "outer": "diloco"}
+
+
 def load(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
     """Read a TOML file (or start from defaults), apply overrides, validate."""
     raw: dict[str, Any] = {}
@@ -339,6 +342,12 @@ def load(path: str | Path | None = None, overrides: list[str] | dict[str, Any] |
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        for section in ("model", "outer"):
+            # switching a section to another kind drops the file's settings of the old kind
+            new_kind = extra.get(section, {}).get("kind") if isinstance(extra.get(section), dict) else None
+            old = raw.get(section)
+            if new_kind is not None and isinstance(old, dict) and old.get("kind", _DEFAULT_KIND[section]) != new_kind:
+                raw = {**raw, section: {}}
         raw = _merge(raw, extra)
     return from_dict(raw, source=str(path) if path else "config")
 

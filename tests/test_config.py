@@ -38,6 +38,12 @@ def test_overrides_are_typed_and_nested() -> None:
     cfg = load(None, ["--outer.kind=fedavg", "--outer.inner_steps=10"])
     assert isinstance(cfg.outer, FedAvgConfig) and cfg.outer.inner_steps == 10 and cfg.outer.lr == 1.0
     assert isinstance(load(None, ["--outer.kind=ddp"]).outer, DDPConfig)
+    # switching kind on the command line drops the file's settings of the other kind
+    quick = REPO / "configs" / "quickstart.toml"
+    assert isinstance(load(quick, ["--outer.kind=ddp"]).outer, DDPConfig)
+    fed = load(quick, ["--outer.kind=fedavg", "--outer.inner_steps=7"]).outer
+    assert isinstance(fed, FedAvgConfig) and fed.inner_steps == 7
+    assert load(quick, ["--outer.kind=diloco"]).outer.inner_steps == 25  # same kind: file settings kept
 
 
 @pytest.mark.parametrize(
