@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -176,9 +177,58 @@ OuterConfig = Annotated[DiLoCoConfig | FedAvgConfig | DDPConfig, Field(discrimin
 # codec, transport, logging, checkpoints
 
 
-class CodecConfig(Frozen):
-    kind: Literal["none"] = "none"
-    """How pseudo-gradients are encoded on the wire; none sends fp32."""
+CodecKind = Literal["none", "fp16", "bf16", "int8", "int4", "topk", "randomk", "sign", "powersgd"]
+
+
+class CodecSpec(Frozen):
+    kind: CodecKind = "none"
+    """How pseudo-gradients are encoded on the wire: none (fp32), fp16, bf16, int8 / int4
+    (blockwise absmax), topk, randomk (shared mask per round), sign (1 bit + a scale per block),
+    powersgd (rank-r factors)."""
+    block: int = Field(128, gt=0)
+    """int8 / int4 / sign: values per scale."""
+    stochastic: bool = False
+    """int8 / int4: stochastic rounding (unbiased) with a per-worker random stream."""
+    fraction: float = Field(0.01, gt=0.0, le=1.0)
+    """topk / randomk: share of the values sent."""
+    chunk: int = Field(0, ge=0, le=65536)
+    """topk: 0 picks the top values of the whole vector (int32 indices); > 0 picks them per chunk of
+    this many values (16-bit indices within the chunk)."""
+    rank: int = Field(4, gt=0)
+    """powersgd: rank r of the factors."""
+    min_compression: float = Field(2.0, ge=1.0)
+    """powersgd: a matrix is factorised only if (n + m) * r * min_compression < n * m; smaller
+    tensors go uncompressed."""
+    error_feedback: bool | None = None
+    """Keep what was not sent and add it to the next round's pseudo-gradient. Default: on for
+    topk, randomk, sign and powersgd, off otherwise."""
+
+    @property
+    def feedback(self) -> bool:
+        if self.error_feedback is not None:
+            return self.error_feedback
+        return self.kind in ("topk", "randomk", "sign", "powersgd")
+
+
+class CodecOverride(CodecSpec):
+    pattern: str
+    """Regular expression matched (re.search) against parameter names, e.g. "emb|ln|norm"; the
+    first matching override decides a parameter's codec."""
+
+    @model_validator(mode="after")
+    def _valid_regex(self) -> CodecOverride:
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression: {e}") from None
+        if self.kind == "powersgd":
+            raise ValueError("powersgd cannot be a per-parameter override; set it as codec.kind")
+        return self
+
+
+class CodecConfig(CodecSpec):
+    overrides: list[CodecOverride] = Field(default_factory=list)
+    """Per-parameter codecs, e.g. [[codec.overrides]] pattern = "emb|ln" kind = "fp16"."""
 
 
 class TransportConfig(Frozen):

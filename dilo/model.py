@@ -194,3 +194,14 @@ def params_of(model: nn.Module) -> list[nn.Parameter]:
             seen.add(id(p))
             out.append(p)
     return out
+
+
+def param_names(model: nn.Module) -> list[str]:
+    """Names of the tensors `params_of` returns, in the same order (a tied weight under its first name)."""
+    seen: set[int] = set()
+    out = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(name)
+    return out

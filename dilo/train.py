@@ -19,13 +19,13 @@ import os
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from dilo import metrics
-from dilo.compress import build_codec
 from dilo.config import DDPConfig, RunConfig, load
 from dilo.data import corpus_fingerprint, load_island, load_validation
 from dilo.errors import DiloError, TransportError
@@ -93,6 +93,10 @@ class Totals:
 def build_strategy(cfg: RunConfig, model: torch.nn.Module, transport: TorchDistTransport) -> DiLoCo | DDP:
     o = cfg.outer
     if isinstance(o, DDPConfig):
+        if cfg.codec.kind != "none" or cfg.codec.overrides:
+            warnings.warn(
+                "codec settings are ignored by outer.kind='ddp': the baseline sends fp32 gradients", stacklevel=2
+            )
         return DDP(model, transport, log_every=cfg.sync_every_ddp_eval, bucket_mb=cfg.transport.bucket_mb)
     momentum = getattr(o, "momentum", 0.0)
     nesterov = getattr(o, "nesterov", False)
@@ -103,7 +107,8 @@ def build_strategy(cfg: RunConfig, model: torch.nn.Module, transport: TorchDistT
         lr=o.lr,
         momentum=momentum,
         nesterov=nesterov,
-        codec=build_codec(cfg.codec),
+        codec=cfg.codec,
+        seed=cfg.seed,
         bucket_mb=cfg.transport.bucket_mb,
     )
 

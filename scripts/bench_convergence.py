@@ -20,11 +20,17 @@ from benchlib import REPO, RESULTS, machine, markdown_table, run_arm, update_ben
 
 def arms(steps: int) -> list[tuple[str, list[str]]]:
     every = 50  # evaluate every 50 steps in every arm
-    out = [("ddp", ["--outer.kind=ddp", f"--sync_every_ddp_eval={every}", "--log.eval_every=1"]),
-           ("fedavg-h50", ["--outer.kind=fedavg", "--outer.inner_steps=50", "--log.eval_every=1"])]
+    out = [
+        ("ddp", ["--outer.kind=ddp", f"--sync_every_ddp_eval={every}", "--log.eval_every=1"]),
+        ("fedavg-h50", ["--outer.kind=fedavg", "--outer.inner_steps=50", "--log.eval_every=1"]),
+    ]
     for h in (10, 50, 100):
-        out.append((f"diloco-h{h}", ["--outer.kind=diloco", f"--outer.inner_steps={h}",
-                                     f"--log.eval_every={max(1, every // h)}"]))
+        out.append(
+            (
+                f"diloco-h{h}",
+                ["--outer.kind=diloco", f"--outer.inner_steps={h}", f"--log.eval_every={max(1, every // h)}"],
+            )
+        )
     return out
 
 
@@ -50,33 +56,59 @@ def main() -> None:
             "bytes_vs_ddp": s["bytes_sent_per_worker"] / ddp["bytes_sent_per_worker"],
             "wall_vs_ddp": s["wall_s"] / ddp["wall_s"],
         }
-        rows.append([
-            r["name"], f"{s['val_loss']:.4f}", f"{r['ratios']['val_loss_vs_ddp']:.3f}",
-            f"{s['bytes_sent_per_worker'] / 1e6:.1f}", f"{1 / r['ratios']['bytes_vs_ddp']:.1f}x fewer",
-            f"{s['wall_s']:.0f}", f"{r['ratios']['wall_vs_ddp']:.2f}", f"{100 * s['utilization']:.1f} %",
-        ])
+        rows.append(
+            [
+                r["name"],
+                f"{s['val_loss']:.4f}",
+                f"{r['ratios']['val_loss_vs_ddp']:.3f}",
+                f"{s['bytes_sent_per_worker'] / 1e6:.1f}",
+                f"{1 / r['ratios']['bytes_vs_ddp']:.1f}x fewer",
+                f"{s['wall_s']:.0f}",
+                f"{r['ratios']['wall_vs_ddp']:.2f}",
+                f"{100 * s['utilization']:.1f} %",
+            ]
+        )
     table = markdown_table(
-        ["arm", "val loss", "loss / DDP", "MB sent per worker", "bytes vs DDP", "wall s", "wall / DDP",
-         "compute utilization"], rows)
-    payload = {"benchmark": "convergence", "machine": machine(), "steps": args.steps, "workers": args.workers,
-               "config": args.config, "arms": results}
+        [
+            "arm",
+            "val loss",
+            "loss / DDP",
+            "MB sent per worker",
+            "bytes vs DDP",
+            "wall s",
+            "wall / DDP",
+            "compute utilization",
+        ],
+        rows,
+    )
+    payload = {
+        "benchmark": "convergence",
+        "machine": machine(),
+        "steps": args.steps,
+        "workers": args.workers,
+        "config": args.config,
+        "arms": results,
+    }
     write_json("convergence", payload)
     plot(results, RESULTS / "convergence.png")
     tokens = ddp["tokens"]
-    update_benchmarks_md("convergence", f"""
+    update_benchmarks_md(
+        "convergence",
+        f"""
 ## Convergence: DDP vs FedAvg vs DiLoCo (`scripts/bench_convergence.py`)
 
-{args.workers} worker processes on {machine()['cpus']} CPU cores, quickstart model and inner
+{args.workers} worker processes on {machine()["cpus"]} CPU cores, quickstart model and inner
 hyper-parameters (AdamW lr 3e-3, bf16 autocast), stdlib corpus, iid islands, {args.steps} steps
 per worker in every arm ({tokens:,} tokens in total). Ratios are against the DDP arm of the same
-run ({machine()['date']}, torch {machine()['torch']}).
+run ({machine()["date"]}, torch {machine()["torch"]}).
 
 {table}
 
 ![validation loss against tokens and bytes](scripts/results/convergence.png)
 
 Raw results: `scripts/results/convergence.json`.
-""")
+""",
+    )
     print(table)
 
 

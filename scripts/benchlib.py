@@ -35,8 +35,20 @@ def machine() -> dict[str, Any]:
 def run_arm(name: str, config: Path, workers: int, overrides: list[str], out_root: Path) -> dict[str, Any]:
     """Run `dilo run CONFIG --workers N overrides`; return its summary plus worker 0's round log."""
     out_dir = out_root / name
-    cmd = [sys.executable, "-m", "dilo.cli", "run", str(config), "--workers", str(workers), *overrides,
-           f"--out_dir={out_dir}", f"--name={name}", "--log.progress=false", "--log.plot=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dilo.cli",
+        "run",
+        str(config),
+        "--workers",
+        str(workers),
+        *overrides,
+        f"--out_dir={out_dir}",
+        f"--name={name}",
+        "--log.progress=false",
+        "--log.plot=false",
+    ]
     print(f"[bench] {name}: {' '.join(overrides)}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -51,8 +63,12 @@ def run_arm(name: str, config: Path, workers: int, overrides: list[str], out_roo
         for r in records
         if r["event"] == "round" and r.get("val_loss") is not None
     ]
-    print(f"[bench] {name}: val {summary['val_loss']:.4f}, sent {summary['bytes_sent_per_worker'] / 1e6:.1f} MB, "
-          f"{summary['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    print(
+        f"[bench] {name}: val {summary['val_loss']:.4f}, sent {summary['bytes_sent_per_worker'] / 1e6:.1f} MB, "
+        f"{summary['wall_s']:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return {"name": name, "overrides": overrides, "summary": summary, "curve": curve}
 
 

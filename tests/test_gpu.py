@@ -27,9 +27,22 @@ def _hashes(run_dir: Path, rank: int) -> list[str]:
 @pytest.mark.parametrize("kind", ["diloco", "ddp"])
 def test_nccl_workers_under_torchrun(tmp_path: Path, kind: str) -> None:
     n = min(2, torch.cuda.device_count())
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "-m", "dilo.train",
-           str(REPO / "configs" / "quickstart.toml"), "--steps=40", "--inner.warmup_steps=5", f"--outer.kind={kind}",
-           "--transport.backend=nccl", "--log.progress=false", "--log.plot=false", f"--out_dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={n}",
+        "-m",
+        "dilo.train",
+        str(REPO / "configs" / "quickstart.toml"),
+        "--steps=40",
+        "--inner.warmup_steps=5",
+        f"--outer.kind={kind}",
+        "--transport.backend=nccl",
+        "--log.progress=false",
+        "--log.plot=false",
+        f"--out_dir={tmp_path}",
+    ]
     if kind == "diloco":
         cmd.append("--outer.inner_steps=10")
     else:

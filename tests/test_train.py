@@ -71,13 +71,19 @@ def test_ddp_sends_every_step(tmp_path: Path, corpus_dir: Path) -> None:
     assert logs[0][-1]["anchor_hash"] == logs[1][-1]["anchor_hash"]
 
 
-def test_resume_is_bit_identical(tmp_path: Path, corpus_dir: Path) -> None:
-    full = tiny_config(tmp_path / "full", corpus_dir, steps=12, checkpoint={"every": 1})
+@pytest.mark.parametrize(
+    "codec", [{"kind": "none"}, {"kind": "topk", "fraction": 0.1}, {"kind": "int4"}], ids=lambda c: c["kind"]
+)
+def test_resume_is_bit_identical(tmp_path: Path, corpus_dir: Path, codec: dict) -> None:
+    """Including error-feedback residuals (top-k) and the shard owners' residuals (int4 + feedback)."""
+    if codec["kind"] == "int4":
+        codec = {**codec, "error_feedback": True}
+    full = tiny_config(tmp_path / "full", corpus_dir, steps=12, checkpoint={"every": 1}, codec=codec)
     train_threads(full, 2)
-    part = tiny_config(tmp_path / "part", corpus_dir, steps=12, checkpoint={"every": 1})
+    part = tiny_config(tmp_path / "part", corpus_dir, steps=12, checkpoint={"every": 1}, codec=codec)
     first = train_threads(part, 2, max_rounds=1)
     assert first[0]["stopped"] and first[0]["steps"] == 4
-    resumed = tiny_config(tmp_path / "part", corpus_dir, steps=12, checkpoint={"every": 1, "resume": True})
+    resumed = tiny_config(tmp_path / "part", corpus_dir, steps=12, checkpoint={"every": 1, "resume": True}, codec=codec)
     second = train_threads(resumed, 2)
     assert second[0]["steps"] == 12 and not second[0]["stopped"]
     for rank in range(2):

@@ -1,5 +1,70 @@
-"""Codecs for pseudo-gradients on the wire. Imports only torch."""
+"""Codecs for pseudo-gradients on the wire. Imports only torch.
 
-from dilo.compress.base import Codec, Encoded, Identity, build_codec
+`build_codec(cfg.codec)` turns a codec spec (dilo.config.CodecSpec, read duck-typed) into a codec;
+see base.py for the seam and the meaning of the `linear` / `shardable` flags.
+"""
 
-__all__ = ["Codec", "Encoded", "Identity", "build_codec"]
+from __future__ import annotations
+
+from typing import Any
+
+from dilo.compress.base import Codec, Context, Encoded, Identity, check_finite, pack, unpack
+from dilo.compress.cast import BFloat16, Float16
+from dilo.compress.feedback import ErrorFeedback
+from dilo.compress.lowrank import PowerSGD
+from dilo.compress.quant import BlockQuant, Sign, pack_int4, unpack_int4
+from dilo.compress.sparse import RandomK, TopK
+
+
+def build_codec(spec: Any) -> Codec | PowerSGD:
+    """The codec a spec asks for: reads kind, block, stochastic, fraction, chunk, rank,
+    min_compression and the `feedback` property.
+
+    Lossy flat codecs are wrapped in ErrorFeedback when spec.feedback is true. Two exceptions:
+    "none" is always a bare Identity (lossless, its residual would stay zero), and "powersgd"
+    returns a bare PowerSGD, never wrapped: its residual is M - M_hat after the two all-reduces,
+    so the caller keeps it, reading spec.feedback itself.
+    """
+    kind = spec.kind
+    codec: Codec
+    if kind == "none":
+        return Identity()
+    if kind == "powersgd":
+        return PowerSGD(rank=spec.rank, min_compression=spec.min_compression)
+    if kind == "fp16":
+        codec = Float16()
+    elif kind == "bf16":
+        codec = BFloat16()
+    elif kind in ("int8", "int4"):
+        codec = BlockQuant(bits=8 if kind == "int8" else 4, block=spec.block, stochastic=spec.stochastic)
+    elif kind == "sign":
+        codec = Sign(block=spec.block)
+    elif kind == "topk":
+        codec = TopK(fraction=spec.fraction, chunk=spec.chunk)
+    elif kind == "randomk":
+        codec = RandomK(fraction=spec.fraction)
+    else:
+        raise ValueError(f"unknown codec kind {kind!r}")
+    return ErrorFeedback(codec) if spec.feedback else codec
+
+
+__all__ = [
+    "BFloat16",
+    "BlockQuant",
+    "Codec",
+    "Context",
+    "Encoded",
+    "ErrorFeedback",
+    "Float16",
+    "Identity",
+    "PowerSGD",
+    "RandomK",
+    "Sign",
+    "TopK",
+    "build_codec",
+    "check_finite",
+    "pack",
+    "pack_int4",
+    "unpack",
+    "unpack_int4",
+]

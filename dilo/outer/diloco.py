@@ -1,9 +1,10 @@
 """Synchronous DiLoCo and FedAvg (Douillard et al., arXiv:2311.08105, Algorithm 1).
 
 Every `inner_steps` (H) steps each worker computes its pseudo-gradient
-`delta = anchor - params` in fp32, the workers average it (a sum by all-reduce, divided by
-the summed weights of the workers that contributed), the anchor takes one outer step with
-`torch.optim.SGD` on that mean, and every worker's parameters are reset to the new anchor.
+`delta = anchor - params` in fp32, the workers average it through the configured codec
+(dilo/outer/exchange.py picks the collective; the mean divides by the summed weights of the
+workers that contributed), the anchor takes one outer step with `torch.optim.SGD` on that
+mean, and every worker's parameters are reset to the new anchor.
 
     outer = DiLoCo(model, transport, lr=0.7, momentum=0.9, nesterov=True, inner_steps=50)
     for step in range(steps):
@@ -29,19 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dilo.compress.base import Codec, Identity
+from dilo.config import CodecSpec
 from dilo.errors import TransportError
-from dilo.outer.base import (
-    TAIL_COUNT,
-    TAIL_STOP,
-    TAIL_TOKENS,
-    TAIL_WEIGHT,
-    Anchor,
-    FlatLayout,
-    SyncReport,
-    Tail,
-    params_of,
-)
+from dilo.model import param_names
+from dilo.outer.base import TAIL_COUNT, TAIL_STOP, TAIL_TOKENS, Anchor, FlatLayout, SyncReport, Tail, params_of
+from dilo.outer.exchange import Exchange
 from dilo.transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -57,21 +50,28 @@ class DiLoCo:
         lr: float,
         momentum: float = 0.0,
         nesterov: bool = False,
-        codec: Codec | None = None,
+        codec: Any = None,
+        seed: int = 0,
         bucket_mb: float = 32.0,
     ) -> None:
         if nesterov and momentum == 0.0:
             raise ValueError("outer nesterov=True needs momentum > 0; set outer.momentum or outer.nesterov=false")
         self.round_steps = inner_steps
         self.transport = transport
-        self.codec = codec or Identity()
-        if not self.codec.linear:
-            raise ValueError(f"{self.codec!r} is not linear; the all-reduce exchange needs a linear codec")
         params = params_of(model)
         self.anchor = Anchor(params)
         self.layout = FlatLayout.of(params, bucket_mb)
+        self.exchange = Exchange(
+            transport,
+            param_names(model),
+            [p.shape for p in params],
+            codec if codec is not None else CodecSpec(),
+            seed=seed,
+            bucket_mb=bucket_mb,
+        )
         self.optimizer = torch.optim.SGD(self.anchor.params, lr=lr, momentum=momentum, nesterov=nesterov)
         self.rounds = 0
+        """Rounds attempted (committed or not): the same count on every worker, so it seeds codecs."""
 
     def due(self, step: int) -> bool:
         """True after the last inner step of a round (steps count from 0)."""
@@ -92,54 +92,40 @@ class DiLoCo:
         t0 = time.perf_counter()
         sent0, recv0 = self.transport.counter.sent, self.transport.counter.recv
         params = params_of(model)
-        delta = self.layout.flatten(self.anchor.pseudo_grad(params))
-        if tail.contributes and not bool(torch.isfinite(delta).all()):
+        deltas = self.anchor.pseudo_grad(params)
+        if tail.contributes and not all(bool(torch.isfinite(d).all()) for d in deltas):
             log.warning("non-finite pseudo-gradient on rank %d: not sending it this round", self.transport.rank)
             tail.contributes = False
-        if tail.contributes:
-            delta.mul_(tail.weight)
-        else:
-            delta.zero_()
-        payload = self.codec.encode(delta).tensors["values"]
-        tail_t = tail.tensor()
+        round_idx = self.rounds
+        self.rounds += 1
         try:
-            self.transport.all_reduce_([*self.layout.buckets(payload), tail_t])
+            result = self.exchange.mean(deltas, tail.tensor(), round_idx)
         except TransportError as e:
             log.error("outer sync failed on rank %d: %s; restoring the anchor", self.transport.rank, e)
             self.anchor.restore_into(params)
-            return self._report(False, 0, t0, sent0, recv0, tail_t, reason=repr(e))
-        total_weight = float(tail_t[TAIL_WEIGHT])
-        participants = int(tail_t[TAIL_COUNT])
-        if participants == 0 or total_weight <= 0.0:
+            return self._report(False, t0, sent0, recv0, tail.tensor().reshape(1, -1), reason=repr(e))
+        if result.mean is None:
             self.anchor.restore_into(params)
-            return self._report(False, 0, t0, sent0, recv0, tail_t, reason="no worker contributed")
-        mean = payload.div_(total_weight)
-        for a, g in zip(self.anchor.params, self.layout.unflatten(mean)):
+            return self._report(False, t0, sent0, recv0, result.tails, reason="no worker contributed")
+        for a, g in zip(self.anchor.params, result.mean):
             a.grad = g
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.anchor.restore_into(params)
-        self.rounds += 1
-        return self._report(True, participants, t0, sent0, recv0, tail_t)
+        return self._report(True, t0, sent0, recv0, result.tails)
 
     def _report(
-        self,
-        committed: bool,
-        participants: int,
-        t0: float,
-        sent0: int,
-        recv0: int,
-        tail: torch.Tensor,
-        reason: str = "",
+        self, committed: bool, t0: float, sent0: int, recv0: int, tails: torch.Tensor, reason: str = ""
     ) -> SyncReport:
+        total = tails.sum(0)
         return SyncReport(
             committed=committed,
-            participants=participants,
+            participants=int(total[TAIL_COUNT]) if committed else 0,
             bytes_sent=self.transport.counter.sent - sent0,
             bytes_recv=self.transport.counter.recv - recv0,
             sync_s=time.perf_counter() - t0,
-            stop=bool(tail[TAIL_STOP] > 0),
-            tokens=int(tail[TAIL_TOKENS]),
+            stop=bool(total[TAIL_STOP] > 0),
+            tokens=int(total[TAIL_TOKENS]),
             reason=reason,
             anchor_hash=self.anchor.digest(),
         )
@@ -149,6 +135,7 @@ class DiLoCo:
             "anchor": [a.detach() for a in self.anchor.params],
             "optimizer": self.optimizer.state_dict(),
             "rounds": self.rounds,
+            "exchange": self.exchange.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -157,3 +144,4 @@ class DiLoCo:
                 a.copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
         self.rounds = int(state["rounds"])
+        self.exchange.load_state_dict(state["exchange"])

@@ -6,7 +6,8 @@ strategy can turn any network fault into a failed round instead of a crash.
 
 Byte counters follow the ring algorithms that Gloo and NCCL use for large messages: an
 all-reduce of n bytes over W workers sends (and receives) 2(W-1)/W * n bytes per worker,
-an all-gather of n bytes per worker sends (W-1) * n. These are the payload bytes a worker
+an all-gather of n bytes per worker sends (W-1) * n, and an all-to-all of W chunks of
+n bytes sends (W-1) * n. These are the payload bytes a worker
 puts on the wire; headers of the underlying library are not counted.
 """
 
@@ -44,6 +45,10 @@ class Transport(Protocol):
 
     def all_gather(self, tensor: Tensor) -> list[Tensor]:
         """Every worker's tensor (same shape and dtype everywhere), in rank order."""
+        ...
+
+    def all_to_all(self, chunks: list[Tensor]) -> list[Tensor]:
+        """Send chunks[j] to worker j; receive one chunk from every worker, in rank order."""
         ...
 
     def broadcast_(self, tensors: list[Tensor], src: int) -> None:

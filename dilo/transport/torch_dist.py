@@ -121,6 +121,21 @@ class TorchDistTransport:
         self.counter.add((self.size - 1) * n, (self.size - 1) * n)
         return [o.to(tensor.device) for o in out]
 
+    def all_to_all(self, chunks: list[Tensor]) -> list[Tensor]:
+        """Send chunks[j] to worker j; return what every worker sent to this one, in rank order.
+        All chunks must have the same dtype and size on every worker."""
+        assert len(chunks) == self.size, f"need {self.size} chunks, got {len(chunks)}"
+        src = self._to_device(torch.cat([c.reshape(-1) for c in chunks]))
+        out = torch.empty_like(src)
+        try:
+            work = self.pg.alltoall_base(out, src, [], [], dist.AllToAllOptions())
+        except RuntimeError as e:
+            raise PeerLost(f"all_to_all failed on rank {self.rank}: {e}") from e
+        self._wait([work], "all_to_all")
+        n = chunks[0].numel() * chunks[0].element_size()
+        self.counter.add((self.size - 1) * n, (self.size - 1) * n)
+        return list(out.to(chunks[0].device).chunk(self.size))
+
     def broadcast_(self, tensors: list[Tensor], src: int) -> None:
         staged = [self._to_device(t) for t in tensors]
         works = []

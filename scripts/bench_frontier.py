@@ -1,0 +1,153 @@
+"""The quality-per-byte frontier of pseudo-gradient codecs.
+
+    .venv/bin/python scripts/bench_frontier.py [--steps 800] [--workers 4]
+
+DiLoCo H=50, 4 worker processes, the quickstart model on the stdlib corpus, equal tokens in
+every arm; one arm per codec, plus uncompressed DiLoCo and DDP measured in the same run. Each
+arm reports its final validation loss and bytes sent per worker as ratios to uncompressed
+DiLoCo and to DDP. Writes scripts/results/frontier.json, scripts/results/frontier.png and the
+"frontier" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from benchlib import REPO, RESULTS, machine, markdown_table, run_arm, update_benchmarks_md, write_json
+
+ARMS: list[tuple[str, list[str]]] = [
+    ("ddp", ["--outer.kind=ddp", "--sync_every_ddp_eval=50"]),
+    ("diloco", []),
+    ("fp16", ["--codec.kind=fp16"]),
+    ("int8", ["--codec.kind=int8"]),
+    ("int4", ["--codec.kind=int4"]),
+    ("topk-10%", ["--codec.kind=topk", "--codec.fraction=0.1", "--codec.chunk=4096", "--codec.error_feedback=false"]),
+    ("topk-10%+ef", ["--codec.kind=topk", "--codec.fraction=0.1", "--codec.chunk=4096", "--codec.error_feedback=true"]),
+    ("topk-1%", ["--codec.kind=topk", "--codec.fraction=0.01", "--codec.chunk=4096", "--codec.error_feedback=false"]),
+    ("topk-1%+ef", ["--codec.kind=topk", "--codec.fraction=0.01", "--codec.chunk=4096", "--codec.error_feedback=true"]),
+    ("sign+ef", ["--codec.kind=sign", "--codec.error_feedback=true"]),
+    ("powersgd-r4+ef", ["--codec.kind=powersgd", "--codec.rank=4", "--codec.error_feedback=true"]),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=800, help="inner steps per worker in every arm")
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--only", nargs="*", help="run only these arms (plus ddp and diloco)")
+    ap.add_argument("--config", default=str(REPO / "configs" / "quickstart.toml"))
+    args = ap.parse_args()
+
+    arms = [a for a in ARMS if not args.only or a[0] in ("ddp", "diloco", *args.only)]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="dilo-frontier-") as tmp:
+        for name, overrides in arms:
+            common = [
+                f"--steps={args.steps}",
+                "--outer.inner_steps=50",
+                "--checkpoint.every=0",
+                "--log.eval_batches=32",
+                "--log.eval_every=1",
+            ]
+            if name == "ddp":
+                common.remove("--outer.inner_steps=50")
+            results.append(run_arm(name, Path(args.config), args.workers, common + overrides, Path(tmp)))
+
+    ddp = next(r["summary"] for r in results if r["name"] == "ddp")
+    base = next(r["summary"] for r in results if r["name"] == "diloco")
+    rows = []
+    for r in results:
+        s = r["summary"]
+        r["ratios"] = {
+            "val_loss_vs_diloco": s["val_loss"] / base["val_loss"],
+            "val_loss_vs_ddp": s["val_loss"] / ddp["val_loss"],
+            "bytes_vs_diloco": s["bytes_sent_per_worker"] / base["bytes_sent_per_worker"],
+            "bytes_vs_ddp": s["bytes_sent_per_worker"] / ddp["bytes_sent_per_worker"],
+        }
+        q = r["ratios"]
+        rows.append(
+            [
+                r["name"],
+                f"{s['val_loss']:.4f}",
+                f"{q['val_loss_vs_diloco']:.4f}",
+                f"{q['val_loss_vs_ddp']:.4f}",
+                f"{s['bytes_sent_per_worker'] / 1e6:.2f}",
+                f"{1 / q['bytes_vs_diloco']:.1f}x",
+                f"{1 / q['bytes_vs_ddp']:.0f}x",
+            ]
+        )
+    table = markdown_table(
+        [
+            "arm",
+            "val loss",
+            "loss / DiLoCo",
+            "loss / DDP",
+            "MB sent per worker",
+            "fewer bytes than DiLoCo",
+            "fewer bytes than DDP",
+        ],
+        rows,
+    )
+    write_json(
+        "frontier",
+        {
+            "benchmark": "frontier",
+            "machine": machine(),
+            "steps": args.steps,
+            "workers": args.workers,
+            "inner_steps": 50,
+            "arms": results,
+        },
+    )
+    plot(results, RESULTS / "frontier.png")
+    m = machine()
+    update_benchmarks_md(
+        "frontier",
+        f"""
+## Quality per byte: pseudo-gradient codecs (`scripts/bench_frontier.py`)
+
+DiLoCo H=50, {args.workers} worker processes on {m["cpus"]} CPU cores, the quickstart model and
+inner hyper-parameters, {args.steps} steps per worker in every arm (equal tokens), {m["date"]},
+torch {m["torch"]}. "ef" is error feedback. Ratios are against uncompressed DiLoCo and DDP from
+the same run.
+
+{table}
+
+![validation loss against bytes sent](scripts/results/frontier.png)
+
+Raw results: `scripts/results/frontier.json`.
+""",
+    )
+    print(table)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        s = r["summary"]
+        ax.scatter(s["bytes_sent_per_worker"] / 1e6, s["val_loss"], s=40)
+        ax.annotate(
+            r["name"],
+            (s["bytes_sent_per_worker"] / 1e6, s["val_loss"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("MB sent per worker (log)")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
