@@ -1,13 +1,18 @@
 """The `dilo` command.
 
     dilo run CONFIG [--workers N] [--section.key=value ...]   N local workers on loopback (the main job)
+    dilo coordinator CONFIG [--resume] [overrides]            serve an elastic run (membership.kind=coordinator)
+    dilo worker CONFIG [--id ID] [overrides]                  one elastic worker: join, train, leave
+    dilo status ADDRESS                                       members, rounds, bytes of a running coordinator
+    dilo keys DIR                                             CURVE key pairs for encrypted ZeroMQ traffic
     dilo config show CONFIG [--section.key=value ...]         the resolved configuration
     dilo config schema                                         JSON schema of every key, with help
 
 `dilo run` is a small launcher: it validates the configuration, serves the rendezvous store
 itself and starts N `python -m dilo.train` processes with RANK, WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT set, the same environment torchrun gives. Ctrl+C asks every worker to finish the
-current round and save a checkpoint; a second Ctrl+C kills them.
+MASTER_PORT set, the same environment torchrun gives; with membership.kind = "coordinator" it
+also starts a coordinator on loopback and the workers join it. Ctrl+C asks every worker to
+finish the current round and save a checkpoint; a second Ctrl+C kills them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -60,6 +66,12 @@ def _cmd_config(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     import torch.distributed as dist
 
@@ -67,29 +79,58 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     n = args.workers or cfg.workers
     if n < 1:
         raise DiloError(f"--workers must be at least 1, got {n}")
-    store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
     threads = max(1, (os.cpu_count() or 1) // n)
-    base_env = dict(
-        os.environ,
-        WORLD_SIZE=str(n),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(store.port),
-        DILO_STORE_HOSTED="1",
-        DILO_THREADS=str(threads),
-        OMP_NUM_THREADS=str(threads),
+    base_env = dict(os.environ, DILO_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    procs: list[subprocess.Popen[bytes]] = []
+    elastic = cfg.membership.kind == "coordinator"
+    store = None
+    if elastic:
+        port = _free_port()
+        addr = f"tcp://127.0.0.1:{port}"
+        rest = [*rest, f"--coordinator.bind={addr}", f"--membership.address={addr}", f"--workers={n}"]
+        procs.append(
+            subprocess.Popen([sys.executable, "-m", "dilo.cli", "coordinator", args.config, *rest], env=base_env)
+        )
+    else:
+        store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+        base_env.update(WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), DILO_STORE_HOSTED="1")
+    print(
+        f"dilo run: {n} workers, {cfg.outer.kind}, {cfg.membership.kind} membership, logs in {cfg.run_dir}",
+        file=sys.stderr,
     )
-    print(f"dilo run: {n} workers, {cfg.outer.kind}, logs in {cfg.run_dir}", file=sys.stderr)
-    procs = []
+    workers = []
     for rank in range(n):
-        env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n))
-        procs.append(subprocess.Popen([sys.executable, "-m", "dilo.train", args.config, *rest], env=env))
+        env = dict(
+            base_env,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(n),
+            DILO_WORKER_ID=f"w{rank}",
+            DILO_ISLAND=str(rank),
+        )
+        extra = [] if rank == 0 else ["--log.progress=false", "--log.plot=false"] if elastic else []
+        workers.append(subprocess.Popen([sys.executable, "-m", "dilo.train", args.config, *rest, *extra], env=env))
+    procs.extend(workers)
+    code = _supervise(workers, procs)
+    if elastic:
+        procs[0].send_signal(signal.SIGTERM)  # the coordinator checkpoints and exits
+        try:
+            procs[0].wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            procs[0].kill()
+    del store
+    return code
+
+
+def _supervise(workers: list[subprocess.Popen[bytes]], procs: list[subprocess.Popen[bytes]]) -> int:
+    """Wait for the workers; on a failure stop the rest; Ctrl+C once: stop after the round."""
     # a SIGTERM to the launcher (Slurm, a supervisor) behaves like Ctrl+C
     signal.signal(signal.SIGTERM, _raise_interrupt)
     interrupted = 0
     failed = None
     while True:
         try:
-            codes = [p.poll() for p in procs]
+            codes = [p.poll() for p in workers]
             if all(c is not None for c in codes):
                 break
             bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0, 130)]
@@ -98,13 +139,13 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
                 print(
                     f"dilo run: worker {failed[0]} exited with code {failed[1]}; stopping the others", file=sys.stderr
                 )
-                for p in procs:
+                for p in workers:
                     if p.poll() is None:
                         p.terminate()
                 deadline = time.monotonic() + 20
-                while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+                while time.monotonic() < deadline and any(p.poll() is None for p in workers):
                     time.sleep(0.1)
-                for p in procs:
+                for p in workers:
                     if p.poll() is None:
                         p.kill()
             time.sleep(0.1)
@@ -113,18 +154,87 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
             if interrupted == 1:
                 # the workers got the same SIGINT from the terminal; they stop after this round
                 print("\ndilo run: stopping after the current round (Ctrl+C again to kill now)", file=sys.stderr)
-                for p in procs:
+                for p in workers:
                     if p.poll() is None:
                         p.send_signal(signal.SIGTERM)
             else:
                 for p in procs:
                     p.kill()
-    codes = [p.returncode for p in procs]
+    codes = [p.returncode for p in workers]
     if failed is not None:
         return 1
     if any(c == 130 for c in codes):
         return 130
     return 0 if all(c == 0 for c in codes) else 1
+
+
+def _cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
+    from dilo import wire
+    from dilo.coordinator import Coordinator
+
+    cfg = load(args.config, rest)
+    secret = wire.load_secret(file=cfg.membership.secret_file or None)
+    coord = Coordinator(cfg, resume=args.resume, secret=secret)
+    stop = install_stop_handlers()
+    print(
+        f"dilo coordinator: run {cfg.name!r} at version {coord.version}, listening on {cfg.coordinator.bind}; "
+        f"workers connect with --membership.address={coord.address}"
+        + (" (HMAC on)" if secret else "")
+        + (" (CURVE on)" if cfg.membership.curve_dir else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    coord.serve(stop)
+    print(f"dilo coordinator: stopped at version {coord.version}; checkpoint in {coord.ckpt_dir}", file=sys.stderr)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace, rest: list[str]) -> int:
+    from dilo.train import train
+    from dilo.world import ElasticWorld
+
+    overrides = [*rest, "--membership.kind=coordinator"]
+    cfg = load(args.config, overrides)
+    stop = install_stop_handlers()
+    torch_threads = os.environ.get("DILO_THREADS")
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(int(torch_threads))
+    summary = train(cfg, ElasticWorld(cfg, args.id), stop=stop)
+    return 130 if summary["stopped"] else 0
+
+
+def _cmd_status(args: argparse.Namespace, rest: list[str]) -> int:
+    from dilo import wire
+    from dilo.transport.zmq_star import status
+
+    st = status(args.address, secret=wire.load_secret(file=args.secret_file), curve_dir=args.curve_dir or "")
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(
+        f"run {st['run']}: version {st['version']}, round {st['round']}, epoch {st['epoch']}, "
+        f"{len(st['members'])} members, in {st['bytes_in']:,} B, out {st['bytes_out']:,} B, late pushes {st['late']}"
+    )
+    print(f"rejected messages: {st['rejected'] or 'none'}")
+    print(f"{'worker':<24}{'last heard':>12}{'pushes':>8}{'bytes in':>16}{'bytes out':>16}")
+    for m in st["members"]:
+        print(f"{m['worker']:<24}{m['last_seen_s']:>10.1f} s{m['pushes']:>8}{m['bytes_in']:>16,}{m['bytes_out']:>16,}")
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace, rest: list[str]) -> int:
+    from pathlib import Path
+
+    from dilo import keys
+
+    written = keys.generate(Path(args.dir), overwrite=args.force)
+    print(
+        f"dilo keys: wrote {', '.join(str(p) for p in written)} (give workers client.key and server.pub; "
+        f"set membership.curve_dir)"
+    )
+    return 0
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -138,15 +248,35 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="train with N local worker processes on loopback")
     p_run.add_argument("config", help="TOML file, e.g. configs/quickstart.toml")
     p_run.add_argument("--workers", type=int, default=None, help="number of workers (default: the config's `workers`)")
+    p_co = sub.add_parser("coordinator", help="serve an elastic run")
+    p_co.add_argument("config")
+    p_co.add_argument("--resume", action="store_true", help="restart from the newest coordinator checkpoint")
+    p_wk = sub.add_parser("worker", help="one elastic worker that joins a coordinator")
+    p_wk.add_argument("config")
+    p_wk.add_argument("--id", default=None, help="stable worker id (default: membership.worker_id, DILO_WORKER_ID)")
+    p_st = sub.add_parser("status", help="ask a running coordinator how it is doing")
+    p_st.add_argument("address", help="tcp://HOST:PORT")
+    p_st.add_argument("--secret-file", default=None)
+    p_st.add_argument("--curve-dir", default=None)
+    p_st.add_argument("--json", action="store_true")
+    p_keys = sub.add_parser("keys", help="generate CURVE key pairs")
+    p_keys.add_argument("dir")
+    p_keys.add_argument("--force", action="store_true", help="overwrite existing key files")
     p_cfg = sub.add_parser("config", help="show the resolved configuration or its schema")
     p_cfg.add_argument("action", choices=["show", "schema"])
     p_cfg.add_argument("config", nargs="?", help="TOML file (for show)")
     args, rest = parser.parse_known_args(argv)
     setup_logging()
     try:
-        if args.command == "run":
-            return _cmd_run(args, rest)
-        return _cmd_config(args, rest)
+        handlers = {
+            "run": _cmd_run,
+            "coordinator": _cmd_coordinator,
+            "worker": _cmd_worker,
+            "status": _cmd_status,
+            "keys": _cmd_keys,
+            "config": _cmd_config,
+        }
+        return handlers[args.command](args, rest)
     except DiloError as e:
         print(f"dilo: error: {e}", file=sys.stderr)
         return 2

@@ -242,6 +242,52 @@ class TransportConfig(Frozen):
     """A collective that has not finished after this many seconds fails the round."""
 
 
+class MembershipConfig(Frozen):
+    kind: Literal["static", "coordinator"] = "static"
+    """static: the world is fixed by the launcher (torchrun, Slurm, dilo run: RANK, WORLD_SIZE);
+    coordinator: workers join and leave a `dilo coordinator` over ZeroMQ (elastic)."""
+    address: str = "tcp://127.0.0.1:29600"
+    """coordinator: where workers connect (tcp://HOST:PORT)."""
+    worker_id: str = ""
+    """coordinator: this worker's stable id (re-joins after a restart keep it); empty: DILO_WORKER_ID
+    from the environment, else host-pid."""
+    heartbeat_s: float = Field(1.0, gt=0.0)
+    """Seconds between two heartbeats of a worker."""
+    heartbeat_timeout_s: float = Field(10.0, gt=0.0)
+    """A worker silent for this long leaves the view."""
+    round_timeout_s: float = Field(120.0, gt=0.0)
+    """A synchronous round closes at this deadline with whoever pushed (at least min_workers)."""
+    min_workers: int = Field(1, gt=0)
+    """Fewest pushes that may close a round at its deadline."""
+    request_timeout_s: float = Field(30.0, gt=0.0)
+    """A worker waits this long for any reply before reconnecting (with backoff)."""
+    secret_file: str = ""
+    """File holding the shared HMAC secret (else DILO_SECRET from the environment; else no
+    authentication)."""
+    curve_dir: str = ""
+    """Directory with CURVE keys from `dilo keys` (server.key / server.pub / client.key): encrypts
+    the ZeroMQ traffic. Empty: no encryption."""
+
+    @model_validator(mode="after")
+    def _address(self) -> MembershipConfig:
+        if not re.fullmatch(r"tcp://[^:\s]+:\d{1,5}", self.address):
+            raise ValueError(f"address={self.address!r} must look like tcp://HOST:PORT")
+        if self.heartbeat_timeout_s <= self.heartbeat_s:
+            raise ValueError("heartbeat_timeout_s must exceed heartbeat_s")
+        return self
+
+
+class CoordinatorConfig(Frozen):
+    bind: str = "tcp://0.0.0.0:29600"
+    """Where `dilo coordinator` listens (tcp://HOST:PORT; port 0 picks a free one)."""
+    advertise: str = ""
+    """The address printed for workers to connect to; empty: derived from bind."""
+    checkpoint_every: int = Field(1, ge=0)
+    """Checkpoint the global state every this many versions (0: only on SIGTERM)."""
+    max_staleness: int = Field(0, ge=0)
+    """Synchronous rounds accept pushes based on the current version only (0)."""
+
+
 class LogConfig(Frozen):
     eval_every: int = Field(1, ge=0)
     """Evaluate validation loss every this many rounds (DDP: every inner_steps-equivalent of
@@ -280,6 +326,8 @@ class RunConfig(Frozen):
     outer: OuterConfig = Field(default_factory=DiLoCoConfig)
     codec: CodecConfig = Field(default_factory=CodecConfig)
     transport: TransportConfig = Field(default_factory=TransportConfig)
+    membership: MembershipConfig = Field(default_factory=MembershipConfig)
+    coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
@@ -320,7 +368,9 @@ class RunConfig(Frozen):
 
     def fingerprint(self) -> str:
         """Hash of everything that must agree between workers (not logging or resume flags)."""
-        d = self.model_dump(mode="json", exclude={"log", "checkpoint", "out_dir", "workers"})
+        d = self.model_dump(
+            mode="json", exclude={"log", "checkpoint", "out_dir", "workers", "membership", "coordinator"}
+        )
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -61,44 +61,44 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_worker_state(ckpt_dir: Path, round_idx: int, rank: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write this worker's state for a round; keep only the newest `keep` rounds of this worker."""
+def save_worker_state(ckpt_dir: Path, round_idx: int, who: str, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write `who`'s state (e.g. "worker0") for a round; keep only its newest `keep` rounds."""
     d = ckpt_dir / f"round_{round_idx:06d}"
     d.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     meta = split_tensors(state, "s", tensors)
-    _atomic_write(d / f"worker{rank}.safetensors", lambda p: save_file(tensors, str(p)))
-    _atomic_write(d / f"worker{rank}.json", lambda p: p.write_text(json.dumps(meta)))
+    _atomic_write(d / f"{who}.safetensors", lambda p: save_file(tensors, str(p)))
+    _atomic_write(d / f"{who}.json", lambda p: p.write_text(json.dumps(meta)))
     dir_fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    for old in rounds_of(ckpt_dir, rank)[:-keep]:
+    for old in rounds_of(ckpt_dir, who)[:-keep]:
         od = ckpt_dir / f"round_{old:06d}"
         for suffix in (".json", ".safetensors"):
-            (od / f"worker{rank}{suffix}").unlink(missing_ok=True)
+            (od / f"{who}{suffix}").unlink(missing_ok=True)
         # other workers may share this directory: remove it only once it is empty
         with contextlib.suppress(OSError):
             od.rmdir()
     return d
 
 
-def rounds_of(ckpt_dir: Path, rank: int) -> list[int]:
-    """Rounds for which this worker has a complete checkpoint, oldest first."""
+def rounds_of(ckpt_dir: Path, who: str) -> list[int]:
+    """Rounds for which `who` has a complete checkpoint, oldest first."""
     if not ckpt_dir.is_dir():
         return []
     out = []
     for d in ckpt_dir.iterdir():
         m = ROUND_DIR.match(d.name)
-        if m and (d / f"worker{rank}.json").is_file() and (d / f"worker{rank}.safetensors").is_file():
+        if m and (d / f"{who}.json").is_file() and (d / f"{who}.safetensors").is_file():
             out.append(int(m.group(1)))
     return sorted(out)
 
 
-def load_worker_state(ckpt_dir: Path, round_idx: int, rank: int) -> dict[str, Any]:
+def load_worker_state(ckpt_dir: Path, round_idx: int, who: str) -> dict[str, Any]:
     d = ckpt_dir / f"round_{round_idx:06d}"
-    meta = json.loads((d / f"worker{rank}.json").read_text())
-    tensors = load_file(str(d / f"worker{rank}.safetensors"))
+    meta = json.loads((d / f"{who}.json").read_text())
+    tensors = load_file(str(d / f"{who}.safetensors"))
     state: dict[str, Any] = join_tensors(meta, tensors)
     return state

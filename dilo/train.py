@@ -2,9 +2,10 @@
 
     python -m dilo.train configs/quickstart.toml [--outer.lr=0.5 ...]
 
-One process (or, in tests, one thread) is one worker. The global world comes from the
-environment that torchrun, Slurm or `dilo run` sets (RANK, WORLD_SIZE, MASTER_ADDR,
-MASTER_PORT); without it the worker trains alone.
+One process (or, in tests, one thread) is one worker. With membership.kind = "static" the
+global world comes from the environment that torchrun, Slurm or `dilo run` sets (RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT; without it the worker trains alone); with "coordinator"
+the worker joins a `dilo coordinator` and may come and go (dilo/world.py).
 
 Each round: `H` inner steps on the worker's own island, then the outer strategy's sync
 (DiLoCo / FedAvg: one exchange of pseudo-gradients; DDP: gradients were exchanged every step).
@@ -19,56 +20,24 @@ import os
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from dilo import metrics
-from dilo.config import DDPConfig, RunConfig, load
-from dilo.data import corpus_fingerprint, load_island, load_validation
+from dilo.config import RunConfig, load
+from dilo.data import load_island, load_validation
 from dilo.errors import DiloError, TransportError
-from dilo.inner import InnerLoop, evaluate
+from dilo.inner import InnerLoop
 from dilo.model import build_model, num_params
 from dilo.outer.base import Strategy, Tail, params_of
 from dilo.outer.ddp import DDP
-from dilo.outer.diloco import DiLoCo
-from dilo.state import load_worker_state, rounds_of, save_worker_state
+from dilo.state import load_worker_state, save_worker_state
 from dilo.transport.base import ring_all_reduce_bytes
-from dilo.transport.torch_dist import TorchDistTransport, connect_store, resolve_backend, store_is_hosted
+from dilo.world import ElasticWorld, Placement, StaticWorld
 
 log = logging.getLogger("dilo.train")
-
-
-@dataclass
-class World:
-    """Where this worker sits in the global world and how to reach the others."""
-
-    rank: int
-    size: int
-    host: str = "127.0.0.1"
-    port: int = 0
-    hosted: bool = False
-    """The launcher serves the rendezvous store (torchrun's agent, `dilo run`)."""
-
-    @classmethod
-    def from_env(cls) -> World:
-        if "WORLD_SIZE" not in os.environ:
-            return cls(rank=0, size=1)
-        try:
-            return cls(
-                rank=int(os.environ["RANK"]),
-                size=int(os.environ["WORLD_SIZE"]),
-                host=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                port=int(os.environ["MASTER_PORT"]),
-                hosted=store_is_hosted(),
-            )
-        except (KeyError, ValueError) as e:
-            raise DiloError(
-                f"incomplete torch.distributed environment ({e}): set RANK, WORLD_SIZE, "
-                "MASTER_ADDR and MASTER_PORT, or launch with torchrun / dilo run"
-            ) from None
 
 
 @dataclass
@@ -90,72 +59,56 @@ class Totals:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def build_strategy(cfg: RunConfig, model: torch.nn.Module, transport: TorchDistTransport) -> DiLoCo | DDP:
-    o = cfg.outer
-    if isinstance(o, DDPConfig):
-        if cfg.codec.kind != "none" or cfg.codec.overrides:
-            warnings.warn(
-                "codec settings are ignored by outer.kind='ddp': the baseline sends fp32 gradients", stacklevel=2
-            )
-        return DDP(model, transport, log_every=cfg.sync_every_ddp_eval, bucket_mb=cfg.transport.bucket_mb)
-    momentum = getattr(o, "momentum", 0.0)
-    nesterov = getattr(o, "nesterov", False)
-    return DiLoCo(
-        model,
-        transport,
-        inner_steps=o.inner_steps,
-        lr=o.lr,
-        momentum=momentum,
-        nesterov=nesterov,
-        codec=cfg.codec,
-        seed=cfg.seed,
-        bucket_mb=cfg.transport.bucket_mb,
-    )
-
-
 def train(
-    cfg: RunConfig, world: World | None = None, *, stop: threading.Event | None = None, max_rounds: int | None = None
+    cfg: RunConfig,
+    world: StaticWorld | ElasticWorld | Placement | None = None,
+    *,
+    stop: threading.Event | None = None,
+    max_rounds: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) training on this worker. Returns the run summary (identical on every worker).
 
     stop: when set (Ctrl+C, SIGTERM), all workers finish the current round, save a checkpoint
     and return. max_rounds: stop after this many rounds in this call (tests of resume).
     """
-    world = world or World.from_env()
     stop = stop or threading.Event()
+    if world is None:
+        world = ElasticWorld(cfg) if cfg.membership.kind == "coordinator" else StaticWorld(cfg, Placement.from_env())
+    elif isinstance(world, Placement):
+        world = StaticWorld(cfg, world)
     rank, size = world.rank, world.size
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / "checkpoints"
     setup_t0 = time.perf_counter()
 
     # --------------------------------------------------------------------------------------
-    # the global world, the model, this worker's island
-    store = connect_store(world.host, world.port, rank, size, hosted=world.hosted, timeout_s=cfg.transport.timeout_s)
-    device = _pick_device(cfg.transport.backend)
-    transport = TorchDistTransport(store, rank, size, backend=cfg.transport.backend, timeout_s=cfg.transport.timeout_s)
-    _check_same_run(cfg, transport)
+    # the model, this worker's island, the strategy
+    device = world.device
     model = build_model(cfg.model, cfg.seed).to(device)
     island = load_island(cfg.data, rank, size, cfg.seed)
-    val_batches = [_to(b, device) for b in load_validation(cfg.data, cfg.seed, cfg.log.eval_batches)[rank::size]]
+    val_batches = [
+        _to(b, device) for b in world.validation_share(load_validation(cfg.data, cfg.seed, cfg.log.eval_batches))
+    ]
     inner = InnerLoop(model, cfg.inner, total_steps=cfg.steps)
-    outer: Strategy = build_strategy(cfg, model, transport)
+    outer: Strategy = world.strategy(model)
     n_params = num_params(model)
     param_bytes = 4 * sum(p.numel() for p in params_of(model))
     totals = Totals()
 
-    resume_round = _agree_resume_round(ckpt_dir, rank, transport) if cfg.checkpoint.resume else -1
+    resume_round = world.agree_resume_round(ckpt_dir) if cfg.checkpoint.resume else -1
+    if resume_round < 0 and cfg.checkpoint.resume and rank == 0:
+        log.warning("resume requested but no complete checkpoint in %s: starting from scratch", ckpt_dir)
     if resume_round >= 0:
-        state = load_worker_state(ckpt_dir, resume_round, rank)
-        _load_state(state, model, inner, outer, island, totals)
-    else:
-        outer.broadcast_initial(model)  # threads share one RNG; joiners will need this anyway
-    transport.counter.sent, transport.counter.recv = totals.bytes_sent, totals.bytes_recv
+        _load_state(load_worker_state(ckpt_dir, resume_round, world.log_name), model, inner, outer, island, totals)
+    if resume_round < 0 or world.elastic:
+        world.start(model, outer)  # static: broadcast rank 0's parameters; elastic: join the coordinator
+    world.counter.sent, world.counter.recv = totals.bytes_sent, totals.bytes_recv
     if isinstance(outer, DDP):
         outer.mark_bytes()
 
     if resume_round < 0:
-        totals.extra["initial_val_loss"] = _distributed_eval(model, val_batches, transport, cfg.inner.precision)
-    sink = metrics.JsonlSink(run_dir / "logs" / f"worker{rank}.jsonl", append=resume_round >= 0)
+        totals.extra["initial_val_loss"] = world.evaluate(model, val_batches)
+    sink = metrics.JsonlSink(run_dir / "logs" / f"{world.log_name}.jsonl", append=resume_round >= 0)
     sink.write(
         {
             "event": "resume" if resume_round >= 0 else "start",
@@ -206,7 +159,7 @@ def train(
             tokens=round_steps * tokens_per_step,
         )
         report = outer.sync(model, tail=tail)
-        if not report.committed and size > 1 and "no worker contributed" not in report.reason:
+        if not report.committed and not world.elastic and size > 1 and "no worker contributed" not in report.reason:
             raise TransportError(
                 f"round {totals.round + 1}: {report.reason}; a static world cannot continue "
                 f"without the lost worker: restart with --checkpoint.resume=true"
@@ -221,10 +174,10 @@ def train(
         val_loss = None
         eval_t0 = time.perf_counter()
         if last or (cfg.log.eval_every and totals.round % cfg.log.eval_every == 0):
-            val_loss = _distributed_eval(model, val_batches, transport, cfg.inner.precision)
+            val_loss = world.evaluate(model, val_batches)
             totals.val_loss = val_loss
         totals.eval_s += time.perf_counter() - eval_t0
-        totals.bytes_sent, totals.bytes_recv = transport.counter.sent, transport.counter.recv
+        totals.bytes_sent, totals.bytes_recv = world.counter.sent, world.counter.recv
         totals.wall_s = time.perf_counter() - wall_t0
         record = {
             "event": "round",
@@ -262,7 +215,7 @@ def train(
         stopping = report.stop or (max_rounds is not None and rounds_this_call >= max_rounds)
         every = cfg.checkpoint.every
         if last or stopping or (every and totals.round % every == 0):
-            save_worker_state(ckpt_dir, totals.round, rank, _state(model, inner, outer, island, totals))
+            save_worker_state(ckpt_dir, totals.round, world.log_name, _state(model, inner, outer, island, totals))
         if stopping and not last:
             stopped = True
             if rank == 0:
@@ -275,7 +228,7 @@ def train(
 
     # --------------------------------------------------------------------------------------
     # summary, identical on every worker
-    summary = _summarize(cfg, totals, transport, size, param_bytes, stopped)
+    summary = _summarize(cfg, totals, world, param_bytes, stopped)
     sink.write({"event": "end", **summary})
     sink.close()
     if rank == 0:
@@ -284,21 +237,12 @@ def train(
             print(metrics.format_summary(summary), file=sys.stderr)
         if cfg.log.plot:
             metrics.plot_run(
-                run_dir / "logs" / "worker0.jsonl",
+                run_dir / "logs" / f"{world.log_name}.jsonl",
                 run_dir / "loss.png",
                 f"{cfg.name}: {cfg.outer.kind}, {size} workers",
             )
-    transport.close()
+    world.close(outer, leaving=True)
     return summary
-
-
-def _pick_device(backend: str) -> torch.device:
-    """NCCL workers train on the GPU of their local rank; Gloo workers on the CPU."""
-    if resolve_backend(backend) != "nccl":
-        return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
 
 
 def _to(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,43 +268,6 @@ class _CommTimer:
             self.seconds += time.perf_counter() - t0
 
         return timed
-
-
-def _distributed_eval(
-    model: torch.nn.Module, batches: list[Any], transport: TorchDistTransport, precision: str
-) -> float:
-    total, n = evaluate(model, batches, precision)
-    t = torch.tensor([total, float(n)], dtype=torch.float64)
-    transport.all_reduce_([t])
-    return float(t[0] / t[1]) if t[1] > 0 else float("nan")
-
-
-def _check_same_run(cfg: RunConfig, transport: TorchDistTransport) -> None:
-    """Refuse to train when workers were started with different configs or see different corpora."""
-    mine = int((cfg.fingerprint() + corpus_fingerprint(cfg.data))[:15], 16)
-    everyone = [int(t) for t in transport.all_gather(torch.tensor([mine], dtype=torch.int64))]
-    if any(f != everyone[0] for f in everyone):
-        odd = [r for r, f in enumerate(everyone) if f != everyone[transport.rank]]
-        raise DiloError(
-            f"worker {transport.rank}: workers {odd} run a different configuration or see a different corpus "
-            "(another config file or overrides, another Python's stdlib, other files); start every worker "
-            "with the same config"
-        )
-
-
-def _agree_resume_round(ckpt_dir: Any, rank: int, transport: TorchDistTransport) -> int:
-    """The newest round every worker has a checkpoint for, or -1."""
-    mine = rounds_of(ckpt_dir, rank)
-    newest = torch.tensor([float(mine[-1] if mine else -1)], dtype=torch.float64)
-    agreed = int(min(float(t) for t in transport.all_gather(newest)))
-    if agreed >= 0 and agreed not in mine:
-        raise DiloError(
-            f"worker {rank} has no checkpoint for round {agreed} in {ckpt_dir} (it has {mine}); "
-            "the workers' checkpoint directories disagree"
-        )
-    if agreed < 0 and rank == 0:
-        log.warning("resume requested but no complete checkpoint in %s: starting from scratch", ckpt_dir)
-    return agreed
 
 
 def _state(model: torch.nn.Module, inner: InnerLoop, outer: Strategy, island: Any, totals: Totals) -> dict[str, Any]:
@@ -393,20 +300,18 @@ def _load_state(
         setattr(totals, k, v)
 
 
-def _summarize(
-    cfg: RunConfig, totals: Totals, transport: TorchDistTransport, size: int, param_bytes: int, stopped: bool
-) -> dict[str, Any]:
-    mine = torch.tensor(
-        [totals.tokens, totals.bytes_sent, totals.bytes_recv, totals.inner_s, totals.wall_s], dtype=torch.float64
-    )
-    transport.all_reduce_([mine])
-    tokens, sent, recv, inner_s, wall_s = (float(x) for x in mine)
+def _summarize(cfg: RunConfig, totals: Totals, world: Any, param_bytes: int, stopped: bool) -> dict[str, Any]:
+    """Static worlds agree on one summary; an elastic worker reports its own totals (tokens: the world's)."""
+    sums, size = world.total([totals.tokens, totals.bytes_sent, totals.bytes_recv, totals.inner_s, totals.wall_s])
+    tokens, sent, recv, inner_s, wall_s = sums
+    if world.elastic:
+        tokens = totals.global_tokens
     sent_per_worker = sent / size
-    ddp_per_worker = totals.step * ring_all_reduce_bytes(param_bytes, size)
+    ddp_per_worker = totals.step * ring_all_reduce_bytes(param_bytes, max(world.size, 2) if world.elastic else size)
     return {
         "name": cfg.name,
         "strategy": cfg.outer.kind,
-        "workers": size,
+        "workers": world.size,
         "steps": totals.step,
         "rounds": totals.round,
         "rounds_committed": totals.rounds_committed,

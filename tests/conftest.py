@@ -13,7 +13,8 @@ import pytest
 import torch.distributed as dist
 
 from dilo.config import RunConfig, from_dict
-from dilo.train import World, train
+from dilo.train import train
+from dilo.world import Placement
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,7 +53,7 @@ def tiny_config(run_dir: Path, corpus: Path, **sections: Any) -> RunConfig:
     return from_dict(raw)
 
 
-def run_workers(fn: Callable[[World], Any], n: int) -> list[Any]:
+def run_workers(fn: Callable[[Placement], Any], n: int) -> list[Any]:
     """Run fn(world) for n workers as threads sharing a real TCPStore; re-raise the first error."""
     store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, wait_for_workers=False)
     results: list[Any] = [None] * n
@@ -60,7 +61,7 @@ def run_workers(fn: Callable[[World], Any], n: int) -> list[Any]:
 
     def target(rank: int) -> None:
         try:
-            results[rank] = fn(World(rank=rank, size=n, port=store.port, hosted=True))
+            results[rank] = fn(Placement(rank=rank, size=n, port=store.port, hosted=True))
         except BaseException as e:  # noqa: BLE001 - reported below
             errors[rank] = e
 

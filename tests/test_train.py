@@ -19,7 +19,7 @@ def _rounds(run_dir: Path, rank: int) -> list[dict]:
 
 def _final_params(run_dir: Path, rank: int = 0) -> list[torch.Tensor]:
     ckpt = run_dir / "checkpoints"
-    return load_worker_state(ckpt, rounds_of(ckpt, rank)[-1], rank)["params"]
+    return load_worker_state(ckpt, rounds_of(ckpt, f"worker{rank}")[-1], f"worker{rank}")["params"]
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -107,7 +107,7 @@ def test_stop_event_stops_all_workers_on_the_same_round(tmp_path: Path, corpus_d
     stops[1].set()  # only worker 1 was asked; worker 0 learns it through the sync
     out = run_workers(lambda w: train(cfg, w, stop=stops[w.rank]), 2)
     assert all(s["stopped"] and s["rounds"] == 1 for s in out)
-    assert rounds_of(tmp_path / "checkpoints", 0) == [1] == rounds_of(tmp_path / "checkpoints", 1)
+    assert rounds_of(tmp_path / "checkpoints", "worker0") == [1] == rounds_of(tmp_path / "checkpoints", "worker1")
 
 
 def test_noniid_token_weighted_bf16_run(tmp_path: Path, corpus_dir: Path) -> None:

@@ -76,6 +76,34 @@ def _plain(codec: Any) -> Any:
     return codec.codec if isinstance(codec, ErrorFeedback) else codec
 
 
+def build_groups(names: list[str], shapes: list[torch.Size], spec: Any, bucket_mb: float = 32.0) -> list[Group]:
+    """Split parameters by codec: the first override whose pattern matches a name wins, else the default."""
+    specs = [spec, *getattr(spec, "overrides", [])]
+    members: list[list[int]] = [[] for _ in specs]
+    for i, name in enumerate(names):
+        k = next((j + 1 for j, o in enumerate(specs[1:]) if re.search(o.pattern, name)), 0)
+        members[k].append(i)
+    groups = []
+    for k, (s, idx) in enumerate(zip(specs, members)):
+        if not idx:
+            continue
+        label = "default" if k == 0 else f"override {s.pattern!r}"
+        layout = FlatLayout(
+            [shapes[i] for i in idx], [shapes[i].numel() for i in idx], max(1, int(bucket_mb * 2**20 / 4))
+        )
+        groups.append(Group(k, label, idx, build_codec(s), bool(s.feedback), layout))
+    return groups
+
+
+def describe_groups(groups: list[Group]) -> list[str]:
+    return [
+        f"{g.label}: {_plain(g.codec)!r} via {g.kind}"
+        + (" + error feedback" if g.feedback else "")
+        + f", {g.layout.total:,} values"
+        for g in groups
+    ]
+
+
 class Exchange:
     def __init__(
         self,
@@ -91,21 +119,7 @@ class Exchange:
         self.seed = seed
         self.bucket_mb = bucket_mb
         self.shapes = shapes
-        specs = [spec, *getattr(spec, "overrides", [])]
-        members: list[list[int]] = [[] for _ in specs]
-        for i, name in enumerate(names):
-            k = next((j + 1 for j, o in enumerate(specs[1:]) if re.search(o.pattern, name)), 0)
-            members[k].append(i)
-        self.groups: list[Group] = []
-        for k, (s, idx) in enumerate(zip(specs, members)):
-            if not idx:
-                continue
-            codec = build_codec(s)
-            label = "default" if k == 0 else f"override {s.pattern!r}"
-            layout = FlatLayout(
-                [shapes[i] for i in idx], [shapes[i].numel() for i in idx], max(1, int(bucket_mb * 2**20 / 4))
-            )
-            self.groups.append(Group(k, label, idx, codec, bool(s.feedback), layout))
+        self.groups = build_groups(names, shapes, spec, bucket_mb)
 
     def describe(self) -> list[str]:
         return [

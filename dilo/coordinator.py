@@ -1,0 +1,458 @@
+"""The dilo coordinator: membership, views, and the global state of synchronous star rounds.
+
+    dilo coordinator CONFIG [--resume] [--coordinator.bind=tcp://0.0.0.0:29600]
+
+A small single-threaded ZeroMQ ROUTER server. It keeps the membership table (who joined, when
+each was last heard from), numbered views (an epoch that grows with every join and leave), the
+global fp32 parameters and the outer optimizer state. It never runs a forward or backward pass.
+
+A synchronous round closes when every member of the round has pushed, or `round_timeout_s`
+after the first push with at least `min_workers` pushes. The mean divides by the weights of the
+workers that contributed. Pushes based on an older version are answered with the current state
+(and counted as late); a joiner gets the current state at once and never blocks a round in
+progress. A worker that misses heartbeats for `heartbeat_timeout_s` leaves the view, and a round
+waiting for it closes without it.
+
+Every message is validated (dilo/wire.py: sizes before parsing, HMAC, protocol version, run,
+config fingerprint, tensor names, shapes, dtypes, finite values). A bad message is answered with
+ERROR naming the cause, counted and logged; the state is untouched and the others are served.
+
+The state is checkpointed atomically every `coordinator.checkpoint_every` versions and on
+SIGTERM; `--resume` restarts from the newest checkpoint and the workers re-join with their ids,
+so a crash loses at most the round in progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq
+
+from dilo import wire
+from dilo.config import RunConfig
+from dilo.errors import ConfigError
+from dilo.model import build_model, param_names, params_of
+from dilo.outer.base import tensor_digest
+from dilo.outer.star import StarCodec, load_outer_state, outer_optimizer, outer_state_tensors
+from dilo.state import load_worker_state, rounds_of, save_worker_state
+
+log = logging.getLogger("dilo.coordinator")
+
+
+@dataclass
+class Member:
+    worker: str
+    joined_at: float
+    last_seen: float
+    joined_version: int
+    pushes: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass
+class Push:
+    identity: bytes
+    worker: str
+    seq: int
+    weight: float
+    contributes: bool
+    stop: bool
+    tokens: int
+    loss: float
+    flats: list[torch.Tensor] | None
+
+
+@dataclass
+class Round:
+    index: int
+    members: set[str]
+    pushes: dict[str, Push] = field(default_factory=dict)
+    first_push: float | None = None
+
+
+class Coordinator:
+    def __init__(
+        self, cfg: RunConfig, *, bind: str | None = None, resume: bool = False, secret: bytes | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.mcfg = cfg.membership
+        self.run_id = cfg.name
+        self.fingerprint = cfg.fingerprint()
+        self.secret = secret
+        model = build_model(cfg.model, cfg.seed)
+        self.names = param_names(model)
+        self.params = [torch.nn.Parameter(p.detach().float().clone()) for p in params_of(model)]
+        self.optimizer = outer_optimizer(cfg, self.params)
+        self.star = StarCodec(self.names, [p.shape for p in self.params], cfg.codec, seed=cfg.seed)
+        self.push_spec = self.star.push_spec()
+        self.param_bytes = sum(p.numel() * 4 for p in self.params)
+        self.limits = wire.Limits(
+            max_total_bytes=4 * self.param_bytes + (1 << 20), max_frame_bytes=4 * self.param_bytes + (1 << 20)
+        )
+        self.version = 0
+        self.round_index = 0
+        self.epoch = 0
+        self.members: dict[str, Member] = {}
+        self.round = Round(0, set())
+        self.rejected: Counter[str] = Counter()
+        self.late = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.global_tokens = 0
+        self.stop_requested = False
+        self.ckpt_dir = cfg.run_dir / "coordinator"
+        if resume:
+            self._load_checkpoint()
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # libzmq drops oversized frames before they are allocated here
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
+        if cfg.membership.curve_dir:
+            from dilo import keys
+
+            keys.apply_server(self.sock, Path(cfg.membership.curve_dir) / "server.key")
+        self.address = self._bind(bind or cfg.coordinator.bind)
+
+    # ------------------------------------------------------------------------------- plumbing
+
+    def _bind(self, bind: str) -> str:
+        host, _, port = bind.rpartition(":")
+        if port == "0":
+            real = self.sock.bind_to_random_port(host, min_port=20000, max_port=60000)
+        else:
+            self.sock.bind(bind)
+            real = int(port)
+        shown = self.cfg.coordinator.advertise or f"{host.replace('0.0.0.0', '127.0.0.1')}:{real}"
+        return shown
+
+    def _send(self, identity: bytes, msg: wire.Message, worker: str | None = None) -> None:
+        msg.run = self.run_id
+        msg.fp = self.fingerprint
+        frames = wire.encode(msg, self.secret)
+        n = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
+        self.bytes_out += n
+        if worker in self.members:
+            self.members[worker].bytes_out += n
+        self.sock.send_multipart([identity, *frames], copy=False)
+
+    def _error(self, identity: bytes, code: str, message: str) -> None:
+        self.rejected[code] += 1
+        log.warning("rejected a message (%s): %s", code, message)
+        self._send(
+            identity,
+            wire.Message(type=wire.MsgType.ERROR, worker="coordinator", body={"code": code, "message": message}),
+        )
+
+    def state_message(self, msg_type: wire.MsgType, body: dict[str, Any] | None = None) -> wire.Message:
+        # copies: frames go out zero-copy and the next outer step updates the parameters in place
+        tensors = {f"p.{i}": p.detach().clone() for i, p in enumerate(self.params)}
+        tensors.update({k: v.clone() for k, v in outer_state_tensors(self.optimizer, self.params).items()})
+        return wire.Message(
+            type=msg_type,
+            worker="coordinator",
+            base=self.version,
+            tensors=tensors,
+            body={
+                "version": self.version,
+                "round": self.round_index,
+                "epoch": self.epoch,
+                "members": sorted(self.members),
+                "anchor_hash": self.anchor_hash(),
+                **(body or {}),
+            },
+        )
+
+    def anchor_hash(self) -> str:
+        return tensor_digest(self.params)
+
+    # ------------------------------------------------------------------------------- serving
+
+    def serve(self, stop: threading.Event | None = None, poll_ms: int = 50) -> None:
+        """Serve until `stop` is set (or SIGTERM sets it); checkpoint on the way out."""
+        stop = stop or threading.Event()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        try:
+            while not stop.is_set():
+                if poller.poll(poll_ms):
+                    while True:
+                        try:
+                            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self.handle(frames[0].bytes, frames[1:])
+                self.tick()
+        finally:
+            self.checkpoint()
+            self.sock.close(0)
+            self.ctx.term()
+
+    def tick(self, now: float | None = None) -> None:
+        """Expire silent workers and close a round whose deadline passed."""
+        now = time.monotonic() if now is None else now
+        for worker, m in list(self.members.items()):
+            if now - m.last_seen > self.mcfg.heartbeat_timeout_s:
+                log.warning("worker %s silent for %.1f s: leaves the view", worker, now - m.last_seen)
+                self._remove(worker)
+        self._maybe_close(now)
+
+    def handle(self, identity: bytes, frames: list[Any]) -> None:
+        size = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
+        self.bytes_in += size
+        try:
+            msg = wire.decode(frames, secret=self.secret, limits=self.limits)
+            if msg.type != wire.MsgType.STATUS:  # `dilo status` knows only the address
+                if msg.run != self.run_id:
+                    raise wire.WireError("run", f"message for run {msg.run!r}, this coordinator serves {self.run_id!r}")
+                if msg.fp != self.fingerprint:
+                    raise wire.WireError(
+                        "config",
+                        f"config fingerprint {msg.fp!r} differs from the coordinator's "
+                        f"{self.fingerprint!r}: start workers and coordinator with the same config",
+                    )
+        except wire.WireError as e:
+            self._error(identity, e.code, str(e))
+            return
+        member = self.members.get(msg.worker)
+        if member is not None:
+            member.last_seen = time.monotonic()
+            member.bytes_in += size
+        t = msg.type
+        try:
+            if t == wire.MsgType.JOIN:
+                self._join(identity, msg)
+            elif t == wire.MsgType.HEARTBEAT:
+                if member is None:
+                    self._error(identity, "not_member", f"worker {msg.worker!r} is not a member: send JOIN first")
+                    return
+                self._send(
+                    identity,
+                    wire.Message(
+                        type=wire.MsgType.ACK,
+                        worker="coordinator",
+                        body={
+                            "epoch": self.epoch,
+                            "version": self.version,
+                            "round": self.round_index,
+                            "members": sorted(self.members),
+                        },
+                    ),
+                    msg.worker,
+                )
+            elif t == wire.MsgType.PUSH:
+                self._push(identity, msg)
+            elif t == wire.MsgType.PULL:
+                self._send(identity, self.state_message(wire.MsgType.STATE), msg.worker)
+            elif t == wire.MsgType.LEAVE:
+                self._remove(msg.worker)
+                self._send(identity, wire.Message(type=wire.MsgType.BYE, worker="coordinator"))
+            elif t == wire.MsgType.STATUS:
+                self._send(
+                    identity, wire.Message(type=wire.MsgType.STATUS_REPLY, worker="coordinator", body=self.status())
+                )
+            else:
+                self._error(identity, "bad_type", f"a coordinator does not accept {t.value} messages")
+        except wire.WireError as e:
+            self._error(identity, e.code, str(e))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            # a message that passed the wire checks but not the codec's: reject it, keep serving
+            self._error(identity, "bad_payload", f"{type(e).__name__}: {e}")
+
+    def _join(self, identity: bytes, msg: wire.Message) -> None:
+        now = time.monotonic()
+        if msg.worker not in self.members:
+            self.members[msg.worker] = Member(msg.worker, now, now, self.version)
+            self.epoch += 1
+            log.info(
+                "worker %s joined at version %d (epoch %d, %d members)",
+                msg.worker,
+                self.version,
+                self.epoch,
+                len(self.members),
+            )
+        self._send(identity, self.state_message(wire.MsgType.WELCOME, {"inner_steps": self._inner_steps()}), msg.worker)
+
+    def _inner_steps(self) -> int:
+        return int(getattr(self.cfg.outer, "inner_steps", 1))
+
+    def _remove(self, worker: str) -> None:
+        if self.members.pop(worker, None) is not None:
+            self.epoch += 1
+            self.round.members.discard(worker)
+            log.info("worker %s left (epoch %d, %d members)", worker, self.epoch, len(self.members))
+
+    def _push(self, identity: bytes, msg: wire.Message) -> None:
+        if msg.worker not in self.members:
+            self._error(identity, "not_member", f"worker {msg.worker!r} is not a member: send JOIN first")
+            return
+        if msg.base != self.version:
+            # a push for a round that already closed: the worker catches up from the current state
+            self.late += 1
+            self._send(identity, self.state_message(wire.MsgType.STATE, {"reason": "late"}), msg.worker)
+            return
+        body = msg.body
+        contributes = bool(body.get("contributes", True))
+        flats = None
+        if contributes:
+            wire.check_shapes(msg, self.push_spec)
+            wire.check_finite(msg)
+            flats = self.star.decode_push(msg.tensors)
+            if not all(bool(torch.isfinite(f).all()) for f in flats):
+                raise wire.WireError("nonfinite", "the decoded pseudo-gradient holds NaN or Inf")
+        weight = float(body.get("weight", 1.0))
+        if not (weight >= 0.0 and weight < float("inf")):
+            raise wire.WireError("bad_body", f"weight must be a finite number >= 0, got {weight!r}")
+        if not self.round.members:
+            self.round.members = set(self.members)
+        now = time.monotonic()
+        self.round.first_push = self.round.first_push or now
+        self.round.pushes[msg.worker] = Push(
+            identity,
+            msg.worker,
+            msg.seq,
+            weight,
+            contributes and weight > 0,
+            bool(body.get("stop", False)),
+            int(body.get("tokens", 0)),
+            float(body.get("loss", float("nan"))),
+            flats,
+        )
+        self.members[msg.worker].pushes += 1
+        self._maybe_close(now)
+
+    def _maybe_close(self, now: float) -> None:
+        r = self.round
+        if not r.pushes:
+            return
+        waiting = {w for w in r.members if w in self.members} - set(r.pushes)
+        timed_out = r.first_push is not None and now - r.first_push >= self.mcfg.round_timeout_s
+        if waiting and not (timed_out and len(r.pushes) >= self.mcfg.min_workers):
+            return
+        if waiting:
+            log.warning("round %d closes at its deadline without %s", r.index, sorted(waiting))
+        self._close()
+
+    def _close(self) -> None:
+        r = self.round
+        contributions = [(p.weight, p.flats) for w, p in sorted(r.pushes.items()) if p.contributes and p.flats]
+        tokens = sum(p.tokens for p in r.pushes.values())
+        stop = any(p.stop for p in r.pushes.values())
+        self.global_tokens += tokens
+        tensors: dict[str, torch.Tensor] = {}
+        committed = bool(contributions)
+        if committed:
+            means = self.star.weighted_mean(contributions)  # sorted by worker id: deterministic
+            tensors = self.star.encode_mean(means, r.index)
+            mean = self.star.decode_mean(tensors)
+            for p, g in zip(self.params, mean):
+                p.grad = g
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.version += 1
+        body = {
+            "version": self.version,
+            "round": r.index,
+            "committed": committed,
+            "participants": len(contributions),
+            "tokens": tokens,
+            "stop": stop or self.stop_requested,
+            "anchor_hash": self.anchor_hash(),
+            "inner_steps": self._inner_steps(),
+            "members": sorted(self.members),
+            "epoch": self.epoch,
+        }
+        for w, p in sorted(r.pushes.items()):
+            self._send(
+                p.identity,
+                wire.Message(
+                    type=wire.MsgType.RESULT,
+                    worker="coordinator",
+                    seq=p.seq,
+                    base=self.version,
+                    body=body,
+                    tensors=tensors,
+                ),
+                w,
+            )
+        log.info("round %d closed: %d contributions, version %d", r.index, len(contributions), self.version)
+        self.round_index += 1
+        self.round = Round(self.round_index, set())
+        every = self.cfg.coordinator.checkpoint_every
+        if committed and every and self.version % every == 0:
+            self.checkpoint()
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "run": self.run_id,
+            "version": self.version,
+            "round": self.round_index,
+            "epoch": self.epoch,
+            "members": [
+                {
+                    "worker": m.worker,
+                    "last_seen_s": round(now - m.last_seen, 3),
+                    "pushes": m.pushes,
+                    "bytes_in": m.bytes_in,
+                    "bytes_out": m.bytes_out,
+                    "joined_version": m.joined_version,
+                }
+                for m in sorted(self.members.values(), key=lambda m: m.worker)
+            ],
+            "pending": sorted(self.round.pushes),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "rejected": dict(self.rejected),
+            "late": self.late,
+            "tokens": self.global_tokens,
+        }
+
+    # ------------------------------------------------------------------------------- checkpoints
+
+    def checkpoint(self) -> Path:
+        state = {
+            "params": [p.detach() for p in self.params],
+            "outer": outer_state_tensors(self.optimizer, self.params),
+            "star": self.star.state_dict(),
+            "version": self.version,
+            "round": self.round_index,
+            "epoch": self.epoch,
+            "members": sorted(self.members),
+            "tokens": self.global_tokens,
+            "fingerprint": self.fingerprint,
+        }
+        return save_worker_state(self.ckpt_dir, self.version, "coordinator", state)
+
+    def _load_checkpoint(self) -> None:
+        rounds = rounds_of(self.ckpt_dir, "coordinator")
+        if not rounds:
+            log.warning("--resume: no checkpoint in %s, starting from version 0", self.ckpt_dir)
+            return
+        state = load_worker_state(self.ckpt_dir, rounds[-1], "coordinator")
+        if state["fingerprint"] != self.fingerprint:
+            raise ConfigError(
+                f"the checkpoint in {self.ckpt_dir} was written by another configuration "
+                f"({state['fingerprint']} != {self.fingerprint})"
+            )
+        with torch.no_grad():
+            for p, v in zip(self.params, state["params"]):
+                p.copy_(v)
+        load_outer_state(self.optimizer, self.params, state["outer"])
+        self.star.load_state_dict(state["star"])
+        self.version, self.round_index, self.epoch = int(state["version"]), int(state["round"]), int(state["epoch"]) + 1
+        self.round = Round(self.round_index, set())
+        self.global_tokens = int(state["tokens"])
+        now = time.monotonic()
+        # the old members get a heartbeat period to come back before they are dropped
+        self.members = {w: Member(w, now, now, self.version) for w in state["members"]}
+        log.info("resumed at version %d from %s", self.version, self.ckpt_dir)

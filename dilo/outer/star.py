@@ -1,0 +1,312 @@
+"""Star exchanges through a coordinator: what a worker pushes and what the coordinator returns.
+
+The worker encodes its pseudo-gradient per parameter group (with its error feedback) and pushes
+the payload tensors. The coordinator decodes every push, sums the decoded vectors weighted and
+in fp32, in the sorted order of worker ids, divides by the total weight, and encodes the mean
+once with the plain codec (keeping its own re-encoding error when feedback is on). Every worker
+and the coordinator decode those same bytes and apply the same outer optimizer step to the same
+fp32 anchor, so they stay bit-identical; RESULT carries the anchor hash to prove it.
+
+    star = StarCodec(names, shapes, cfg.codec, seed=cfg.seed)
+    tensors = star.encode_push(deltas, round_idx, worker_key, contributes=True)      # worker
+    flat_means = star.weighted_mean([(w, star.decode_push(t)) for w, t in pushes])     # coordinator
+    reply = star.encode_mean(flat_means, round_idx)                                    # coordinator
+    mean = star.decode_mean(reply)                                                     # both
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dilo import wire
+from dilo.compress import Context, Encoded
+from dilo.compress.lowrank import PowerSGD
+from dilo.config import DDPConfig
+from dilo.errors import ConfigError, PeerLost, ProtocolError
+from dilo.model import param_names, params_of
+from dilo.outer.base import Anchor, SyncReport, Tail
+from dilo.outer.exchange import SHARDS_PER_GROUP, Group, _plain, build_groups
+from dilo.transport.zmq_star import StarClient
+
+log = logging.getLogger("dilo.outer.star")
+
+DOWNLINK_PART = SHARDS_PER_GROUP - 1
+
+
+def worker_key(worker_id: str) -> int:
+    """A stable integer per worker id: separates the workers' stochastic-rounding streams."""
+    return zlib.crc32(worker_id.encode())
+
+
+class StarCodec:
+    def __init__(self, names: list[str], shapes: list[torch.Size], spec: Any, *, seed: int = 0) -> None:
+        self.groups: list[Group] = build_groups(names, shapes, spec)
+        if any(isinstance(_plain(g.codec), PowerSGD) for g in self.groups):
+            raise ConfigError(
+                "codec.kind='powersgd' needs the all-reduce of membership.kind='static'; "
+                "with a coordinator use int8, int4, topk, sign, fp16 or none"
+            )
+        self.seed = seed
+        self.num_params = len(shapes)
+        ctx = Context(seed=seed)
+        self._templates: list[Encoded] = [_plain(g.codec).encode(torch.zeros(g.layout.total), ctx) for g in self.groups]
+
+    def push_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Name -> (shape, dtype) of every tensor a valid push carries (sizes never depend on values)."""
+        out = {}
+        for g, tmpl in zip(self.groups, self._templates):
+            for name, t in tmpl.tensors.items():
+                out[f"g{g.index}.{name}"] = (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        return out
+
+    def encode_push(self, deltas: list[Tensor], round_idx: int, key: int, *, contributes: bool) -> dict[str, Tensor]:
+        tensors: dict[str, Tensor] = {}
+        for g in self.groups:
+            flat = g.layout.flatten([deltas[i] if contributes else torch.zeros_like(deltas[i]) for i in g.params])
+            codec = g.codec if contributes else _plain(g.codec)
+            e = codec.encode(flat, Context(seed=self.seed, round=round_idx, rank=key, part=g.index * SHARDS_PER_GROUP))
+            tensors.update({f"g{g.index}.{n}": t.contiguous() for n, t in e.tensors.items()})
+        return tensors
+
+    def decode_push(self, tensors: dict[str, Tensor]) -> list[Tensor]:
+        """One flat fp32 vector per group."""
+        return [self._decode_group(g, tmpl, tensors) for g, tmpl in zip(self.groups, self._templates)]
+
+    def weighted_mean(self, pushes: list[tuple[float, list[Tensor]]]) -> list[Tensor]:
+        """Sum of weight * decoded push, in the order given (callers sort by worker id), over the total weight."""
+        total = sum(w for w, _ in pushes)
+        assert total > 0, "weighted_mean needs at least one contribution"
+        out = [torch.zeros(g.layout.total) for g in self.groups]
+        for w, flats in pushes:
+            for acc, f in zip(out, flats):
+                acc.add_(f, alpha=w)
+        return [acc.div_(total) for acc in out]
+
+    def encode_mean(self, means: list[Tensor], round_idx: int) -> dict[str, Tensor]:
+        tensors: dict[str, Tensor] = {}
+        for g, mean in zip(self.groups, means):
+            plain = _plain(g.codec)
+            x = mean
+            if g.feedback:
+                if g.owner_residual is None or g.owner_residual.numel() != mean.numel():
+                    g.owner_residual = torch.zeros_like(mean)
+                x = mean + g.owner_residual
+            e = plain.encode(
+                x, Context(seed=self.seed, round=round_idx, part=g.index * SHARDS_PER_GROUP + DOWNLINK_PART)
+            )
+            if g.feedback:
+                g.owner_residual = x - plain.decode(e)
+            tensors.update({f"g{g.index}.{n}": t.contiguous() for n, t in e.tensors.items()})
+        return tensors
+
+    def decode_mean(self, tensors: dict[str, Tensor]) -> list[Tensor]:
+        """The mean pseudo-gradient per parameter, from the coordinator's reply."""
+        out: list[Tensor | None] = [None] * self.num_params
+        for g, tmpl in zip(self.groups, self._templates):
+            for i, t in zip(g.params, g.layout.unflatten(self._decode_group(g, tmpl, tensors))):
+                out[i] = t
+        return [t for t in out if t is not None]
+
+    def _decode_group(self, g: Group, tmpl: Encoded, tensors: dict[str, Tensor]) -> Tensor:
+        payload = Encoded({n: tensors[f"g{g.index}.{n}"] for n in tmpl.tensors}, tmpl.numel)
+        return _plain(g.codec).decode(payload).float()
+
+    def reset_feedback(self) -> None:
+        for g in self.groups:
+            if hasattr(g.codec, "reset"):
+                g.codec.reset()
+            g.owner_residual = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            f"group{g.index}": {
+                "codec": g.codec.state_dict() if hasattr(g.codec, "state_dict") else {},
+                "owner": g.owner_residual,
+            }
+            for g in self.groups
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for g in self.groups:
+            s = state.get(f"group{g.index}")
+            if s is None:
+                continue
+            if hasattr(g.codec, "load_state_dict"):
+                g.codec.load_state_dict(s["codec"])
+            g.owner_residual = s["owner"]
+
+
+def outer_optimizer(cfg: Any, params: list[torch.nn.Parameter]) -> torch.optim.SGD:
+    """The outer SGD of DiLoCo / FedAvg; the same on the coordinator and on every worker."""
+    o = cfg.outer
+    if isinstance(o, DDPConfig):
+        raise ConfigError(
+            "outer.kind='ddp' synchronises every step and has no coordinator rounds; "
+            "use membership.kind='static' for the DDP baseline"
+        )
+    return torch.optim.SGD(
+        params, lr=o.lr, momentum=getattr(o, "momentum", 0.0), nesterov=getattr(o, "nesterov", False)
+    )
+
+
+def outer_state_tensors(opt: torch.optim.SGD, params: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, p in enumerate(params):
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            out[f"m.{i}"] = buf
+    return out
+
+
+def load_outer_state(opt: torch.optim.SGD, params: list[torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            t = tensors.get(f"m.{i}")
+            if t is not None:
+                opt.state[p]["momentum_buffer"] = t.clone()
+            else:
+                opt.state.pop(p, None)
+
+
+class StarDiLoCo:
+    """DiLoCo / FedAvg whose rounds go through a coordinator (membership.kind = "coordinator").
+
+    The worker keeps a replica of the outer optimizer (its momentum comes with WELCOME) and applies
+    the coordinator's decoded mean itself; RESULT carries the coordinator's anchor hash, and a
+    mismatch makes the worker pull the full state.
+    """
+
+    def __init__(self, model: nn.Module, client: StarClient, cfg: Any) -> None:
+        self.client = client
+        params = params_of(model)
+        self.anchor = Anchor(params)
+        self.optimizer = outer_optimizer(cfg, self.anchor.params)
+        self.star = StarCodec(param_names(model), [p.shape for p in params], cfg.codec, seed=cfg.seed)
+        self.key = worker_key(client.worker_id)
+        self.round_steps = int(getattr(cfg.outer, "inner_steps", 1))
+        self.version = -1
+        self.round = 0
+        self.members: tuple[str, ...] = ()
+        self.resyncs = 0
+
+    def due(self, step: int) -> bool:
+        return (step + 1) % self.round_steps == 0
+
+    @torch.no_grad()
+    def join(self, model: nn.Module) -> wire.Message:
+        """JOIN (or re-join) and start from the coordinator's state; error feedback starts empty."""
+        welcome = self.client.join()
+        self._adopt(welcome, model)
+        self.star.reset_feedback()
+        return welcome
+
+    @torch.no_grad()
+    def _adopt(self, msg: wire.Message, model: nn.Module) -> None:
+        for i, a in enumerate(self.anchor.params):
+            a.copy_(msg.tensors[f"p.{i}"])
+        load_outer_state(self.optimizer, self.anchor.params, msg.tensors)
+        self.anchor.restore_into(params_of(model))
+        b = msg.body
+        self.version, self.round = int(b["version"]), int(b["round"])
+        self.members = tuple(b.get("members", ()))
+        self.round_steps = int(b.get("inner_steps", self.round_steps))
+        if self.anchor.digest() != b["anchor_hash"]:
+            raise ProtocolError("the state received from the coordinator does not match its hash")
+
+    @torch.no_grad()
+    def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
+        t0 = time.perf_counter()
+        sent0, recv0 = self.client.counter.sent, self.client.counter.recv
+        params = params_of(model)
+        deltas = self.anchor.pseudo_grad(params)
+        contributes = tail.contributes and all(bool(torch.isfinite(d).all()) for d in deltas)
+        tensors = self.star.encode_push(deltas, self.round, self.key, contributes=contributes)
+        body = {
+            "weight": tail.weight if contributes else 0.0,
+            "contributes": contributes,
+            "stop": tail.stop,
+            "tokens": tail.tokens,
+            "round": self.round,
+        }
+        reason = ""
+        try:
+            reply = self.client.push(tensors, body, base=self.version)
+        except PeerLost as e:
+            log.warning("%s; re-joining", e)
+            reply = self._rejoin_and_repush(model, tensors, body)
+        except wire.WireError as e:
+            if e.code != "not_member":
+                raise
+            reply = self._rejoin_and_repush(model, tensors, body)
+        if reply is None or reply.type == wire.MsgType.STATE:
+            if reply is not None:
+                self._adopt(reply, model)
+            reason = "late: restarted from the coordinator's state" if reply is not None else "round lost"
+            return self._report(False, 0, t0, sent0, recv0, tail, reason=reason)
+        b = reply.body
+        committed = bool(b["committed"])
+        if committed:
+            for a, g in zip(self.anchor.params, self.star.decode_mean(reply.tensors)):
+                a.grad = g
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.version, self.round = int(b["version"]), int(b["round"]) + 1
+        self.members = tuple(b.get("members", ()))
+        self.round_steps = int(b.get("inner_steps", self.round_steps))
+        if self.anchor.digest() != b["anchor_hash"]:
+            log.warning("anchor differs from the coordinator's after round %d: pulling its state", b["round"])
+            self.resyncs += 1
+            self._adopt(self.client.pull(), model)
+        self.anchor.restore_into(params)
+        return self._report(
+            committed, int(b["participants"]), t0, sent0, recv0, tail, stop=bool(b["stop"]), tokens=int(b["tokens"])
+        )
+
+    def _rejoin_and_repush(
+        self, model: nn.Module, tensors: dict[str, Tensor], body: dict[str, Any]
+    ) -> wire.Message | None:
+        """The coordinator restarted (or forgot us): re-join; if it is still at our version, push again."""
+        base = self.version
+        welcome = self.client.join()
+        if int(welcome.body["version"]) == base:
+            self.members = tuple(welcome.body.get("members", ()))
+            return self.client.push(tensors, body, base=base)
+        self._adopt(welcome, model)
+        return None
+
+    def _report(
+        self,
+        committed: bool,
+        participants: int,
+        t0: float,
+        sent0: int,
+        recv0: int,
+        tail: Tail,
+        reason: str = "",
+        stop: bool | None = None,
+        tokens: int | None = None,
+    ) -> SyncReport:
+        return SyncReport(
+            committed=committed,
+            participants=participants,
+            bytes_sent=self.client.counter.sent - sent0,
+            bytes_recv=self.client.counter.recv - recv0,
+            sync_s=time.perf_counter() - t0,
+            stop=tail.stop if stop is None else stop,
+            tokens=tail.tokens if tokens is None else tokens,
+            reason=reason,
+            anchor_hash=self.anchor.digest(),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        # the global state lives on the coordinator; a worker keeps only its error feedback
+        return {"star": self.star.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.star.load_state_dict(state["star"])

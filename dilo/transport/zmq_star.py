@@ -1,0 +1,191 @@
+"""A worker's link to the coordinator: ZeroMQ DEALER, validated and authenticated messages.
+
+    client = StarClient(cfg.membership, worker_id, run=cfg.name, fingerprint=cfg.fingerprint())
+    welcome = client.join()                       # retries with backoff until the coordinator answers
+    reply = client.push(tensors, body, base=v)    # RESULT at the end of the round (or STATE if late)
+    client.leave(); client.close()
+
+Requests are answered in order on one socket. While a push waits for its round to close, the
+heartbeat thread (dilo/membership/client.py) watches the coordinator: if it stops answering,
+`push` raises `PeerLost` and the caller re-joins, keeping its local state. An ERROR reply is
+raised as `wire.WireError` with the coordinator's code and message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq
+
+from dilo import wire
+from dilo.errors import DiloError, PeerLost, SyncTimeout
+from dilo.membership.client import Heartbeat
+from dilo.transport.base import ByteCounter
+
+log = logging.getLogger("dilo.transport.zmq")
+
+
+class StarClient:
+    def __init__(
+        self, mcfg: Any, worker_id: str, *, run: str, fingerprint: str, secret: bytes | None, max_message_bytes: int
+    ) -> None:
+        self.cfg = mcfg
+        self.worker_id = worker_id
+        self.run = run
+        self.fingerprint = fingerprint
+        self.secret = secret
+        self.limits = wire.Limits(max_frame_bytes=max_message_bytes, max_total_bytes=max_message_bytes)
+        self.counter = ByteCounter()
+        self.ctx = zmq.Context()
+        self.seq = 0
+        self.sock = self._connect()
+        self.heartbeat = Heartbeat(
+            self._connect,
+            worker_id,
+            period_s=mcfg.heartbeat_s,
+            timeout_s=mcfg.request_timeout_s,
+            make_message=self._frames,
+            read_reply=self._read,
+        )
+        self._heartbeat_started = False
+
+    # ------------------------------------------------------------------------------- plumbing
+
+    def _connect(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.cfg.curve_dir:
+            from dilo import keys
+
+            d = Path(self.cfg.curve_dir)
+            keys.apply_client(sock, d / "client.key", d / "server.pub")
+        sock.connect(self.cfg.address)
+        return sock
+
+    def _frames(self, msg: wire.Message) -> list[Any]:
+        msg.run, msg.fp = self.run, self.fingerprint
+        return wire.encode(msg, self.secret)
+
+    def _read(self, frames: list[Any]) -> wire.Message:
+        return wire.decode(frames, secret=self.secret, limits=self.limits, expect_run=self.run)
+
+    def _reconnect(self) -> None:
+        self.sock.close(0)
+        self.sock = self._connect()
+
+    def request(self, msg: wire.Message, *, wait_s: float | None) -> wire.Message:
+        """Send and wait for the reply. wait_s=None waits as long as the heartbeats say the
+        coordinator is alive."""
+        self.seq += 1
+        msg.seq = self.seq
+        frames = self._frames(msg)
+        self.counter.add(sum(_nbytes(f) for f in frames), 0)
+        self.sock.send_multipart(frames, copy=False)
+        t0 = time.monotonic()
+        while True:
+            if self.sock.poll(200):
+                raw = self.sock.recv_multipart(copy=False)
+                self.counter.add(0, sum(_nbytes(f) for f in raw))
+                reply = self._read(raw)
+                if reply.type == wire.MsgType.ERROR:
+                    raise wire.WireError(str(reply.body.get("code", "error")), str(reply.body.get("message", "")))
+                if reply.seq not in (0, msg.seq) and reply.type != wire.MsgType.STATE:
+                    log.warning("dropping a stale %s reply (seq %d, expected %d)", reply.type.value, reply.seq, msg.seq)
+                    continue
+                return reply
+            if wait_s is not None and time.monotonic() - t0 > wait_s:
+                self._reconnect()  # drop whatever is still queued for the old request
+                raise SyncTimeout(f"no reply to {msg.type.value} from {self.cfg.address} within {wait_s:.0f} s")
+            if wait_s is None and self._heartbeat_started and self.heartbeat.lost.is_set():
+                self._reconnect()
+                raise PeerLost(f"the coordinator at {self.cfg.address} stopped answering")
+
+    # ------------------------------------------------------------------------------- requests
+
+    def join(self, *, give_up_s: float | None = None) -> wire.Message:
+        """JOIN until WELCOME, with exponential backoff while the coordinator is unreachable."""
+        give_up_s = give_up_s if give_up_s is not None else max(60.0, 6 * self.cfg.request_timeout_s)
+        t0, delay = time.monotonic(), 0.25
+        while True:
+            try:
+                welcome = self.request(
+                    wire.Message(type=wire.MsgType.JOIN, worker=self.worker_id),
+                    wait_s=min(self.cfg.request_timeout_s, 5.0),
+                )
+            except SyncTimeout:
+                if time.monotonic() - t0 > give_up_s:
+                    raise DiloError(
+                        f"cannot reach the coordinator at {self.cfg.address} after {give_up_s:.0f} s; "
+                        "is `dilo coordinator` running, and is membership.address right?"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            except wire.WireError as e:
+                raise DiloError(f"the coordinator refused to let worker {self.worker_id!r} join ({e.code}): {e}") from e
+            if welcome.type != wire.MsgType.WELCOME:
+                raise DiloError(f"expected WELCOME from the coordinator, got {welcome.type.value}")
+            if not self._heartbeat_started:
+                self.heartbeat.start()
+                self._heartbeat_started = True
+            self.heartbeat.lost.clear()
+            return welcome
+
+    def push(self, tensors: dict[str, torch.Tensor], body: dict[str, Any], *, base: int) -> wire.Message:
+        return self.request(
+            wire.Message(type=wire.MsgType.PUSH, worker=self.worker_id, base=base, body=body, tensors=tensors),
+            wait_s=None,
+        )
+
+    def pull(self) -> wire.Message:
+        return self.request(
+            wire.Message(type=wire.MsgType.PULL, worker=self.worker_id), wait_s=self.cfg.request_timeout_s
+        )
+
+    def leave(self) -> None:
+        try:
+            self.request(wire.Message(type=wire.MsgType.LEAVE, worker=self.worker_id), wait_s=2.0)
+        except (SyncTimeout, PeerLost, wire.WireError) as e:
+            log.warning("leave was not acknowledged: %s", e)
+
+    def close(self) -> None:
+        self.heartbeat.stop()
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def _nbytes(frame: Any) -> int:
+    if isinstance(frame, (bytes, bytearray)):
+        return len(frame)
+    if isinstance(frame, memoryview):
+        return frame.nbytes
+    if isinstance(frame, zmq.Frame):
+        return len(frame.buffer)
+    return len(frame)
+
+
+def status(address: str, *, secret: bytes | None, curve_dir: str = "", timeout_s: float = 5.0) -> dict[str, Any]:
+    """Ask a coordinator for its STATUS (used by `dilo status`)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        if curve_dir:
+            from dilo import keys
+
+            keys.apply_client(sock, Path(curve_dir) / "client.key", Path(curve_dir) / "server.pub")
+        sock.connect(address)
+        sock.send_multipart(wire.encode(wire.Message(type=wire.MsgType.STATUS, worker="dilo-status"), secret))
+        if not sock.poll(int(timeout_s * 1000)):
+            raise DiloError(f"no answer from a coordinator at {address} within {timeout_s:.0f} s")
+        reply = wire.decode(sock.recv_multipart(), secret=secret)
+        if reply.type == wire.MsgType.ERROR:
+            raise DiloError(f"the coordinator refused: {reply.body.get('code')}: {reply.body.get('message')}")
+        return dict(reply.body)
+    finally:
+        sock.close(0)
+        ctx.term()

@@ -1,0 +1,239 @@
+"""The two global worlds a worker can live in, behind one small interface for dilo/train.py.
+
+- `StaticWorld`: a fixed set of workers from the launcher's environment (torchrun, Slurm,
+  `dilo run`: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), exchanging over torch.distributed.
+  Validation is split across workers and summed; the summary is agreed by an all-reduce.
+- `ElasticWorld`: workers join and leave a `dilo coordinator` over ZeroMQ. The coordinator holds
+  the global state; a worker evaluates the full validation set itself and reports its own totals.
+
+    world = StaticWorld(cfg, Placement.from_env())   # or ElasticWorld(cfg, worker_id)
+    outer = world.strategy(model)
+    resumed = world.start(model, outer, ckpt_dir)     # broadcast / join, agree on the resume round
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dilo import wire
+from dilo.config import DDPConfig, RunConfig
+from dilo.data import corpus_fingerprint
+from dilo.errors import DiloError
+from dilo.inner import evaluate
+from dilo.outer.base import Strategy
+from dilo.outer.ddp import DDP
+from dilo.outer.diloco import DiLoCo
+from dilo.outer.star import StarDiLoCo
+from dilo.state import rounds_of
+from dilo.transport.base import ByteCounter
+from dilo.transport.torch_dist import TorchDistTransport, connect_store, resolve_backend, store_is_hosted
+from dilo.transport.zmq_star import StarClient
+
+log = logging.getLogger("dilo.world")
+
+
+@dataclass
+class Placement:
+    """Where this worker sits in a static world and how to reach the others."""
+
+    rank: int
+    size: int
+    host: str = "127.0.0.1"
+    port: int = 0
+    hosted: bool = False
+    """The launcher serves the rendezvous store (torchrun's agent, `dilo run`)."""
+
+    @classmethod
+    def from_env(cls) -> Placement:
+        if "WORLD_SIZE" not in os.environ:
+            return cls(rank=0, size=1)
+        try:
+            return cls(
+                rank=int(os.environ["RANK"]),
+                size=int(os.environ["WORLD_SIZE"]),
+                host=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                port=int(os.environ["MASTER_PORT"]),
+                hosted=store_is_hosted(),
+            )
+        except (KeyError, ValueError) as e:
+            raise DiloError(
+                f"incomplete torch.distributed environment ({e}): set RANK, WORLD_SIZE, "
+                "MASTER_ADDR and MASTER_PORT, or launch with torchrun / dilo run"
+            ) from None
+
+
+def pick_device(backend: str) -> torch.device:
+    """NCCL workers train on the GPU of their local rank; Gloo workers on the CPU."""
+    if resolve_backend(backend) != "nccl":
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+class StaticWorld:
+    elastic = False
+
+    def __init__(self, cfg: RunConfig, placement: Placement) -> None:
+        self.cfg = cfg
+        self.rank, self.size = placement.rank, placement.size
+        self.log_name = f"worker{self.rank}"
+        self.device = pick_device(cfg.transport.backend)
+        store = connect_store(
+            placement.host,
+            placement.port,
+            self.rank,
+            self.size,
+            hosted=placement.hosted,
+            timeout_s=cfg.transport.timeout_s,
+        )
+        self.transport = TorchDistTransport(
+            store, self.rank, self.size, backend=cfg.transport.backend, timeout_s=cfg.transport.timeout_s
+        )
+        self.counter: ByteCounter = self.transport.counter
+        self._check_same_run()
+
+    def strategy(self, model: torch.nn.Module) -> Strategy:
+        cfg, o = self.cfg, self.cfg.outer
+        if isinstance(o, DDPConfig):
+            if cfg.codec.kind != "none" or cfg.codec.overrides:
+                warnings.warn(
+                    "codec settings are ignored by outer.kind='ddp': the baseline sends fp32 gradients", stacklevel=2
+                )
+            return DDP(model, self.transport, log_every=cfg.sync_every_ddp_eval, bucket_mb=cfg.transport.bucket_mb)
+        return DiLoCo(
+            model,
+            self.transport,
+            inner_steps=o.inner_steps,
+            lr=o.lr,
+            momentum=getattr(o, "momentum", 0.0),
+            nesterov=getattr(o, "nesterov", False),
+            codec=cfg.codec,
+            seed=cfg.seed,
+            bucket_mb=cfg.transport.bucket_mb,
+        )
+
+    def agree_resume_round(self, ckpt_dir: Path) -> int:
+        """The newest round every worker has a checkpoint for, or -1."""
+        mine = rounds_of(ckpt_dir, self.log_name)
+        newest = torch.tensor([float(mine[-1] if mine else -1)], dtype=torch.float64)
+        agreed = int(min(float(t) for t in self.transport.all_gather(newest)))
+        if agreed >= 0 and agreed not in mine:
+            raise DiloError(
+                f"worker {self.rank} has no checkpoint for round {agreed} in {ckpt_dir} (it has {mine}); "
+                "the workers' checkpoint directories disagree"
+            )
+        return agreed
+
+    def start(self, model: torch.nn.Module, outer: Any) -> None:
+        outer.broadcast_initial(model)  # threads share one RNG; joiners will need this anyway
+
+    def validation_share(self, batches: list[Any]) -> list[Any]:
+        return batches[self.rank :: self.size]
+
+    def evaluate(self, model: torch.nn.Module, batches: list[Any]) -> float:
+        total, n = evaluate(model, batches, self.cfg.inner.precision)
+        t = torch.tensor([total, float(n)], dtype=torch.float64)
+        self.transport.all_reduce_([t])
+        return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+
+    def total(self, values: list[float]) -> tuple[list[float], int]:
+        """Sum over workers, and how many workers were summed."""
+        t = torch.tensor(values, dtype=torch.float64)
+        self.transport.all_reduce_([t])
+        return [float(x) for x in t], self.size
+
+    def close(self, outer: Any, *, leaving: bool) -> None:
+        self.transport.close()
+
+    def _check_same_run(self) -> None:
+        """Refuse to train when workers were started with different configs or see different corpora."""
+        mine = int((self.cfg.fingerprint() + corpus_fingerprint(self.cfg.data))[:15], 16)
+        everyone = [int(t) for t in self.transport.all_gather(torch.tensor([mine], dtype=torch.int64))]
+        if any(f != everyone[0] for f in everyone):
+            odd = [r for r, f in enumerate(everyone) if f != everyone[self.rank]]
+            raise DiloError(
+                f"worker {self.rank}: workers {odd} run a different configuration or see a different corpus "
+                "(another config file or overrides, another Python's stdlib, other files); start every worker "
+                "with the same config"
+            )
+
+
+def default_worker_id() -> str:
+    return os.environ.get("DILO_WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class ElasticWorld:
+    elastic = True
+
+    def __init__(self, cfg: RunConfig, worker_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.worker_id = worker_id or cfg.membership.worker_id or default_worker_id()
+        if not self.worker_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise DiloError(f"worker id {self.worker_id!r} may hold only letters, digits, '-', '_' and '.'")
+        self.device = pick_device(cfg.transport.backend)
+        self.log_name = f"worker-{self.worker_id}"
+        secret = wire.load_secret(file=cfg.membership.secret_file or None)
+        param_bytes = 0  # set in strategy(); the message cap depends on the model
+        self._secret = secret
+        self._param_bytes = param_bytes
+        self.client: StarClient | None = None
+        # island: a stable slot from the worker id, so a restarted worker reads the same data
+        islands = max(1, cfg.workers)
+        self.rank = int(os.environ.get("DILO_ISLAND", str(_stable_slot(self.worker_id, islands))))
+        self.size = islands
+        self.counter = ByteCounter()
+
+    def strategy(self, model: torch.nn.Module) -> Strategy:
+        if isinstance(self.cfg.outer, DDPConfig):
+            raise DiloError("outer.kind='ddp' needs membership.kind='static': it exchanges gradients every step")
+        param_bytes = sum(p.numel() * 4 for p in model.parameters())
+        self.client = StarClient(
+            self.cfg.membership,
+            self.worker_id,
+            run=self.cfg.name,
+            fingerprint=self.cfg.fingerprint(),
+            secret=self._secret,
+            max_message_bytes=4 * param_bytes + (1 << 20),
+        )
+        self.counter = self.client.counter
+        return StarDiLoCo(model, self.client, self.cfg)
+
+    def agree_resume_round(self, ckpt_dir: Path) -> int:
+        mine = rounds_of(ckpt_dir, self.log_name)
+        return mine[-1] if mine else -1
+
+    def start(self, model: torch.nn.Module, outer: Any) -> None:
+        welcome = outer.join(model)
+        log.info("joined at version %d with %d members", welcome.body["version"], len(welcome.body["members"]))
+
+    def validation_share(self, batches: list[Any]) -> list[Any]:
+        return batches  # no collective to sum over: every worker evaluates the whole set
+
+    def evaluate(self, model: torch.nn.Module, batches: list[Any]) -> float:
+        total, n = evaluate(model, batches, self.cfg.inner.precision)
+        return total / n if n else float("nan")
+
+    def total(self, values: list[float]) -> tuple[list[float], int]:
+        return list(values), 1
+
+    def close(self, outer: Any, *, leaving: bool) -> None:
+        if self.client is not None:
+            if leaving:
+                self.client.leave()
+            self.client.close()
+
+
+def _stable_slot(worker_id: str, n: int) -> int:
+    import zlib
+
+    digits = "".join(c for c in worker_id if c.isdigit())
+    return int(digits) % n if digits else zlib.crc32(worker_id.encode()) % n
