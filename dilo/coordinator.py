@@ -25,6 +25,7 @@ so a crash loses at most the round in progress.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import Counter
@@ -108,6 +109,10 @@ class Coordinator:
         self.bytes_out = 0
         self.global_tokens = 0
         self.stop_requested = False
+        # A new id per process: workers compare it across heartbeats to notice a restart (a
+        # coordinator that came back within request_timeout_s never looks "lost" to them, and a
+        # PUSH the old process received and never answered would otherwise be waited on forever).
+        self.boot = secrets.token_hex(8)
         self.ckpt_dir = cfg.run_dir / "coordinator"
         if resume:
             self._load_checkpoint()
@@ -168,6 +173,7 @@ class Coordinator:
                 "epoch": self.epoch,
                 "members": sorted(self.members),
                 "anchor_hash": self.anchor_hash(),
+                "boot": self.boot,
                 **(body or {}),
             },
         )
@@ -207,6 +213,16 @@ class Coordinator:
         self._maybe_close(now)
 
     def handle(self, identity: bytes, frames: list[Any]) -> None:
+        try:
+            self._handle(identity, frames)
+        except Exception as e:  # noqa: BLE001 - a bug or an unforeseen payload must not stop the coordinator
+            log.exception("unexpected error while handling a message")
+            try:
+                self._error(identity, "internal", f"the coordinator could not handle the message: {type(e).__name__}: {e}")
+            except Exception:  # noqa: BLE001 - e.g. an identity that cannot be sent to; already logged
+                pass
+
+    def _handle(self, identity: bytes, frames: list[Any]) -> None:
         size = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
         self.bytes_in += size
         try:
@@ -245,6 +261,7 @@ class Coordinator:
                             "version": self.version,
                             "round": self.round_index,
                             "members": sorted(self.members),
+                            "boot": self.boot,
                         },
                     ),
                     msg.worker,
@@ -264,7 +281,7 @@ class Coordinator:
                 self._error(identity, "bad_type", f"a coordinator does not accept {t.value} messages")
         except wire.WireError as e:
             self._error(identity, e.code, str(e))
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        except (ValueError, KeyError, IndexError, TypeError, RuntimeError, OverflowError) as e:
             # a message that passed the wire checks but not the codec's: reject it, keep serving
             self._error(identity, "bad_payload", f"{type(e).__name__}: {e}")
 
@@ -274,9 +291,10 @@ class Coordinator:
             self.members[msg.worker] = Member(msg.worker, now, now, self.version)
             self.epoch += 1
             log.info(
-                "worker %s joined at version %d (epoch %d, %d members)",
+                "worker %s joined at version %d, anchor %s (epoch %d, %d members)",
                 msg.worker,
                 self.version,
+                self.anchor_hash(),
                 self.epoch,
                 len(self.members),
             )
@@ -295,23 +313,36 @@ class Coordinator:
         if msg.worker not in self.members:
             self._error(identity, "not_member", f"worker {msg.worker!r} is not a member: send JOIN first")
             return
+        # Validate everything before touching the round: a bad push is answered with ERROR whatever
+        # its base version (garbage is not "late"), and a rejected push leaves no trace (no deadline
+        # started, no member list frozen).
+        body = msg.body
+        contributes = _flag(body, "contributes", True)
+        stop = _flag(body, "stop", False)
+        weight = body.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight < float("inf"):
+            raise wire.WireError("bad_body", f"weight must be a finite number >= 0, got {weight!r}")
+        tokens = body.get("tokens", 0)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise wire.WireError("bad_body", f"tokens must be an integer >= 0, got {tokens!r}")
+        loss = body.get("loss", float("nan"))
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            raise wire.WireError("bad_body", f"loss must be a number, got {loss!r}")
+        if contributes:
+            wire.check_shapes(msg, self.push_spec)
+            wire.check_finite(msg)
+        elif msg.tensors:
+            wire.check_shapes(msg, self.push_spec)  # a non-contributing push may carry its (ignored) zeros
         if msg.base != self.version:
             # a push for a round that already closed: the worker catches up from the current state
             self.late += 1
             self._send(identity, self.state_message(wire.MsgType.STATE, {"reason": "late"}), msg.worker)
             return
-        body = msg.body
-        contributes = bool(body.get("contributes", True))
         flats = None
         if contributes:
-            wire.check_shapes(msg, self.push_spec)
-            wire.check_finite(msg)
             flats = self.star.decode_push(msg.tensors)
             if not all(bool(torch.isfinite(f).all()) for f in flats):
                 raise wire.WireError("nonfinite", "the decoded pseudo-gradient holds NaN or Inf")
-        weight = float(body.get("weight", 1.0))
-        if not (weight >= 0.0 and weight < float("inf")):
-            raise wire.WireError("bad_body", f"weight must be a finite number >= 0, got {weight!r}")
         if not self.round.members:
             self.round.members = set(self.members)
         now = time.monotonic()
@@ -320,11 +351,11 @@ class Coordinator:
             identity,
             msg.worker,
             msg.seq,
-            weight,
+            float(weight),
             contributes and weight > 0,
-            bool(body.get("stop", False)),
-            int(body.get("tokens", 0)),
-            float(body.get("loss", float("nan"))),
+            stop,
+            tokens,
+            float(loss),
             flats,
         )
         self.members[msg.worker].pushes += 1
@@ -370,6 +401,7 @@ class Coordinator:
             "inner_steps": self._inner_steps(),
             "members": sorted(self.members),
             "epoch": self.epoch,
+            "boot": self.boot,
         }
         for w, p in sorted(r.pushes.items()):
             self._send(
@@ -415,6 +447,7 @@ class Coordinator:
             "rejected": dict(self.rejected),
             "late": self.late,
             "tokens": self.global_tokens,
+            "boot": self.boot,
         }
 
     # ------------------------------------------------------------------------------- checkpoints
@@ -456,3 +489,10 @@ class Coordinator:
         # the old members get a heartbeat period to come back before they are dropped
         self.members = {w: Member(w, now, now, self.version) for w in state["members"]}
         log.info("resumed at version %d from %s", self.version, self.ckpt_dir)
+
+
+def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise wire.WireError("bad_body", f"{key} must be true or false, got {value!r}")
+    return value

@@ -4,6 +4,7 @@
     hb.start()
     hb.view           # latest View from the coordinator's ACKs
     hb.lost.is_set()  # no ACK for timeout_s: the coordinator is gone (or unreachable)
+    hb.boot           # the coordinator process's id from the latest ACK: it changes on a restart
     hb.stop()
 
 ZeroMQ sockets are not thread-safe, so the heartbeat socket is separate from the one that
@@ -45,6 +46,8 @@ class Heartbeat:
         self.lost = threading.Event()
         self.not_member = threading.Event()
         self.view: View | None = None
+        self.boot: str | None = None
+        """The `boot` id of the coordinator process that sent the latest ACK."""
         self.last_ack = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"dilo-heartbeat-{worker_id}", daemon=True)
@@ -82,6 +85,7 @@ class Heartbeat:
                         self.not_member.clear()
                         b = reply.body
                         self.view = View(int(b["epoch"]), tuple(b["members"]), self.worker_id)
+                        self.boot = b.get("boot")
                     elif reply.type == wire.MsgType.ERROR and reply.body.get("code") == "not_member":
                         self.last_ack = time.monotonic()
                         self.not_member.set()

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from dilo import wire
 from dilo.compress import Context, Encoded
 from dilo.compress.lowrank import PowerSGD
+from dilo.compress.sparse import TopK
 from dilo.config import DDPConfig
 from dilo.errors import ConfigError, PeerLost, ProtocolError
 from dilo.model import param_names, params_of
@@ -75,7 +76,9 @@ class StarCodec:
         return tensors
 
     def decode_push(self, tensors: dict[str, Tensor]) -> list[Tensor]:
-        """One flat fp32 vector per group."""
+        """One flat fp32 vector per group; a push whose indices point outside the vector is refused."""
+        for g in self.groups:
+            _check_indices(g, tensors)
         return [self._decode_group(g, tmpl, tensors) for g, tmpl in zip(self.groups, self._templates)]
 
     def weighted_mean(self, pushes: list[tuple[float, list[Tensor]]]) -> list[Tensor]:
@@ -140,6 +143,25 @@ class StarCodec:
             if hasattr(g.codec, "load_state_dict"):
                 g.codec.load_state_dict(s["codec"])
             g.owner_residual = s["owner"]
+
+
+def _check_indices(g: Group, tensors: dict[str, Tensor]) -> None:
+    """Top-k indices must lie in the group's vector (or chunk). Shapes and dtypes were checked
+    against the push spec, but not values: an index past the end made index_put_ raise
+    IndexError, and a negative one silently wrapped around to the end of the vector."""
+    codec = _plain(g.codec)
+    if not isinstance(codec, TopK):
+        return
+    idx = tensors[f"g{g.index}.idx"]
+    if idx.numel() == 0:
+        return
+    n = g.layout.total
+    lo, hi = (0, n) if codec.chunk == 0 else (-32768, min(codec.chunk, n) - 32768)
+    imin, imax = (int(v) for v in torch.aminmax(idx))
+    if imin < lo or imax >= hi:
+        raise wire.WireError(
+            "bad_payload", f"group {g.index}: top-k indices span [{imin}, {imax}], outside [{lo}, {hi})"
+        )
 
 
 def outer_optimizer(cfg: Any, params: list[torch.nn.Parameter]) -> torch.optim.SGD:

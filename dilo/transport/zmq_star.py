@@ -6,8 +6,9 @@
     client.leave(); client.close()
 
 Requests are answered in order on one socket. While a push waits for its round to close, the
-heartbeat thread (dilo/membership/client.py) watches the coordinator: if it stops answering,
-`push` raises `PeerLost` and the caller re-joins, keeping its local state. An ERROR reply is
+heartbeat thread (dilo/membership/client.py) watches the coordinator: if it stops answering, or
+its ACKs come from another coordinator process (a restart, seen by the `boot` id), `push` raises
+`PeerLost` and the caller re-joins, keeping its local state. An ERROR reply is
 raised as `wire.WireError` with the coordinator's code and message.
 """
 
@@ -42,6 +43,8 @@ class StarClient:
         self.counter = ByteCounter()
         self.ctx = zmq.Context()
         self.seq = 0
+        self.boot: str | None = None
+        """The `boot` id of the coordinator process that welcomed us."""
         self.sock = self._connect()
         self.heartbeat = Heartbeat(
             self._connect,
@@ -103,6 +106,15 @@ class StarClient:
             if wait_s is None and self._heartbeat_started and self.heartbeat.lost.is_set():
                 self._reconnect()
                 raise PeerLost(f"the coordinator at {self.cfg.address} stopped answering")
+            if wait_s is None and self._restarted():
+                # A coordinator restarted faster than request_timeout_s never looks lost, but the
+                # request went to the old process and will never be answered.
+                self._reconnect()
+                raise PeerLost(f"the coordinator at {self.cfg.address} restarted")
+
+    def _restarted(self) -> bool:
+        seen = self.heartbeat.boot if self._heartbeat_started else None
+        return seen is not None and self.boot is not None and seen != self.boot
 
     # ------------------------------------------------------------------------------- requests
 
@@ -126,13 +138,15 @@ class StarClient:
                 delay = min(delay * 2, 5.0)
                 continue
             except wire.WireError as e:
-                raise DiloError(f"the coordinator refused to let worker {self.worker_id!r} join ({e.code}): {e}") from e
+                raise DiloError(_join_refusal(self.worker_id, e)) from e
             if welcome.type != wire.MsgType.WELCOME:
                 raise DiloError(f"expected WELCOME from the coordinator, got {welcome.type.value}")
+            self.boot = welcome.body.get("boot")
             if not self._heartbeat_started:
                 self.heartbeat.start()
                 self._heartbeat_started = True
             self.heartbeat.lost.clear()
+            self.heartbeat.boot = None  # an id seen before this WELCOME may be the old process's
             return welcome
 
     def push(self, tensors: dict[str, torch.Tensor], body: dict[str, Any], *, base: int) -> wire.Message:
@@ -156,6 +170,20 @@ class StarClient:
         self.heartbeat.stop()
         self.sock.close(0)
         self.ctx.term()
+
+
+def _join_refusal(worker_id: str, e: wire.WireError) -> str:
+    """What a failed JOIN means, in words. The code comes from the coordinator's ERROR or, when
+    its reply fails our own checks (a reply signed with another secret, or signed while we have
+    none), from that local check; either way both sides disagree on the same thing."""
+    hint = {
+        "auth": "authentication failed: the worker and the coordinator must share one secret "
+        "(the same DILO_SECRET or membership.secret_file on both, or none on either)",
+        "config": "configuration mismatch: start the worker with the coordinator's config file and overrides",
+        "run": "run name mismatch: the worker and the coordinator were started with different `name`s",
+        "version": "protocol version mismatch: run the same dilo version on both ends",
+    }.get(e.code, "the coordinator refused the join")
+    return f"worker {worker_id!r} cannot join: {hint} [{e.code}: {e}]"
 
 
 def _nbytes(frame: Any) -> int:

@@ -1,0 +1,370 @@
+"""The coordinator protocol's costs, measured over loopback against baselines from the same run.
+
+    .venv/bin/python scripts/bench_protocol.py [--mb 100] [--repeats 3]
+
+1. Throughput: one push of an fp32 pseudo-gradient of `--mb` MB through dilo's protocol and the
+   RESULT that comes back (one worker, so the round closes at once), as a ratio to raw pyzmq
+   sending the same buffer there and back, and to a memcpy of it. Also with HMAC on.
+2. Round latency with 2, 4, 8 and 16 workers (threads with real sockets, a 0.8M-parameter model):
+   time from the first push of a round to the last RESULT received.
+3. Time to detect a dead worker and close the round without it (heartbeat_timeout_s = 1 s).
+4. Time for a joiner to receive the state of a 10M-parameter model (JOIN -> WELCOME).
+
+Writes scripts/results/protocol.json and the "protocol" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchlib import machine, markdown_table, update_benchmarks_md, write_json  # noqa: E402
+
+from dilo import wire  # noqa: E402
+from dilo.config import from_dict  # noqa: E402
+from dilo.coordinator import Coordinator  # noqa: E402
+from dilo.model import param_names, params_of  # noqa: E402
+from dilo.outer.star import StarCodec  # noqa: E402
+
+
+def gpt_config(name: str, d_model: int, n_layer: int, n_head: int, **extra: object):
+    return from_dict(
+        {
+            "name": name,
+            "out_dir": f"/tmp/dilo-bench-protocol/{name}",
+            "steps": 10,
+            "model": {"n_layer": n_layer, "d_model": d_model, "n_head": n_head, "context": 128},
+            "inner": {"warmup_steps": 1},
+            "membership": {"heartbeat_s": 0.2, "heartbeat_timeout_s": 1.0, "round_timeout_s": 60.0},
+            "coordinator": {"checkpoint_every": 0},
+            **extra,
+        }
+    )
+
+
+class Served:
+    """A coordinator on a random loopback port, served by a thread."""
+
+    def __init__(self, cfg, secret: bytes | None = None) -> None:
+        self.coord = Coordinator(cfg, bind="tcp://127.0.0.1:0", secret=secret)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.coord.serve, args=(self.stop,), daemon=True)
+        self.thread.start()
+        self.address = f"tcp://{self.coord.address}" if "://" not in self.coord.address else self.coord.address
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+class RawWorker:
+    """The protocol from a worker's side, without training: join, push, wait."""
+
+    def __init__(self, ctx: zmq.Context, served: Served, cfg, worker: str, secret: bytes | None = None) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(served.address)
+        self.cfg, self.worker, self.secret = cfg, worker, secret
+        self.seq = 0
+
+    def request(self, type_: wire.MsgType, *, tensors=None, body=None, base: int = -1) -> wire.Message:
+        self.send(type_, tensors=tensors, body=body, base=base)
+        return self.recv()
+
+    def send(self, type_: wire.MsgType, *, tensors=None, body=None, base: int = -1) -> None:
+        self.seq += 1
+        msg = wire.Message(
+            type=type_,
+            worker=self.worker,
+            seq=self.seq,
+            base=base,
+            body=body or {},
+            tensors=tensors or {},
+            run=self.cfg.name,
+            fp=self.cfg.fingerprint(),
+        )
+        self.sock.send_multipart(wire.encode(msg, self.secret), copy=False)
+
+    def recv(self) -> wire.Message:
+        reply = wire.decode(
+            self.sock.recv_multipart(copy=False),
+            secret=self.secret,
+            limits=wire.Limits(max_frame_bytes=1 << 31, max_total_bytes=1 << 32),
+        )
+        assert reply.type != wire.MsgType.ERROR, reply.body
+        return reply
+
+
+def push_tensors(cfg, seed: int = 0) -> dict[str, torch.Tensor]:
+    from dilo.model import build_model
+
+    model = build_model(cfg.model, 0)
+    params = params_of(model)
+    star = StarCodec(param_names(model), [p.shape for p in params], cfg.codec, seed=0)
+    g = torch.Generator().manual_seed(seed)
+    deltas = [torch.randn(p.shape, generator=g) * 1e-3 for p in params]
+    return star.encode_push(deltas, 0, seed, contributes=True)
+
+
+def bench_throughput(mb: int, repeats: int) -> dict:
+    # a GPT whose parameters weigh about `mb` MB in fp32
+    d = 512
+    layers = max(1, round(mb * 2**20 / 4 / (12 * d * d)))
+    cfg = gpt_config("throughput", d, layers, 8)
+    tensors = push_tensors(cfg)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    ctx = zmq.Context()
+    out: dict = {"payload_mb": nbytes / 1e6}
+
+    # raw pyzmq: the same bytes there and back
+    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    port = a.bind_to_random_port("tcp://127.0.0.1")
+    b.connect(f"tcp://127.0.0.1:{port}")
+    raw = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        a.send(memoryview(flat.numpy()), copy=False)
+        f = b.recv(copy=False)
+        b.send(f, copy=False)
+        a.recv(copy=False)
+        raw.append(time.perf_counter() - t0)
+    a.close(0)
+    b.close(0)
+    out["raw_s"] = min(raw[1:])
+    mem = []
+    for _ in range(repeats):
+        dst = torch.empty_like(flat)
+        t0 = time.perf_counter()
+        dst.copy_(flat)
+        dst.copy_(flat)
+        mem.append(time.perf_counter() - t0)
+    out["memcpy_s"] = min(mem)
+
+    # the protocol alone: encode, send, receive, validate (sizes, shapes, dtypes, finite), reply, validate
+    spec = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()}
+    for label, secret in (("protocol", None), ("protocol_hmac", b"0123456789abcdef0123")):
+        router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        limits = wire.Limits(max_frame_bytes=1 << 31, max_total_bytes=1 << 32)
+
+        def echo(router=router, secret=secret, limits=limits) -> None:
+            for _ in range(repeats + 1):
+                ident, *frames = router.recv_multipart(copy=False)
+                msg = wire.decode(frames, secret=secret, limits=limits)
+                wire.check_shapes(msg, spec)
+                wire.check_finite(msg)
+                reply = wire.Message(type=wire.MsgType.STATE, worker="coordinator", tensors=msg.tensors)
+                router.send_multipart([ident, *wire.encode(reply, secret)], copy=False)
+
+        th = threading.Thread(target=echo, daemon=True)
+        th.start()
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            dealer.send_multipart(
+                wire.encode(wire.Message(type=wire.MsgType.PUSH, worker="w0", tensors=tensors), secret), copy=False
+            )
+            back = wire.decode(dealer.recv_multipart(copy=False), secret=secret, limits=limits)
+            wire.check_finite(back)
+            times.append(time.perf_counter() - t0)
+        th.join()
+        router.close(0)
+        dealer.close(0)
+        out[f"{label}_s"] = min(times[1:])
+
+    for label, secret in (("dilo", None), ("dilo_hmac", b"0123456789abcdef0123")):
+        served = Served(cfg, secret)
+        w = RawWorker(ctx, served, cfg, "w0", secret)
+        welcome = w.request(wire.MsgType.JOIN)
+        version = int(welcome.body["version"])
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            reply = w.request(wire.MsgType.PUSH, tensors=tensors, body={"weight": 1.0, "tokens": 1}, base=version)
+            times.append(time.perf_counter() - t0)
+            version = int(reply.body["version"])
+        w.sock.close(0)
+        served.close()
+        out[f"{label}_s"] = min(times[1:])
+    ctx.term()
+    out["protocol_vs_raw"] = out["raw_s"] / out["protocol_s"]
+    out["protocol_hmac_vs_raw"] = out["raw_s"] / out["protocol_hmac_s"]
+    out["protocol_vs_memcpy"] = out["memcpy_s"] / out["protocol_s"]
+    out["dilo_vs_raw"] = out["raw_s"] / out["dilo_s"]
+    out["dilo_hmac_vs_raw"] = out["raw_s"] / out["dilo_hmac_s"]
+    out["dilo_vs_memcpy"] = out["memcpy_s"] / out["dilo_s"]
+    out["raw_vs_memcpy"] = out["memcpy_s"] / out["raw_s"]
+    return out
+
+
+def bench_rounds(sizes: list[int], rounds: int) -> dict:
+    cfg = gpt_config("rounds", 128, 4, 4)
+    tensors = push_tensors(cfg)
+    out = {}
+    for n in sizes:
+        served = Served(cfg)
+        ctx = zmq.Context()
+        workers = [RawWorker(ctx, served, cfg, f"w{i:02d}") for i in range(n)]
+        version = 0
+        for w in workers:
+            version = int(w.request(wire.MsgType.JOIN).body["version"])
+        lat = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for w in workers:
+                w.send(wire.MsgType.PUSH, tensors=tensors, body={"weight": 1.0, "tokens": 1}, base=version)
+            replies = [w.recv() for w in workers]
+            lat.append(time.perf_counter() - t0)
+            version = int(replies[0].body["version"])
+        for w in workers:
+            w.sock.close(0)
+        ctx.term()
+        served.close()
+        out[n] = {"median_s": statistics.median(lat), "min_s": min(lat)}
+    return out
+
+
+def bench_dead_worker() -> dict:
+    cfg = gpt_config("dead", 128, 2, 4)
+    tensors = push_tensors(cfg)
+    served = Served(cfg)
+    ctx = zmq.Context()
+    alive, dead = RawWorker(ctx, served, cfg, "alive"), RawWorker(ctx, served, cfg, "dead")
+    version = int(alive.request(wire.MsgType.JOIN).body["version"])
+    dead.request(wire.MsgType.JOIN)
+    dead.sock.close(0)  # the dead worker never pushes and never heartbeats again
+    stop = threading.Event()
+
+    def heartbeats() -> None:
+        hb = RawWorker(ctx, served, cfg, "alive")
+        while not stop.is_set():
+            hb.request(wire.MsgType.HEARTBEAT)
+            time.sleep(0.2)
+        hb.sock.close(0)
+
+    t = threading.Thread(target=heartbeats, daemon=True)
+    t.start()
+    t0 = time.perf_counter()
+    reply = alive.request(wire.MsgType.PUSH, tensors=tensors, body={"weight": 1.0, "tokens": 1}, base=version)
+    closed = time.perf_counter() - t0
+    stop.set()
+    t.join()
+    alive.sock.close(0)
+    ctx.term()
+    served.close()
+    return {
+        "heartbeat_timeout_s": cfg.membership.heartbeat_timeout_s,
+        "close_after_s": closed,
+        "participants": reply.body["participants"],
+        "members_after": reply.body["members"],
+    }
+
+
+def bench_join(repeats: int) -> dict:
+    cfg = gpt_config("join", 448, 4, 7)
+    served = Served(cfg)
+    ctx = zmq.Context()
+    n_params = sum(p.numel() for p in served.coord.params)
+    times = []
+    for i in range(repeats):
+        w = RawWorker(ctx, served, cfg, f"joiner{i}")
+        t0 = time.perf_counter()
+        welcome = w.request(wire.MsgType.JOIN)
+        times.append(time.perf_counter() - t0)
+        assert len(welcome.tensors) >= len(served.coord.params)
+        w.sock.close(0)
+    ctx.term()
+    served.close()
+    return {
+        "params": n_params,
+        "state_mb": 4 * n_params / 1e6,
+        "join_s": min(times),
+        "join_median_s": statistics.median(times),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    res = {
+        "machine": machine(),
+        "throughput": bench_throughput(args.mb, args.repeats),
+        "rounds": bench_rounds([2, 4, 8, 16], args.rounds),
+        "dead_worker": bench_dead_worker(),
+        "join": bench_join(args.repeats),
+    }
+    write_json("protocol", res)
+    th, dead, join = res["throughput"], res["dead_worker"], res["join"]
+    t1 = markdown_table(
+        ["path", "push + result (s)", "vs raw pyzmq", "vs memcpy"],
+        [
+            ["raw pyzmq, same bytes there and back", f"{th['raw_s']:.3f}", "1.00", f"{th['raw_vs_memcpy']:.3f}"],
+            [
+                "dilo protocol (encode, validate, decode)",
+                f"{th['protocol_s']:.3f}",
+                f"{th['protocol_vs_raw']:.2f}",
+                f"{th['protocol_vs_memcpy']:.3f}",
+            ],
+            ["dilo protocol + HMAC", f"{th['protocol_hmac_s']:.3f}", f"{th['protocol_hmac_vs_raw']:.2f}", "-"],
+            [
+                "full round through a coordinator (+ mean, outer step, hash)",
+                f"{th['dilo_s']:.3f}",
+                f"{th['dilo_vs_raw']:.2f}",
+                f"{th['dilo_vs_memcpy']:.3f}",
+            ],
+            ["full round + HMAC", f"{th['dilo_hmac_s']:.3f}", f"{th['dilo_hmac_vs_raw']:.2f}", "-"],
+        ],
+    )
+    t2 = markdown_table(
+        ["workers", "round latency, median (ms)", "min (ms)"],
+        [[str(n), f"{1e3 * v['median_s']:.1f}", f"{1e3 * v['min_s']:.1f}"] for n, v in res["rounds"].items()],
+    )
+    update_benchmarks_md(
+        "protocol",
+        f"""
+## Coordinator protocol (`scripts/bench_protocol.py`)
+
+Loopback, {res["machine"]["cpus"]} CPU cores, {res["machine"]["date"]}, torch {res["machine"]["torch"]}.
+
+One push of a {th["payload_mb"]:.0f} MB fp32 pseudo-gradient and a {th["payload_mb"]:.0f} MB reply. "Protocol"
+is dilo's framing and validation alone (an echo server that decodes and checks every message);
+"full round" goes through a real coordinator with one worker, so it adds the decode, the mean,
+the outer Nesterov step and the anchor hash:
+
+{t1}
+
+Round latency, the protocol alone (workers are threads that push a 0.8M-parameter model's
+pseudo-gradient and wait for the result; no training):
+
+{t2}
+
+A worker that dies silently (heartbeat_timeout_s = {dead["heartbeat_timeout_s"]:.0f} s): the round closed
+{dead["close_after_s"]:.2f} s after the survivor's push, with {dead["participants"]} participant.
+A joiner received the state of a {join["params"] / 1e6:.1f}M-parameter model ({join["state_mb"]:.0f} MB) in
+{1e3 * join["join_s"]:.0f} ms (median {1e3 * join["join_median_s"]:.0f} ms).
+
+Raw results: `scripts/results/protocol.json`.
+""",
+    )
+    print(t1)
+    print(t2)
+    print(dead, join)
+
+
+if __name__ == "__main__":
+    main()
