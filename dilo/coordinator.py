@@ -24,6 +24,7 @@ so a crash loses at most the round in progress.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
@@ -217,10 +218,8 @@ class Coordinator:
             self._handle(identity, frames)
         except Exception as e:  # noqa: BLE001 - a bug or an unforeseen payload must not stop the coordinator
             log.exception("unexpected error while handling a message")
-            try:
-                self._error(identity, "internal", f"the coordinator could not handle the message: {type(e).__name__}: {e}")
-            except Exception:  # noqa: BLE001 - e.g. an identity that cannot be sent to; already logged
-                pass
+            with contextlib.suppress(Exception):  # e.g. an identity that cannot be sent to; logged above
+                self._error(identity, "internal", f"could not handle the message: {type(e).__name__}: {e}")
 
     def _handle(self, identity: bytes, frames: list[Any]) -> None:
         size = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)

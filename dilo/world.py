@@ -28,7 +28,7 @@ from dilo.config import DDPConfig, RunConfig
 from dilo.data import corpus_fingerprint
 from dilo.errors import DiloError
 from dilo.inner import evaluate
-from dilo.outer.base import Strategy
+from dilo.outer.base import Strategy, params_of, tensor_digest
 from dilo.outer.ddp import DDP
 from dilo.outer.diloco import DiLoCo
 from dilo.outer.star import StarDiLoCo
@@ -191,6 +191,8 @@ class ElasticWorld:
         self.rank = int(os.environ.get("DILO_ISLAND", str(_stable_slot(self.worker_id, islands))))
         self.size = islands
         self.counter = ByteCounter()
+        self.joined: dict[str, Any] = {}
+        """Version, anchor hash and members at the latest start(); empty before."""
 
     def strategy(self, model: torch.nn.Module) -> Strategy:
         if isinstance(self.cfg.outer, DDPConfig):
@@ -213,7 +215,20 @@ class ElasticWorld:
 
     def start(self, model: torch.nn.Module, outer: Any) -> None:
         welcome = outer.join(model)
-        log.info("joined at version %d with %d members", welcome.body["version"], len(welcome.body["members"]))
+        # What this worker starts from, hashed from its own model after adopting the WELCOME (not
+        # the coordinator's claim): tests and operators compare it with the coordinator's anchor.
+        self.joined = {
+            "version": int(welcome.body["version"]),
+            "anchor_hash": tensor_digest(list(params_of(model))),
+            "members": list(welcome.body["members"]),
+        }
+        log.info(
+            "worker %s joined at version %d, anchor %s, with %d members",
+            self.worker_id,
+            self.joined["version"],
+            self.joined["anchor_hash"],
+            len(self.joined["members"]),
+        )
 
     def validation_share(self, batches: list[Any]) -> list[Any]:
         return batches  # no collective to sum over: every worker evaluates the whole set
