@@ -417,7 +417,8 @@ class Coordinator:
             )
         log.info("round %d closed: %d contributions, version %d", r.index, len(contributions), self.version)
         self.round_index += 1
-        self.round = Round(self.round_index, set())
+        # the next round waits only for today's members: a worker joining later never blocks it
+        self.round = Round(self.round_index, set(self.members))
         every = self.cfg.coordinator.checkpoint_every
         if committed and every and self.version % every == 0:
             self.checkpoint()

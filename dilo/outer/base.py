@@ -145,3 +145,14 @@ def tensor_digest(tensors: list[Tensor]) -> str:
     for t in tensors:
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+@torch.no_grad()
+def broadcast_params(model: nn.Module, layout: FlatLayout, transport: Any, src: int = 0) -> list[nn.Parameter]:
+    """Overwrite every worker's parameters with rank src's, bucket by bucket; returns them."""
+    params = params_of(model)
+    flat = layout.flatten(params)
+    transport.broadcast_(layout.buckets(flat), src)
+    for p, v in zip(params, layout.unflatten(flat)):
+        p.copy_(v)
+    return params

@@ -18,7 +18,17 @@ import torch
 from torch import nn
 
 from dilo.errors import TransportError
-from dilo.outer.base import TAIL_COUNT, TAIL_STOP, TAIL_TOKENS, FlatLayout, SyncReport, Tail, params_of, tensor_digest
+from dilo.outer.base import (
+    TAIL_COUNT,
+    TAIL_STOP,
+    TAIL_TOKENS,
+    FlatLayout,
+    SyncReport,
+    Tail,
+    broadcast_params,
+    params_of,
+    tensor_digest,
+)
 from dilo.transport.base import Transport
 
 
@@ -33,13 +43,8 @@ class DDP:
     def due(self, step: int) -> bool:
         return (step + 1) % self.round_steps == 0
 
-    @torch.no_grad()
     def broadcast_initial(self, model: nn.Module, src: int = 0) -> None:
-        params = params_of(model)
-        flat = self.layout.flatten(params)
-        self.transport.broadcast_(self.layout.buckets(flat), src)
-        for p, v in zip(params, self.layout.unflatten(flat)):
-            p.copy_(v)
+        broadcast_params(model, self.layout, self.transport, src)
         self.mark_bytes()  # the start-up broadcast is not part of the first round's traffic
 
     def mark_bytes(self) -> None:

@@ -33,7 +33,17 @@ from torch import nn
 from dilo.config import CodecSpec
 from dilo.errors import TransportError
 from dilo.model import param_names
-from dilo.outer.base import TAIL_COUNT, TAIL_STOP, TAIL_TOKENS, Anchor, FlatLayout, SyncReport, Tail, params_of
+from dilo.outer.base import (
+    TAIL_COUNT,
+    TAIL_STOP,
+    TAIL_TOKENS,
+    Anchor,
+    FlatLayout,
+    SyncReport,
+    Tail,
+    broadcast_params,
+    params_of,
+)
 from dilo.outer.exchange import Exchange
 from dilo.transport.base import Transport
 
@@ -77,15 +87,9 @@ class DiLoCo:
         """True after the last inner step of a round (steps count from 0)."""
         return (step + 1) % self.round_steps == 0
 
-    @torch.no_grad()
     def broadcast_initial(self, model: nn.Module, src: int = 0) -> None:
         """Make every worker start from rank src's parameters (threads share one RNG; joiners need it)."""
-        params = params_of(model)
-        flat = self.layout.flatten(params)
-        self.transport.broadcast_(self.layout.buckets(flat), src)
-        for p, v in zip(params, self.layout.unflatten(flat)):
-            p.copy_(v)
-        self.anchor.load_from(params)
+        self.anchor.load_from(broadcast_params(model, self.layout, self.transport, src))
 
     @torch.no_grad()
     def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
