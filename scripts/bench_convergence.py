@@ -12,6 +12,7 @@ scripts/results/convergence.png and the "convergence" section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -52,7 +53,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000, help="inner steps per worker in every arm")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--config", default=str(REPO / "configs" / "quickstart.toml"))
+    ap.add_argument("--replot", action="store_true", help="redraw the plot from scripts/results/convergence.json")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads((RESULTS / "convergence.json").read_text())["arms"], RESULTS / "convergence.png")
+        return
 
     results = []
     with tempfile.TemporaryDirectory(prefix="dilo-bench-") as tmp:
@@ -136,7 +141,8 @@ def plot(results: list[dict], path: Path) -> None:
     for r in results:
         pts = [(t, b, v) for t, b, v in r["curve"] if v is not None]
         axes[0].plot([p[0] for p in pts], [p[2] for p in pts], "o-", ms=3, label=r["name"])
-        axes[1].plot([max(p[1], 1) / 1e6 for p in pts], [p[2] for p in pts], "o-", ms=3, label=r["name"])
+        sent = [p for p in pts if p[1] > 0]  # the start (0 bytes) has no place on a log axis
+        axes[1].plot([p[1] / 1e6 for p in sent], [p[2] for p in sent], "o-", ms=3, label=r["name"])
     axes[0].set_xlabel("tokens (all workers)")
     axes[1].set_xlabel("MB sent per worker (log)")
     axes[1].set_xscale("log")
