@@ -17,9 +17,11 @@ Every message is validated (dilo/wire.py: sizes before parsing, HMAC, protocol v
 config fingerprint, tensor names, shapes, dtypes, finite values). A bad message is answered with
 ERROR naming the cause, counted and logged; the state is untouched and the others are served.
 
-The state is checkpointed atomically every `coordinator.checkpoint_every` versions and on
-SIGTERM; `--resume` restarts from the newest checkpoint and the workers re-join with their ids,
-so a crash loses at most the round in progress.
+The state is checkpointed atomically every `coordinator.checkpoint_every` versions (before the
+RESULTs that announce the version go out) and on SIGTERM; `--resume` restarts from the newest
+checkpoint and the workers re-join with their ids, so a crash loses at most the round in progress.
+Every ACK, WELCOME and RESULT carries `boot`, an id of this process, so that workers notice a
+restart even when it was quicker than their request timeout.
 """
 
 from __future__ import annotations
@@ -402,6 +404,18 @@ class Coordinator:
             "epoch": self.epoch,
             "boot": self.boot,
         }
+        self.round_index += 1
+        # the next round waits only for today's members: a worker joining later never blocks it
+        self.round = Round(self.round_index, set(self.members))
+        every = self.cfg.coordinator.checkpoint_every
+        if committed and every and self.version % every == 0:
+            # Write-ahead: on disk before any worker sees the new version. Checkpointing after the
+            # RESULTs left a window where a crash lost a version the workers had already moved to
+            # (they then dropped the round they had trained on top of it too: two rounds lost).
+            try:
+                self.checkpoint()
+            except OSError:  # a full or failing disk must not strand the workers waiting for RESULT
+                log.exception("checkpoint of version %d failed; serving on without it", self.version)
         for w, p in sorted(r.pushes.items()):
             self._send(
                 p.identity,
@@ -416,12 +430,6 @@ class Coordinator:
                 w,
             )
         log.info("round %d closed: %d contributions, version %d", r.index, len(contributions), self.version)
-        self.round_index += 1
-        # the next round waits only for today's members: a worker joining later never blocks it
-        self.round = Round(self.round_index, set(self.members))
-        every = self.cfg.coordinator.checkpoint_every
-        if committed and every and self.version % every == 0:
-            self.checkpoint()
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()

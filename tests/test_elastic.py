@@ -32,11 +32,12 @@ from hypothesis import strategies as st
 from dilo import wire
 from dilo.config import RunConfig
 from dilo.coordinator import Coordinator
+from dilo.errors import DiloError
 from dilo.outer.base import tensor_digest
 from dilo.outer.star import StarCodec
 from dilo.state import load_worker_state, rounds_of
 from dilo.train import train
-from dilo.transport.zmq_star import status
+from dilo.transport.zmq_star import StarClient, status
 from dilo.world import ElasticWorld
 from tests.conftest import tiny_config
 
@@ -111,6 +112,26 @@ class _World(ElasticWorld):
             self.barrier.wait(timeout=60)
 
 
+class _Gated(Coordinator):
+    """Records the anchor hash of every version; with `hold_at`, rounds stop closing once that
+    version is reached, until the test sets `gate` (pushes stay pending; workers wait)."""
+
+    def __init__(self, *args: Any, hold_at: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hashes = {self.version: self.anchor_hash()}
+        self.hold_at = hold_at
+        self.gate = threading.Event()
+
+    def _maybe_close(self, now: float) -> None:
+        if self.hold_at is not None and self.version >= self.hold_at and not self.gate.is_set():
+            return
+        super()._maybe_close(now)
+
+    def _close(self) -> None:
+        super()._close()
+        self.hashes[self.version] = self.anchor_hash()
+
+
 def _run_threads(cfg: RunConfig, ids: list[str]) -> tuple[list[dict[str, Any]], list[_World]]:
     barrier = threading.Barrier(len(ids))
     worlds = [_World(cfg, i, barrier) for i in ids]
@@ -153,11 +174,11 @@ def _log(run_dir: Path, worker: str) -> Path:
 
 
 def _wait_for(what: str, cond: Any, timeout: float, procs: list[subprocess.Popen[str]] = ()) -> float:
-    """Poll cond() until true; returns the seconds waited; fails early if a process died."""
+    """Poll cond() until true; returns the seconds waited; fails early if one of procs exited."""
     t0 = time.monotonic()
     while not cond():
         for p in procs:
-            if p.poll() not in (None, 0):
+            if p.poll() is not None:
                 pytest.fail(f"{what}: {p.args} exited with {p.returncode}:\n{_tail(p)}")
         if time.monotonic() - t0 > timeout:
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
@@ -169,7 +190,8 @@ def _wait_for(what: str, cond: Any, timeout: float, procs: list[subprocess.Popen
 # processes
 
 
-def _write_config(run_dir: Path, corpus: Path, *, steps: int, h: int, port: int, workers: int = 3) -> Path:
+def _write_config(run_dir: Path, corpus: Path, *, steps: int, h: int, port: int = 0, workers: int = 3) -> Path:
+    """A TOML for `dilo coordinator` / `dilo worker` (port 0: pass --membership.address to workers)."""
     cfg = run_dir / "elastic.toml"
     cfg.write_text(
         f"""
@@ -230,7 +252,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _spawn(args: list[str], run_dir: Path, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """`python -m dilo.cli ARGS` with stderr in run_dir/NAME.err (read with _tail)."""
-    err = open(run_dir / f"{name}.err", "w")  # noqa: SIM115 - closed with the process by _tail's reader
+    err = open(run_dir / f"{name}.err", "w")  # noqa: SIM115 - the child keeps its own descriptor
     p = subprocess.Popen(
         [sys.executable, "-m", "dilo.cli", *args],
         stdout=subprocess.DEVNULL,
@@ -287,6 +309,7 @@ def _stop_coordinator(p: subprocess.Popen[str]) -> None:
 def test_threads_end_on_the_coordinators_params(tmp_path: Path, corpus_dir: Path, codec: dict[str, Any]) -> None:
     cfg = _elastic_cfg(tmp_path, corpus_dir, workers=2, steps=16, codec=codec)
     coord = Coordinator(cfg, bind="tcp://127.0.0.1:0")
+    initial = coord.anchor_hash()
     with _serving(coord):
         summaries, worlds = _run_threads(_at(cfg, coord.address), ["w0", "w1"])
         final = tensor_digest(coord.params)
@@ -294,7 +317,7 @@ def test_threads_end_on_the_coordinators_params(tmp_path: Path, corpus_dir: Path
     assert version == 4  # 16 steps / H=4, every round committed
     for w in worlds:
         assert w.outer.anchor.digest() == final
-        assert w.joined == {"version": 0, "anchor_hash": w.joined["anchor_hash"], "members": w.joined["members"]}
+        assert w.joined["version"] == 0 and w.joined["anchor_hash"] == initial
     per_worker = [_records(_log(tmp_path, w)) for w in ("w0", "w1")]
     hashes = [[r["anchor_hash"] for r in recs] for recs in per_worker]
     assert hashes[0] == hashes[1] and len(hashes[0]) == 4 and hashes[0][-1] == final
@@ -485,9 +508,14 @@ def test_hostile_semantic_mutations_get_specific_errors(hostile: _Fixture) -> No
         assert code in codes, what
     rejected = fx.coord.rejected
     assert rejected["not_member"] == 2 and rejected["bad_body"] == 6 and rejected["auth"] == 2
+    # control: the unmutated push passes every check (sent with weight 0, so that the round it
+    # closes commits nothing and the parameters stay put)
+    reply = fx.raw.ask(fx.push(body={"weight": 0.0, "contributes": True, "stop": False, "tokens": 128}))
+    assert reply.type == wire.MsgType.RESULT, reply.body
+    assert reply.body["committed"] is False and reply.body["participants"] == 0 and reply.body["version"] == 0
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def _fuzz_bytes(fx: _Fixture, data: st.DataObject) -> None:
     valid = fx.push()
@@ -521,6 +549,21 @@ def test_hostile_fuzzed_bytes_never_pass(hostile: _Fixture) -> None:
     assert hostile.sent >= 150
 
 
+def _valid_body(body: dict[str, Any]) -> bool:
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    w, tok = body.get("weight", 1.0), body.get("tokens", 0)
+    return (
+        number(w)
+        and 0 <= w < float("inf")
+        and isinstance(tok, int)
+        and not isinstance(tok, bool)
+        and tok >= 0
+        and all(isinstance(body.get(k, True), bool) for k in ("contributes", "stop"))
+    )
+
+
 def _still_valid(fx: _Fixture, field_: str, value: Any) -> bool:
     """Whether a push with this header value would be accepted (so the fuzzer must not send it)."""
     is_int = isinstance(value, int) and not isinstance(value, bool)
@@ -532,15 +575,11 @@ def _still_valid(fx: _Fixture, field_: str, value: Any) -> bool:
         or (field_ == "run" and value == fx.coord.run_id)
         or (field_ == "fp" and value == fx.coord.fingerprint)
         or (field_ == "type" and value == "push")
-        or (
-            field_ == "body"
-            and isinstance(value, dict)
-            and not ({"weight", "tokens", "contributes", "stop"} & set(value))
-        )
+        or (field_ == "body" and isinstance(value, dict) and _valid_body(value))
     )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(
     field_=st.sampled_from(["v", "type", "run", "worker", "seq", "base", "fp", "body", "tensors"]),
     value=st.one_of(
@@ -551,7 +590,11 @@ def _still_valid(fx: _Fixture, field_: str, value: Any) -> bool:
         st.text(max_size=20),
         st.binary(max_size=20),
         st.lists(st.integers(-(2**63), 2**64 - 1), max_size=3),
-        st.dictionaries(st.sampled_from(["weight", "tokens", "contributes", "stop", "x"]), st.integers(), max_size=3),
+        st.dictionaries(
+            st.sampled_from(["weight", "tokens", "contributes", "stop", "x"]),
+            st.integers(-(2**63), 2**64 - 1),
+            max_size=3,
+        ),
     ),
 )
 def _fuzz_fields(fx: _Fixture, field_: str, value: Any) -> None:
@@ -566,3 +609,344 @@ def _fuzz_fields(fx: _Fixture, field_: str, value: Any) -> None:
 def test_hostile_fuzzed_header_fields(hostile: _Fixture) -> None:
     _fuzz_fields(hostile)
     assert hostile.sent >= 60
+
+
+# ==========================================================================================
+# a coordinator restarted faster than request_timeout_s (threads)
+
+
+@pytest.mark.timeout(60)
+def test_fast_coordinator_restart_is_noticed(tmp_path: Path, corpus_dir: Path) -> None:
+    """The old process took both pushes of round 1 and died; the new one is up before any
+    heartbeat went unanswered. Workers notice by the `boot` id in its ACKs, re-join and re-push:
+    nothing is lost. (Before the boot id, they waited for a RESULT that could never come.)"""
+    cfg = _elastic_cfg(tmp_path, corpus_dir, workers=2, steps=12, membership={"request_timeout_s": 30.0})
+    bind = f"tcp://127.0.0.1:{_free_port()}"
+    old = _Gated(cfg, bind=bind, hold_at=1)
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = _run_threads(_at(cfg, bind), ["w0", "w1"])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            out["error"] = e
+
+    runner = threading.Thread(target=run, daemon=True)
+    with _serving(old):
+        runner.start()
+        _wait_for("both pushes of round 1", lambda: status(bind, secret=None)["pending"] == ["w0", "w1"], 30)
+    # `old` stopped: its pending pushes are gone with it (its checkpoint is at version 1)
+    t0 = time.monotonic()
+    new = Coordinator(cfg, bind=bind, resume=True)
+    assert new.version == 1 and sorted(new.members) == ["w0", "w1"]
+    with _serving(new):
+        runner.join(timeout=25)
+        elapsed = time.monotonic() - t0
+        assert not runner.is_alive(), "workers still waiting on the dead coordinator's round"
+        assert "error" not in out, out.get("error")
+        final, version = tensor_digest(new.params), new.version
+    print(f"\nfast restart: workers re-joined and finished {elapsed:.2f} s after the restart")
+    assert elapsed < 10 < cfg.membership.request_timeout_s
+    assert version == 3  # 12 steps / H=4: no round lost
+    summaries, worlds = out["result"]
+    assert all(w.outer.anchor.digest() == final for w in worlds)
+    assert all(s["rounds_committed"] == 3 for s in summaries)
+
+
+# ==========================================================================================
+# 3. SIGKILL a worker process mid-run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sigkill_a_worker_the_others_go_on(tmp_path: Path, corpus_dir: Path) -> None:
+    """Three `dilo worker` processes; w2 is SIGKILLed after a round with all three. The coordinator
+    serves from a thread here so that the test can hold rounds: the first until all three pushed
+    (process start-up varies by seconds, the whole run takes one), and one after w2 is gone,
+    while `dilo status --json` is asked who is left."""
+    toml = str(_write_config(tmp_path, corpus_dir, steps=120, h=10, workers=3))
+    from dilo.config import load
+
+    coord = _Gated(load(toml), bind="tcp://127.0.0.1:0", hold_at=0)
+    addr = coord.address
+    with _serving(coord), _reaped([]) as procs:
+        workers = {
+            w: _spawn(["worker", toml, "--id", w, f"--membership.address={addr}"], tmp_path, w)
+            for w in ("w0", "w1", "w2")
+        }
+        procs.extend(workers.values())
+        _wait_for(
+            "three pushes in round 0", lambda: status(addr, secret=None)["pending"] == ["w0", "w1", "w2"], 90, procs
+        )
+        coord.gate.set()
+        _wait_for("the first round", lambda: len(_records(_log(tmp_path, "w0"))) >= 1, 30, procs)
+        seen = len(_records(_log(tmp_path, "w0")))
+        os.kill(workers["w2"].pid, signal.SIGKILL)
+        workers["w2"].wait(timeout=10)
+        survivors = [workers["w0"], workers["w1"]]
+
+        def gone() -> bool:
+            return "w2" not in [m["worker"] for m in status(addr, secret=None)["members"]]
+
+        detect_s = _wait_for("w2 to leave the view", gone, 30, survivors)
+        # let one more round close (the one without w2, if it has not yet), hold the next and ask
+        # the CLI who is in the view
+        coord.hold_at = coord.version + 1
+        coord.gate.clear()
+        close_s = detect_s + _wait_for(
+            "a round without w2",
+            lambda: any(r["participants"] == 2 for r in _records(_log(tmp_path, "w0"))[seen:]),
+            30,
+            survivors,
+        )
+        _wait_for(
+            "the survivors' next pushes", lambda: status(addr, secret=None)["pending"] == ["w0", "w1"], 30, survivors
+        )
+        cli = [sys.executable, "-m", "dilo.cli", "status", addr, "--json"]
+        shown = subprocess.run(cli, env=_env(DILO_LOG="WARNING"), capture_output=True, text=True, timeout=60)
+        coord.gate.set()
+        _wait_ok(workers["w0"], 60)
+        _wait_ok(workers["w1"], 60)
+        final = tensor_digest(coord.params)
+        version = coord.version
+    print(f"\nworker SIGKILL: out of the view after {detect_s:.2f} s, round closed without it after {close_s:.2f} s")
+    assert detect_s < 6  # heartbeat_timeout_s = 2, heartbeats every 0.2 s
+    assert shown.returncode == 0, shown.stderr
+    st_ = json.loads(shown.stdout)
+    assert [m["worker"] for m in st_["members"]] == ["w0", "w1"] and st_["pending"] == ["w0", "w1"]
+    assert st_["epoch"] == 4  # three joins and one leave
+    recs = [_records(_log(tmp_path, w)) for w in ("w0", "w1")]
+    assert [r["anchor_hash"] for r in recs[0]] == [r["anchor_hash"] for r in recs[1]]
+    for rs in recs:
+        assert len(rs) == 12 and all(r["committed"] for r in rs) and rs[-1]["anchor_hash"] == final
+        parts = [r["participants"] for r in rs]
+        # three until the round w2 died in, then two to the end
+        assert parts[0] == 3 and parts[-1] == 2 and parts == sorted(parts, reverse=True) and set(parts) == {2, 3}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rounds_committed"] == 12 and summary["steps"] == 120
+    assert version == 12
+
+
+# ==========================================================================================
+# 4. a worker joins mid-run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_worker_joins_mid_run_with_the_coordinators_state(tmp_path: Path, corpus_dir: Path) -> None:
+    toml = _write_config(tmp_path, corpus_dir, steps=60, h=10, workers=3)
+    from dilo.config import load
+
+    # round 0 waits for both first workers (start-up times vary); rounds stop closing again at
+    # version 2 until the joiner is in, so that it joins while a round is in progress
+    coord = _Gated(load(str(toml)), bind="tcp://127.0.0.1:0", hold_at=0)
+    addr = coord.address
+    with _serving(coord), _reaped([]) as procs:
+        for w in ("w0", "w1"):
+            procs.append(_spawn(["worker", str(toml), "--id", w, f"--membership.address={addr}"], tmp_path, w))
+        _wait_for("round 0", lambda: status(addr, secret=None)["pending"] == ["w0", "w1"], 90, procs)
+        coord.hold_at = 2
+        _wait_for("round 2 in progress", lambda: status(addr, secret=None)["pending"] == ["w0", "w1"], 90, procs)
+        joiner = _spawn(["worker", str(toml), "--id", "w2", f"--membership.address={addr}"], tmp_path, "w2")
+        procs.append(joiner)
+        _wait_for("the joiner's WELCOME", lambda: "worker w2 joined at version" in _tail(joiner), 90, procs)
+        coord.gate.set()
+        for p in procs:
+            _wait_ok(p, 60)
+        hashes = dict(coord.hashes)
+    line = next(x for x in _tail(joiner, 100_000).splitlines() if "worker w2 joined at version" in x)
+    version = int(line.split("joined at version ")[1].split(",")[0])
+    anchor = line.split("anchor ")[1].split(",")[0]
+    print(f"\njoiner: joined at version {version} with anchor {anchor}")
+    assert version == 2 and anchor == hashes[2]
+    # every anchor any worker logged is the coordinator's at some version: nobody ever diverged
+    for w in ("w0", "w1", "w2"):
+        recs = _records(_log(tmp_path, w))
+        assert len(recs) == 6
+        assert all(r["anchor_hash"] in hashes.values() for r in recs), w
+    first = [r["participants"] for r in _records(_log(tmp_path, "w0"))]
+    assert first[:2] == [2, 2] and 3 in first
+    joined = _records(_log(tmp_path, "w2"))
+    assert any(r["participants"] == 3 for r in joined)
+    assert _records(_log(tmp_path, "w2"), "start")[0]["step"] == 0
+
+
+# ==========================================================================================
+# 5. SIGKILL the coordinator, restart it with --resume
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_coordinator_sigkill_and_resume(tmp_path: Path, corpus_dir: Path) -> None:
+    port = _free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    run = tmp_path / "run"
+    run.mkdir()
+    toml = str(_write_config(run, corpus_dir, steps=120, h=10, port=port, workers=2))
+    with _reaped([]) as procs:
+        coord = _spawn(["coordinator", toml], run, "coordinator")
+        procs.append(coord)
+        _wait_for("the coordinator", lambda: "listening on" in _tail(coord), 60, procs)
+        # a start line for both workers (start-up times vary by seconds, the run takes about one):
+        # the coordinator is paused until both sent their JOIN, which then waits in its socket
+        os.kill(coord.pid, signal.SIGSTOP)
+        workers = [_spawn(["worker", toml, "--id", w], run, w) for w in ("w0", "w1")]
+        procs.extend(workers)
+        _wait_for("both JOINs", lambda: all("joining the coordinator" in _tail(w) for w in workers), 60, workers)
+        os.kill(coord.pid, signal.SIGCONT)
+        _wait_for(
+            "a round with both workers",
+            lambda: any(r["participants"] == 2 for w in ("w0", "w1") for r in _records(_log(run, w))),
+            90,
+            procs,
+        )
+        os.kill(coord.pid, signal.SIGKILL)
+        coord.wait(timeout=10)
+        rounds_at_kill = len(_records(_log(run, "w0")))
+        coord2 = _spawn(["coordinator", toml, "--resume"], run, "coordinator2")
+        procs.append(coord2)
+        ready_s = _wait_for(
+            "the restarted coordinator", lambda: "listening on" in _tail(coord2), 60, [coord2, *workers]
+        )
+        resumed_at = int(_tail(coord2).split("dilo coordinator: run 'elastic' at version ")[1].split(",")[0])
+        t_ready = time.monotonic()
+        _wait_for("a round after the restart", lambda: len(_records(_log(run, "w0"))) > rounds_at_kill, 60, [coord2])
+        rejoin_s = time.monotonic() - t_ready
+        for w in workers:
+            _wait_ok(w, 90)
+        final_version = status(addr, secret=None)["version"]
+        _stop_coordinator(coord2)
+    print(
+        f"\ncoordinator SIGKILL after {rounds_at_kill} rounds: restarted (process up) after {ready_s:.2f} s at "
+        f"version {resumed_at}; first round after the restart {rejoin_s:.2f} s later; final version {final_version}"
+    )
+    # the newest version the killed coordinator logged (after sending its RESULTs)
+    closed = [line for line in _tail(coord, 100_000).splitlines() if "closed:" in line]
+    killed_at = int(closed[-1].rsplit("version ", 1)[1]) if closed else 0
+    print(f"the killed coordinator had reached version {killed_at}")
+    assert resumed_at >= killed_at  # checkpoints are written before RESULTs: no version a worker saw is lost
+    assert final_version >= 12 - 1  # at most one round lost
+    recs = [_records(_log(run, w)) for w in ("w0", "w1")]
+    assert all(len(r) == 12 for r in recs)
+    assert all(sum(x["reason"] == "round lost" for x in r) <= 1 for r in recs)
+    ckpt = run / "coordinator"
+    final = tensor_digest(load_worker_state(ckpt, rounds_of(ckpt, "coordinator")[-1], "coordinator")["params"])
+    # whoever finished last holds the final state; the other's last state is one it went through
+    left = [line.split("worker ")[1].split()[0] for line in _tail(coord2, 100_000).splitlines() if " left (" in line]
+    first, last = (recs[0], recs[1]) if left[0] == "w0" else (recs[1], recs[0])
+    assert last[-1]["anchor_hash"] == final
+    assert first[-1]["anchor_hash"] in {r["anchor_hash"] for r in last}
+    val = json.loads((run / "summary.json").read_text())["val_loss"]
+
+    # the same run without the crash (threads: the same algorithm, islands and seeds)
+    from dilo.config import load
+
+    cfg = load(toml, [f"--out_dir={tmp_path / 'ref'}"])
+    ref_coord = Coordinator(cfg, bind="tcp://127.0.0.1:0")
+    with _serving(ref_coord):
+        ref, _ = _run_threads(_at(cfg, ref_coord.address), ["w0", "w1"])
+    print(f"final validation loss {val:.4f}, uninterrupted {ref[0]['val_loss']:.4f}")
+    assert abs(val - ref[0]["val_loss"]) < 0.1 * ref[0]["val_loss"]
+
+
+# ==========================================================================================
+# 6. wrong secret, missing secret, mismatched config
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_workers_with_the_wrong_secret_or_config_are_refused(tmp_path: Path, corpus_dir: Path) -> None:
+    toml = str(_write_config(tmp_path, corpus_dir, steps=8, h=4, workers=2))
+    from dilo.config import load
+
+    cfg = load(toml)
+    wrong = tmp_path / "wrong.secret"
+    wrong.write_text("not-the-coordinators-secret-0123")
+    with (
+        _serving(Coordinator(cfg, bind="tcp://127.0.0.1:0", secret=SECRET)) as guarded,
+        _serving(Coordinator(cfg, bind="tcp://127.0.0.1:0")) as open_,
+        _reaped([]) as procs,
+    ):
+        right = _env(DILO_SECRET=SECRET.decode())
+        cases = {
+            # name: (coordinator, extra args, env, words the error must contain)
+            "wrong-secret": (guarded, [f"--membership.secret_file={wrong}"], _env(), ["authentication", "secret"]),
+            "no-secret": (guarded, [], _env(), ["authentication", "requires a secret and this worker has none"]),
+            "other-config": (guarded, ["--outer.lr=0.5"], right, ["configuration mismatch", "config"]),
+            "unexpected-secret": (open_, [], right, ["authentication", "secret"]),
+        }
+        for name, (c, extra, env, _) in cases.items():
+            args = ["worker", toml, "--id", name, f"--membership.address={c.address}", *extra]
+            procs.append(_spawn(args, tmp_path, name, env))
+        for p, (name, (_, _, _, words)) in zip(procs, cases.items()):
+            p.wait(timeout=90)
+            err = _tail(p)
+            assert p.returncode == 2, f"{name}: exit {p.returncode}\n{err}"
+            last = err.strip().splitlines()[-1]
+            assert last.startswith("dilo: error: worker"), f"{name}: {last}"
+            assert all(w in last for w in words), f"{name}: {last}"
+            print(f"\n{name}: {last}")
+        assert not guarded.members and not open_.members  # nobody got in
+        assert guarded.rejected["auth"] >= 2 and guarded.rejected["config"] >= 1 and open_.rejected["auth"] >= 1
+
+
+# ==========================================================================================
+# 7. dilo status
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_dilo_status_shows_members_version_bytes_and_rejections(tmp_path: Path, corpus_dir: Path) -> None:
+    cfg = _elastic_cfg(tmp_path, corpus_dir)
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(SECRET)
+    coord = Coordinator(cfg, bind="tcp://127.0.0.1:0", secret=SECRET)
+    mb = 1 << 24
+    with _serving(coord):
+        clients = [
+            StarClient(
+                _at(cfg, coord.address).membership,
+                w,
+                run=cfg.name,
+                fingerprint=cfg.fingerprint(),
+                secret=SECRET,
+                max_message_bytes=mb,
+            )
+            for w in ("c0", "c1")
+        ]
+        try:
+            for c in clients:
+                c.join()
+            bad = StarClient(
+                _at(cfg, coord.address).membership,
+                "c9",
+                run="other",
+                fingerprint="x",
+                secret=SECRET,
+                max_message_bytes=mb,
+            )
+            with pytest.raises(DiloError, match="run name mismatch"):
+                bad.join()
+            bad.close()
+            cli = [sys.executable, "-m", "dilo.cli", "status", coord.address, "--secret-file", str(secret_file)]
+            env = _env(DILO_LOG="WARNING")
+            text = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=60)
+            as_json = subprocess.run([*cli, "--json"], env=env, capture_output=True, text=True, timeout=60)
+            refused = subprocess.run(cli[:5], env=env, capture_output=True, text=True, timeout=60)
+        finally:
+            for c in clients:
+                c.leave()
+                c.close()
+    assert text.returncode == 0, text.stderr
+    print("\n" + text.stdout)
+    out = text.stdout
+    assert "run test: version 0, round 0" in out and "2 members" in out
+    assert "rejected messages: {'run': 1}" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("c0", "c1"))]
+    assert [r[0] for r in rows] == ["c0", "c1"] and all(int(r[-2].replace(",", "")) > 0 for r in rows)
+    st_ = json.loads(as_json.stdout)
+    assert [m["worker"] for m in st_["members"]] == ["c0", "c1"]
+    assert st_["version"] == 0 and st_["rejected"] == {"run": 1}
+    assert st_["bytes_in"] > 0 and st_["bytes_out"] > st_["bytes_in"]  # two WELCOMEs carry the parameters
+    assert all(m["bytes_out"] > 0 and m["last_seen_s"] < 5 for m in st_["members"])
+    assert refused.returncode == 2 and "--secret-file" in refused.stderr, refused.stderr

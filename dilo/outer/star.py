@@ -293,14 +293,28 @@ class StarDiLoCo:
     def _rejoin_and_repush(
         self, model: nn.Module, tensors: dict[str, Tensor], body: dict[str, Any]
     ) -> wire.Message | None:
-        """The coordinator restarted (or forgot us): re-join; if it is still at our version, push again."""
-        base = self.version
-        welcome = self.client.join()
-        if int(welcome.body["version"]) == base:
+        """The coordinator restarted (or forgot us): re-join; if it is still at our state, push again.
+
+        A few tries: a heartbeat answered just before the JOIN can make the push that follows look
+        lost once more (a not_member reply, or the old process's id, arriving late)."""
+        base, anchor = self.version, self.anchor.digest()
+        for attempt in range(1, 4):
+            welcome = self.client.join()
+            # The version alone does not prove the same state: a coordinator restarted from an
+            # older checkpoint (or none) reuses version numbers once another worker moved it on.
+            if int(welcome.body["version"]) != base or welcome.body["anchor_hash"] != anchor:
+                self._adopt(welcome, model)
+                return None
             self.members = tuple(welcome.body.get("members", ()))
-            return self.client.push(tensors, body, base=base)
-        self._adopt(welcome, model)
-        return None
+            try:
+                return self.client.push(tensors, body, base=base)
+            except PeerLost as e:
+                log.warning("push after re-joining failed (%s), try %d of 3", e, attempt)
+            except wire.WireError as e:
+                if e.code != "not_member":
+                    raise
+                log.warning("push after re-joining refused (%s), try %d of 3", e, attempt)
+        raise PeerLost(f"the coordinator at {self.client.cfg.address} keeps losing worker {self.client.worker_id!r}")
 
     def _report(
         self,

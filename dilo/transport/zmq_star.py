@@ -111,6 +111,13 @@ class StarClient:
                 # request went to the old process and will never be answered.
                 self._reconnect()
                 raise PeerLost(f"the coordinator at {self.cfg.address} restarted")
+            if wait_s is None and self._heartbeat_started and self.heartbeat.not_member.is_set():
+                # The coordinator answers our heartbeats with not_member (it restarted without us,
+                # e.g. from no checkpoint, or dropped us): a push it never took will never be
+                # answered. If it did take it, re-joining and pushing again replaces it, or finds
+                # the round closed and catches up from the current state.
+                self._reconnect()
+                raise PeerLost(f"the coordinator at {self.cfg.address} no longer counts {self.worker_id!r} as a member")
 
     def _restarted(self) -> bool:
         seen = self.heartbeat.boot if self._heartbeat_started else None
@@ -122,6 +129,7 @@ class StarClient:
         """JOIN until WELCOME, with exponential backoff while the coordinator is unreachable."""
         give_up_s = give_up_s if give_up_s is not None else max(60.0, 6 * self.cfg.request_timeout_s)
         t0, delay = time.monotonic(), 0.25
+        log.info("worker %s joining the coordinator at %s", self.worker_id, self.cfg.address)
         while True:
             try:
                 welcome = self.request(
@@ -138,7 +146,7 @@ class StarClient:
                 delay = min(delay * 2, 5.0)
                 continue
             except wire.WireError as e:
-                raise DiloError(_join_refusal(self.worker_id, e)) from e
+                raise DiloError(_join_refusal(self.worker_id, e, has_secret=self.secret is not None)) from e
             if welcome.type != wire.MsgType.WELCOME:
                 raise DiloError(f"expected WELCOME from the coordinator, got {welcome.type.value}")
             self.boot = welcome.body.get("boot")
@@ -146,6 +154,7 @@ class StarClient:
                 self.heartbeat.start()
                 self._heartbeat_started = True
             self.heartbeat.lost.clear()
+            self.heartbeat.not_member.clear()
             self.heartbeat.boot = None  # an id seen before this WELCOME may be the old process's
             return welcome
 
@@ -161,6 +170,9 @@ class StarClient:
         )
 
     def leave(self) -> None:
+        # heartbeats first: one sent after LEAVE would be refused as "not a member" and counted
+        # among the coordinator's rejected messages
+        self.heartbeat.stop()
         try:
             self.request(wire.Message(type=wire.MsgType.LEAVE, worker=self.worker_id), wait_s=2.0)
         except (SyncTimeout, PeerLost, wire.WireError) as e:
@@ -172,17 +184,26 @@ class StarClient:
         self.ctx.term()
 
 
-def _join_refusal(worker_id: str, e: wire.WireError) -> str:
+def _join_refusal(worker_id: str, e: wire.WireError, *, has_secret: bool) -> str:
     """What a failed JOIN means, in words. The code comes from the coordinator's ERROR or, when
     its reply fails our own checks (a reply signed with another secret, or signed while we have
     none), from that local check; either way both sides disagree on the same thing."""
-    hint = {
-        "auth": "authentication failed: the worker and the coordinator must share one secret "
-        "(the same DILO_SECRET or membership.secret_file on both, or none on either)",
-        "config": "configuration mismatch: start the worker with the coordinator's config file and overrides",
-        "run": "run name mismatch: the worker and the coordinator were started with different `name`s",
-        "version": "protocol version mismatch: run the same dilo version on both ends",
-    }.get(e.code, "the coordinator refused the join")
+    if e.code == "auth" and not has_secret:
+        hint = (
+            "authentication failed: the coordinator requires a secret and this worker has none "
+            "(set DILO_SECRET or membership.secret_file to the coordinator's secret)"
+        )
+    elif e.code == "auth":
+        hint = (
+            "authentication failed: this worker's secret is not the coordinator's, or the coordinator has none "
+            "(the same DILO_SECRET or membership.secret_file on both, or no secret on either)"
+        )
+    else:
+        hint = {
+            "config": "configuration mismatch: start the worker with the coordinator's config file and overrides",
+            "run": "run name mismatch: the worker and the coordinator were started with different `name`s",
+            "version": "protocol version mismatch: run the same dilo version on both ends",
+        }.get(e.code, "the coordinator refused the join")
     return f"worker {worker_id!r} cannot join: {hint} [{e.code}: {e}]"
 
 
@@ -210,7 +231,11 @@ def status(address: str, *, secret: bytes | None, curve_dir: str = "", timeout_s
         sock.send_multipart(wire.encode(wire.Message(type=wire.MsgType.STATUS, worker="dilo-status"), secret))
         if not sock.poll(int(timeout_s * 1000)):
             raise DiloError(f"no answer from a coordinator at {address} within {timeout_s:.0f} s")
-        reply = wire.decode(sock.recv_multipart(), secret=secret)
+        try:
+            reply = wire.decode(sock.recv_multipart(), secret=secret)
+        except wire.WireError as e:
+            hint = " (pass --secret-file or DILO_SECRET with the coordinator's secret)" if e.code == "auth" else ""
+            raise DiloError(f"cannot read the coordinator's reply ({e.code}): {e}{hint}") from e
         if reply.type == wire.MsgType.ERROR:
             raise DiloError(f"the coordinator refused: {reply.body.get('code')}: {reply.body.get('message')}")
         return dict(reply.body)
