@@ -87,9 +87,21 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     if elastic:
         port = _free_port()
         addr = f"tcp://127.0.0.1:{port}"
-        rest = [*rest, f"--coordinator.bind={addr}", f"--membership.address={addr}", f"--workers={n}"]
+        rest = [
+            *rest,
+            f"--coordinator.bind={addr}",
+            f"--membership.address={addr}",
+            f"--workers={n}",
+            f"--membership.start_quorum={n}",
+        ]
+        # its own session: a Ctrl+C in the terminal stops the workers, which leave; the launcher
+        # then stops the coordinator, which checkpoints
         procs.append(
-            subprocess.Popen([sys.executable, "-m", "dilo.cli", "coordinator", args.config, *rest], env=base_env)
+            subprocess.Popen(
+                [sys.executable, "-m", "dilo.cli", "coordinator", args.config, *rest],
+                env=base_env,
+                start_new_session=True,
+            )
         )
     else:
         store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))

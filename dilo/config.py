@@ -259,6 +259,9 @@ class MembershipConfig(Frozen):
     """A synchronous round closes at this deadline with whoever pushed (at least min_workers)."""
     min_workers: int = Field(1, gt=0)
     """Fewest pushes that may close a round at its deadline."""
+    start_quorum: int = Field(0, ge=0)
+    """The first round waits for this many pushes (or round_timeout_s), so a run does not start with
+    whichever worker was up first; `dilo run` sets it to --workers."""
     request_timeout_s: float = Field(30.0, gt=0.0)
     """A worker waits this long for any reply before reconnecting (with backoff)."""
     secret_file: str = ""

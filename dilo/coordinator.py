@@ -111,7 +111,6 @@ class Coordinator:
         self.bytes_in = 0
         self.bytes_out = 0
         self.global_tokens = 0
-        self.stop_requested = False
         # A new id per process: workers compare it across heartbeats to notice a restart (a
         # coordinator that came back within request_timeout_s never looks "lost" to them, and a
         # PUSH the old process received and never answered would otherwise be waited on forever).
@@ -370,6 +369,8 @@ class Coordinator:
         timed_out = r.first_push is not None and now - r.first_push >= self.mcfg.round_timeout_s
         if waiting and not (timed_out and len(r.pushes) >= self.mcfg.min_workers):
             return
+        if self.version == 0 and len(r.pushes) < self.mcfg.start_quorum and not timed_out:
+            return  # the first round waits for the expected workers (or its deadline)
         if waiting:
             log.warning("round %d closes at its deadline without %s", r.index, sorted(waiting))
         self._close()
@@ -378,7 +379,6 @@ class Coordinator:
         r = self.round
         contributions = [(p.weight, p.flats) for w, p in sorted(r.pushes.items()) if p.contributes and p.flats]
         tokens = sum(p.tokens for p in r.pushes.values())
-        stop = any(p.stop for p in r.pushes.values())
         self.global_tokens += tokens
         tensors: dict[str, torch.Tensor] = {}
         committed = bool(contributions)
@@ -397,7 +397,6 @@ class Coordinator:
             "committed": committed,
             "participants": len(contributions),
             "tokens": tokens,
-            "stop": stop or self.stop_requested,
             "anchor_hash": self.anchor_hash(),
             "inner_steps": self._inner_steps(),
             "members": sorted(self.members),

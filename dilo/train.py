@@ -119,6 +119,8 @@ def train(
             "step": totals.step,
             "val_loss": totals.extra.get("initial_val_loss"),
             "setup_s": time.perf_counter() - setup_t0,
+            # elastic: the version and anchor hash this worker joined with (equal to the coordinator's)
+            "joined": getattr(world, "joined", None),
             "config": cfg.model_dump(mode="json"),
         }
     )

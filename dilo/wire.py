@@ -311,7 +311,7 @@ def _decode(
             raise WireError(
                 "auth",
                 "message is not authenticated but this coordinator requires a secret: "
-                "set DILO_SECRET or transport.secret_file",
+                "set DILO_SECRET or membership.secret_file",
             )
         if not hmac.compare_digest(_mac(secret, header_bytes, views[1:]), mac):
             raise WireError("auth", "bad HMAC: wrong secret?")
@@ -413,8 +413,9 @@ def check_shapes(msg: Message, expected: dict[str, tuple[tuple[int, ...], str]])
             raise WireError("shape", f"tensor {name!r} missing from {msg.worker!r}: expected {tuple(shape)} {dtype}")
         got = (tuple(t.shape), _DTYPE_NAMES.get(t.dtype, str(t.dtype)))
         if got != (tuple(shape), dtype):
+            code = "shape" if got[0] != tuple(shape) else "dtype"
             raise WireError(
-                "shape", f"tensor {name!r} from {msg.worker!r}: expected {tuple(shape)} {dtype}, got {got[0]} {got[1]}"
+                code, f"tensor {name!r} from {msg.worker!r}: expected {tuple(shape)} {dtype}, got {got[0]} {got[1]}"
             )
 
 

@@ -287,7 +287,14 @@ class StarDiLoCo:
             self._adopt(self.client.pull(), model)
         self.anchor.restore_into(params)
         return self._report(
-            committed, int(b["participants"]), t0, sent0, recv0, tail, stop=bool(b["stop"]), tokens=int(b["tokens"])
+            committed,
+            int(b["participants"]),
+            t0,
+            sent0,
+            recv0,
+            tail,
+            stop=tail.stop,  # a worker's Ctrl+C makes it leave; the others go on
+            tokens=int(b["tokens"]),
         )
 
     def _rejoin_and_repush(
