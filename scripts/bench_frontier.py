@@ -12,6 +12,7 @@ DiLoCo and to DDP. Writes scripts/results/frontier.json, scripts/results/frontie
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 from pathlib import Path
 
@@ -23,12 +24,12 @@ ARMS: list[tuple[str, list[str]]] = [
     ("fp16", ["--codec.kind=fp16"]),
     ("int8", ["--codec.kind=int8"]),
     ("int4", ["--codec.kind=int4"]),
-    ("topk-10%", ["--codec.kind=topk", "--codec.fraction=0.1", "--codec.chunk=4096", "--codec.error_feedback=false"]),
-    ("topk-10%+ef", ["--codec.kind=topk", "--codec.fraction=0.1", "--codec.chunk=4096", "--codec.error_feedback=true"]),
-    ("topk-1%", ["--codec.kind=topk", "--codec.fraction=0.01", "--codec.chunk=4096", "--codec.error_feedback=false"]),
-    ("topk-1%+ef", ["--codec.kind=topk", "--codec.fraction=0.01", "--codec.chunk=4096", "--codec.error_feedback=true"]),
-    ("sign+ef", ["--codec.kind=sign", "--codec.error_feedback=true"]),
-    ("powersgd-r4+ef", ["--codec.kind=powersgd", "--codec.rank=4", "--codec.error_feedback=true"]),
+    ("topk10", ["--codec.kind=topk", "--codec.fraction=0.1", "--codec.chunk=4096", "--codec.error_feedback=false"]),
+    ("topk10-ef", ["--codec.kind=topk", "--codec.fraction=0.1", "--codec.chunk=4096", "--codec.error_feedback=true"]),
+    ("topk1", ["--codec.kind=topk", "--codec.fraction=0.01", "--codec.chunk=4096", "--codec.error_feedback=false"]),
+    ("topk1-ef", ["--codec.kind=topk", "--codec.fraction=0.01", "--codec.chunk=4096", "--codec.error_feedback=true"]),
+    ("sign-ef", ["--codec.kind=sign", "--codec.error_feedback=true"]),
+    ("powersgd-r4-ef", ["--codec.kind=powersgd", "--codec.rank=4", "--codec.error_feedback=true"]),
 ]
 
 
@@ -41,6 +42,9 @@ def main() -> None:
     args = ap.parse_args()
 
     arms = [a for a in ARMS if not args.only or a[0] in ("ddp", "diloco", *args.only)]
+    for name, _ in arms:  # arm names become run names: check them all before the first run
+        if not re.fullmatch(r"[\w.-]+", name):
+            raise SystemExit(f"arm name {name!r} must be letters, digits, '.', '-' or '_'")
     results = []
     with tempfile.TemporaryDirectory(prefix="dilo-frontier-") as tmp:
         for name, overrides in arms:
@@ -53,7 +57,16 @@ def main() -> None:
             ]
             if name == "ddp":
                 common.remove("--outer.inner_steps=50")
-            results.append(run_arm(name, Path(args.config), args.workers, common + overrides, Path(tmp)))
+            results.append(
+                run_arm(
+                    name,
+                    Path(args.config),
+                    args.workers,
+                    common + overrides,
+                    Path(tmp),
+                    cache=Path(tempfile.gettempdir()) / "dilo-frontier-cache",
+                )
+            )
 
     ddp = next(r["summary"] for r in results if r["name"] == "ddp")
     base = next(r["summary"] for r in results if r["name"] == "diloco")

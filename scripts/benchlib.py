@@ -6,6 +6,7 @@ Every benchmark reports each figure as a ratio against a baseline measured in th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -32,8 +33,19 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_arm(name: str, config: Path, workers: int, overrides: list[str], out_root: Path) -> dict[str, Any]:
-    """Run `dilo run CONFIG --workers N overrides`; return its summary plus worker 0's round log."""
+def run_arm(
+    name: str, config: Path, workers: int, overrides: list[str], out_root: Path, cache: Path | None = None
+) -> dict[str, Any]:
+    """Run `dilo run CONFIG --workers N overrides`; return its summary plus worker 0's round log.
+
+    With `cache`, an arm already run with the same name and overrides is read back instead of run
+    again (so an interrupted benchmark can continue)."""
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise ValueError(f"arm name {name!r} must be letters, digits, '.', '-' or '_' (it names the run)")
+    digest = hashlib.sha256(json.dumps([str(config), workers, overrides]).encode()).hexdigest()[:12]
+    key = cache / f"{name}-{digest}.json" if cache else None
+    if key is not None and key.exists():
+        return json.loads(key.read_text())
     out_dir = out_root / name
     cmd = [
         sys.executable,
@@ -69,7 +81,11 @@ def run_arm(name: str, config: Path, workers: int, overrides: list[str], out_roo
         file=sys.stderr,
         flush=True,
     )
-    return {"name": name, "overrides": overrides, "summary": summary, "curve": curve}
+    result = {"name": name, "overrides": overrides, "summary": summary, "curve": curve}
+    if key is not None:
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.write_text(json.dumps(result))
+    return result
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
