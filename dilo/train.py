@@ -121,6 +121,8 @@ def train(
             "setup_s": time.perf_counter() - setup_t0,
             # elastic: the version and anchor hash this worker joined with (equal to the coordinator's)
             "joined": getattr(world, "joined", None),
+            # which codec each parameter group uses and through which collective
+            "exchange": outer.exchange.describe() if hasattr(outer, "exchange") else None,
             "config": cfg.model_dump(mode="json"),
         }
     )

@@ -7,8 +7,9 @@ A strategy is driven by the worker loop (dilo/train.py):
     if outer.due(step):                       # end of a round
         report = outer.sync(model, weight=tokens, stop=stop_requested)
 
-`sync` never raises on network faults: it returns `SyncReport(committed=False, reason=...)`
-with the parameters restored from the anchor.
+`sync` does not raise on a failed exchange: it returns `SyncReport(committed=False, reason=...)`
+with the parameters restored from the anchor. (An elastic worker whose coordinator stays
+unreachable past its join deadline does raise: there is nobody left to train with.)
 
 Every collective carries a small fp32 *tail* after the payload: the contributor's weight, a
 contributor count, a stop flag and the round's token count. Summing the tail with the payload
