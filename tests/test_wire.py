@@ -199,7 +199,7 @@ def test_hmac_failures() -> None:
     with pytest.raises(WireError, match="bad HMAC: wrong secret") as e:
         decode(frames, secret=b"another-secret-of-16+bytes")
     assert e.value.code == "auth"
-    with pytest.raises(WireError, match="set DILO_SECRET or transport.secret_file") as e:
+    with pytest.raises(WireError, match="set DILO_SECRET or membership.secret_file") as e:
         decode(encode(sample()), secret=SECRET)
     assert e.value.code == "auth"
     with pytest.raises(WireError, match="authenticated but no secret is configured") as e:
