@@ -200,7 +200,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:
     if t.numel() == 0:
         return b""
     # numpy has no bfloat16, so every dtype goes through a uint8 view of the same memory
-    # (the ignore: numpy's stubs declare the buffer protocol only from Python 3.12 on).
+    # (the ignore: numpy's type annotations declare the buffer protocol only from Python 3.12 on).
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
