@@ -68,7 +68,6 @@ class Push:
     seq: int
     weight: float
     contributes: bool
-    stop: bool
     tokens: int
     loss: float
     flats: list[torch.Tensor] | None
@@ -318,7 +317,7 @@ class Coordinator:
         # started, no member list frozen).
         body = msg.body
         contributes = _flag(body, "contributes", True)
-        stop = _flag(body, "stop", False)
+        _flag(body, "stop", False)  # validated; a worker's stop concerns only itself
         weight = body.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight < float("inf"):
             raise wire.WireError("bad_body", f"weight must be a finite number >= 0, got {weight!r}")
@@ -353,7 +352,6 @@ class Coordinator:
             msg.seq,
             float(weight),
             contributes and weight > 0,
-            stop,
             tokens,
             float(loss),
             flats,

@@ -181,10 +181,7 @@ class ElasticWorld:
             raise DiloError(f"worker id {self.worker_id!r} may hold only letters, digits, '-', '_' and '.'")
         self.device = pick_device(cfg.transport.backend)
         self.log_name = f"worker-{self.worker_id}"
-        secret = wire.load_secret(file=cfg.membership.secret_file or None)
-        param_bytes = 0  # set in strategy(); the message cap depends on the model
-        self._secret = secret
-        self._param_bytes = param_bytes
+        self._secret = wire.load_secret(file=cfg.membership.secret_file or None)
         self.client: StarClient | None = None
         # island: a stable slot from the worker id, so a restarted worker reads the same data
         islands = max(1, cfg.workers)

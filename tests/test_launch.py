@@ -42,6 +42,12 @@ def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+def _dilo_run(*args: str) -> list[str]:
+    """`dilo run configs/quickstart.toml ARGS...` as a command line."""
+    repo = Path(__file__).resolve().parent.parent
+    return [sys.executable, "-m", "dilo.cli", "run", str(repo / "configs" / "quickstart.toml"), *args]
+
+
 def _hashes(run_dir: Path, rank: int) -> list[str]:
     return [r["anchor_hash"] for r in read_jsonl(run_dir / "logs" / f"worker{rank}.jsonl") if r["event"] == "round"]
 
@@ -66,18 +72,7 @@ def test_torchrun_two_processes(tmp_path: Path, corpus_dir: Path) -> None:
 
 
 def test_dilo_run_two_workers(tmp_path: Path, corpus_dir: Path) -> None:
-    repo = Path(__file__).resolve().parent.parent
-    cmd = [
-        sys.executable,
-        "-m",
-        "dilo.cli",
-        "run",
-        str(repo / "configs" / "quickstart.toml"),
-        "--workers",
-        "2",
-        *_overrides(tmp_path, corpus_dir),
-        "--log.plot=true",
-    ]
+    cmd = _dilo_run("--workers", "2", *_overrides(tmp_path, corpus_dir), "--log.plot=true")
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -87,16 +82,7 @@ def test_dilo_run_two_workers(tmp_path: Path, corpus_dir: Path) -> None:
 
 
 def test_dilo_run_rejects_a_bad_config_before_starting_workers(tmp_path: Path) -> None:
-    repo = Path(__file__).resolve().parent.parent
-    cmd = [
-        sys.executable,
-        "-m",
-        "dilo.cli",
-        "run",
-        str(repo / "configs" / "quickstart.toml"),
-        "--outer.lr=fast",
-        f"--out_dir={tmp_path}",
-    ]
+    cmd = _dilo_run("--outer.lr=fast", f"--out_dir={tmp_path}")
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "outer.lr: Input should be a valid number" in proc.stderr
@@ -104,17 +90,7 @@ def test_dilo_run_rejects_a_bad_config_before_starting_workers(tmp_path: Path) -
 
 
 def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path: Path, corpus_dir: Path) -> None:
-    repo = Path(__file__).resolve().parent.parent
-    cmd = [
-        sys.executable,
-        "-m",
-        "dilo.cli",
-        "run",
-        str(repo / "configs" / "quickstart.toml"),
-        "--workers",
-        "2",
-        *_overrides(tmp_path, corpus_dir, steps=4000, h=20),
-    ]
+    cmd = _dilo_run("--workers", "2", *_overrides(tmp_path, corpus_dir, steps=4000, h=20))
     # a new session, so that the signal reaches the launcher and its workers as a terminal's Ctrl+C would
     proc = subprocess.Popen(
         cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dilo.compress import Context, Identity, build_codec, pack, unpack
+from dilo.compress import Context, build_codec, pack, unpack
 from dilo.compress.base import Codec
 from dilo.compress.feedback import ErrorFeedback
 from dilo.compress.lowrank import PowerSGD
@@ -263,4 +263,4 @@ def _part(ctx: Context, shard: int) -> Context:
     return Context(seed=ctx.seed, round=ctx.round, rank=ctx.rank, part=ctx.part + shard)
 
 
-__all__ = ["Exchange", "ExchangeResult", "Group", "Identity"]
+__all__ = ["Exchange", "ExchangeResult", "Group", "build_groups", "describe_groups"]
