@@ -4,6 +4,7 @@
     dilo coordinator CONFIG [--resume] [overrides]            serve an elastic run (membership.kind=coordinator)
     dilo worker CONFIG [--id ID] [overrides]                  one elastic worker: join, train, leave
     dilo status ADDRESS                                       members, rounds, bytes of a running coordinator
+    dilo sim CONFIG [--workers N] [overrides]                 k virtual workers in one process, virtual clock
     dilo keys DIR                                             CURVE key pairs for encrypted ZeroMQ traffic
     dilo config show CONFIG [--section.key=value ...]         the resolved configuration
     dilo config schema                                         JSON schema of every key, with help
@@ -236,6 +237,16 @@ def _cmd_status(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_sim(args: argparse.Namespace, rest: list[str]) -> int:
+    from dilo.sim import format_result, simulate
+
+    overrides = [*rest, *([f"--workers={args.workers}"] if args.workers else [])]
+    cfg = load(args.config, overrides)
+    result = simulate(cfg)
+    print(format_result(result, cfg.run_dir), file=sys.stderr)
+    return 0
+
+
 def _cmd_keys(args: argparse.Namespace, rest: list[str]) -> int:
     from pathlib import Path
 
@@ -271,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p_st.add_argument("--secret-file", default=None)
     p_st.add_argument("--curve-dir", default=None)
     p_st.add_argument("--json", action="store_true")
+    p_sim = sub.add_parser("sim", help="simulate N virtual workers in one process on a virtual clock")
+    p_sim.add_argument("config")
+    p_sim.add_argument("--workers", type=int, default=None, help="virtual workers (default: the config's `workers`)")
     p_keys = sub.add_parser("keys", help="generate CURVE key pairs")
     p_keys.add_argument("dir")
     p_keys.add_argument("--force", action="store_true", help="overwrite existing key files")
@@ -286,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             "worker": _cmd_worker,
             "status": _cmd_status,
             "keys": _cmd_keys,
+            "sim": _cmd_sim,
             "config": _cmd_config,
         }
         return handlers[args.command](args, rest)

@@ -170,7 +170,56 @@ class DDPConfig(Frozen):
     """Data-parallel baseline: gradients are averaged over all workers after every step."""
 
 
-OuterConfig = Annotated[DiLoCoConfig | FedAvgConfig | DDPConfig, Field(discriminator="kind")]
+class AsyncConfig(Frozen):
+    kind: Literal["async"] = "async"
+    """Asynchronous local SGD through a coordinator (Liu et al., arXiv:2401.09135): every push is
+    applied on arrival and the worker goes on at once from the fresh parameters. Needs
+    membership.kind = "coordinator" (or `dilo sim`)."""
+    inner_steps: int = Field(50, gt=0)
+    """H: inner steps per round of the fastest worker (DyLU gives slower workers fewer)."""
+    update: Literal["delayed_nesterov", "nesterov", "fedbuff", "fedasync"] = "delayed_nesterov"
+    """Server rule. delayed_nesterov: momentum updated once per `buffer` pushes, plain SGD steps of
+    lr/buffer in between; nesterov: each push straight into outer Nesterov ("naive async");
+    fedbuff: buffer pushes, apply their staleness-weighted mean with SGD (momentum optional);
+    fedasync: mix the worker's parameters in, x <- (1 - a) x + a x_worker, a = alpha * s(staleness)."""
+    lr: float = Field(0.7, gt=0.0)
+    """Outer learning rate (delayed_nesterov divides each push by the buffer size, so over a full
+    buffer the step equals one Nesterov step of this lr on the buffer's mean)."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """Outer momentum (nesterov, delayed_nesterov, fedbuff)."""
+    buffer: int = Field(0, ge=0)
+    """N for delayed_nesterov, K for fedbuff: pushes per momentum update / per applied mean. 0: the
+    number of members, recomputed whenever the view changes."""
+    activation: float = Field(0.0, ge=0.0, le=1.0)
+    """c in delayed Nesterov: the share of momentum applied on pushes between two momentum updates
+    (0 to 1/N; the paper's default 0)."""
+    alpha: float = Field(0.6, gt=0.0, le=1.0)
+    """fedasync: mixing weight of a fresh push."""
+    staleness: Literal["constant", "poly", "hinge"] = "constant"
+    """Staleness weight s(t): constant 1; poly (1 + t)^-a; hinge 1 if t <= b else 1 / (a (t - b) + 1).
+    Scales each push (nesterov, delayed_nesterov), its weight in the mean (fedbuff) or alpha (fedasync)."""
+    staleness_a: float = Field(0.5, ge=0.0)
+    """a of the poly and hinge staleness weights."""
+    staleness_b: int = Field(4, ge=0)
+    """b of the hinge staleness weight."""
+    max_staleness: int = Field(0, ge=0)
+    """Drop pushes more than this many versions old (the worker restarts from the current
+    parameters); 0 accepts every push."""
+    dylu: bool = True
+    """Dynamic local updates: the coordinator measures each worker's steps per second and gives it
+    floor(v / v_max * inner_steps) steps (at least 1) for its next round."""
+    grace_s: float = Field(0.0, ge=0.0)
+    """Grace period: pushes arriving within grace_s of the first one are applied one by one and
+    all those workers restart from the same parameters; 0 answers every push at once."""
+
+    @model_validator(mode="after")
+    def _activation_in_range(self) -> AsyncConfig:
+        if self.buffer and self.activation * self.buffer > 1.0:
+            raise ValueError(f"activation={self.activation} must not exceed 1/buffer = {1.0 / self.buffer:.4g}")
+        return self
+
+
+OuterConfig = Annotated[DiLoCoConfig | FedAvgConfig | DDPConfig | AsyncConfig, Field(discriminator="kind")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +336,53 @@ class CoordinatorConfig(Frozen):
     """The address printed for workers to connect to; empty: derived from bind."""
     checkpoint_every: int = Field(1, ge=0)
     """Checkpoint the global state every this many versions (0: only on SIGTERM)."""
-    max_staleness: int = Field(0, ge=0)
-    """Synchronous rounds accept pushes based on the current version only (0)."""
+
+
+class HeterogeneityConfig(Frozen):
+    slowdown: list[float] = Field(default_factory=list)
+    """Per island (worker rank or DILO_ISLAND): make that worker this many times slower, by
+    sleeping (factor - 1) times each measured inner step (`dilo sim`: scales its virtual step
+    time). Islands past the end of the list run at full speed. E.g. [1, 1, 2, 4]."""
+    max_steps: list[int] = Field(default_factory=list)
+    """Per island: the most inner steps that worker runs before it leaves (0 or past the end of
+    the list: no limit of its own)."""
+
+    @model_validator(mode="after")
+    def _positive(self) -> HeterogeneityConfig:
+        if any(not f >= 1.0 for f in self.slowdown):
+            raise ValueError(f"slowdown={self.slowdown}: every factor must be >= 1 (1 = full speed)")
+        if any(n < 0 for n in self.max_steps):
+            raise ValueError(f"max_steps={self.max_steps}: every budget must be >= 0 (0 = no limit)")
+        return self
+
+    def slowdown_of(self, island: int) -> float:
+        return self.slowdown[island] if island < len(self.slowdown) else 1.0
+
+    def max_steps_of(self, island: int) -> int:
+        return self.max_steps[island] if island < len(self.max_steps) else 0
+
+
+class SimEvent(Frozen):
+    at_s: float = Field(ge=0.0)
+    """Virtual time of the event, in seconds."""
+    worker: int = Field(ge=0)
+    """Virtual worker index (0 .. workers-1)."""
+    action: Literal["join", "leave", "crash"]
+    """join: the worker starts here (it is absent before); leave: it finishes its round and leaves;
+    crash: it stops dead, without a word (the coordinator drops it after heartbeat_timeout_s)."""
+
+
+class SimConfig(Frozen):
+    step_s: float = Field(0.1, gt=0.0)
+    """Virtual seconds of one inner step of a full-speed worker."""
+    jitter: float = Field(0.0, ge=0.0, le=2.0)
+    """Log-normal sigma of per-step time noise (0: every step takes exactly step_s * slowdown)."""
+    bandwidth_mbps: float = Field(1000.0, gt=0.0)
+    """Link speed of every worker, megabits per second, for the virtual cost of messages."""
+    latency_ms: float = Field(0.0, ge=0.0)
+    """One-way latency added to every exchange."""
+    events: list[SimEvent] = Field(default_factory=list)
+    """Join, leave and crash schedule; needs membership.kind = "coordinator"."""
 
 
 class LogConfig(Frozen):
@@ -331,6 +425,8 @@ class RunConfig(Frozen):
     transport: TransportConfig = Field(default_factory=TransportConfig)
     membership: MembershipConfig = Field(default_factory=MembershipConfig)
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
+    heterogeneity: HeterogeneityConfig = Field(default_factory=HeterogeneityConfig)
+    sim: SimConfig = Field(default_factory=SimConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
@@ -356,6 +452,28 @@ class RunConfig(Frozen):
             raise ValueError(f"data.corpus={self.data.corpus!r} needs data.paths (files, dirs or globs)")
         if self.data.corpus == "stdlib" and self.data.paths:
             raise ValueError("data.paths is only read by the text and tokens corpora; remove it or set data.corpus")
+        if isinstance(self.outer, AsyncConfig) and self.membership.kind != "coordinator":
+            raise ValueError(
+                "outer.kind='async' applies pushes on a coordinator: set membership.kind='coordinator' "
+                "(`dilo run` then starts one; `dilo sim` runs it in-process)"
+            )
+        if isinstance(self.outer, AsyncConfig) and not self.outer.buffer and self.outer.activation * self.workers > 1:
+            raise ValueError(
+                f"outer.activation={self.outer.activation} must not exceed 1/workers = {1.0 / self.workers:.4g} "
+                "(outer.buffer = 0 uses the number of members as the buffer size)"
+            )
+        for e in self.sim.events:
+            if e.worker >= self.workers:
+                raise ValueError(f"sim.events: worker {e.worker} does not exist (workers = {self.workers})")
+        if any(self.heterogeneity.max_steps) and self.membership.kind != "coordinator":
+            raise ValueError(
+                "heterogeneity.max_steps makes workers leave early, which needs membership.kind='coordinator'"
+            )
+        if self.sim.events and self.membership.kind != "coordinator":
+            raise ValueError(
+                "sim.events (join, leave, crash) need membership.kind='coordinator': a static world "
+                "cannot lose or gain a worker"
+            )
         if self.inner.warmup_steps >= self.steps:
             raise ValueError(f"inner.warmup_steps={self.inner.warmup_steps} must be below steps={self.steps}")
         return self
@@ -372,7 +490,7 @@ class RunConfig(Frozen):
     def fingerprint(self) -> str:
         """Hash of everything that must agree between workers (not logging or resume flags)."""
         d = self.model_dump(
-            mode="json", exclude={"log", "checkpoint", "out_dir", "workers", "membership", "coordinator"}
+            mode="json", exclude={"log", "checkpoint", "out_dir", "workers", "membership", "coordinator", "sim"}
         )
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

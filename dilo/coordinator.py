@@ -6,12 +6,19 @@ A small single-threaded ZeroMQ ROUTER server. It keeps the membership table (who
 each was last heard from), numbered views (an epoch that grows with every join and leave), the
 global fp32 parameters and the outer optimizer state. It never runs a forward or backward pass.
 
-A synchronous round closes when every member of the round has pushed, or `round_timeout_s`
-after the first push with at least `min_workers` pushes. The mean divides by the weights of the
+A synchronous round (DiLoCo, FedAvg) closes when every member of the round has pushed, or
+`round_timeout_s` after the first push with at least `min_workers` pushes. The mean divides by the weights of the
 workers that contributed. Pushes based on an older version are answered with the current state
 (and counted as late); a joiner gets the current state at once and never blocks a round in
 progress. A worker that misses heartbeats for `heartbeat_timeout_s` leaves the view, and a round
 waiting for it closes without it.
+
+With outer.kind = "async" there are no rounds: every push is applied on arrival by the server
+rule of dilo/outer/server.py (delayed Nesterov, naive Nesterov, FedBuff, FedAsync), and its
+RESULT carries the fresh parameters, the pusher's staleness and the number of inner steps it
+should run next (DyLU: in proportion to its measured speed). The run ends when the workers
+together have trained `steps * workers` inner steps, the compute of a synchronous run of the same
+config; each worker's last RESULT says `done`.
 
 Every message is validated (dilo/wire.py: sizes before parsing, HMAC, protocol version, run,
 config fingerprint, tensor names, shapes, dtypes, finite values). A bad message is answered with
@@ -22,6 +29,9 @@ RESULTs that announce the version go out) and on SIGTERM; `--resume` restarts fr
 checkpoint and the workers re-join with their ids, so a crash loses at most the round in progress.
 Every ACK, WELCOME and RESULT carries `boot`, an id of this process, so that workers notice a
 restart even when it was quicker than their request timeout.
+
+`Coordinator(cfg, inproc=True, clock=...)` has no socket: `handle()` takes encoded frames and
+the replies collect in `outbox`; `dilo sim` drives it so on a virtual clock.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +51,11 @@ import torch
 import zmq
 
 from dilo import wire
-from dilo.config import RunConfig
+from dilo.config import AsyncConfig, RunConfig
 from dilo.errors import ConfigError
 from dilo.model import build_model, param_names, params_of
 from dilo.outer.base import tensor_digest
+from dilo.outer.server import build_rule, dylu_steps
 from dilo.outer.star import StarCodec, load_outer_state, outer_optimizer, outer_state_tensors
 from dilo.state import load_worker_state, rounds_of, save_worker_state
 
@@ -59,6 +71,10 @@ class Member:
     pushes: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    holds: int = -1
+    """async: the version this worker was last handed."""
+    staleness: list[int] = field(default_factory=list)
+    """async: the staleness of each of its applied pushes."""
 
 
 @dataclass
@@ -83,9 +99,17 @@ class Round:
 
 class Coordinator:
     def __init__(
-        self, cfg: RunConfig, *, bind: str | None = None, resume: bool = False, secret: bytes | None = None
+        self,
+        cfg: RunConfig,
+        *,
+        bind: str | None = None,
+        resume: bool = False,
+        secret: bytes | None = None,
+        inproc: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
+        self.clock = clock
         self.mcfg = cfg.membership
         self.run_id = cfg.name
         self.fingerprint = cfg.fingerprint()
@@ -93,7 +117,20 @@ class Coordinator:
         model = build_model(cfg.model, cfg.seed)
         self.names = param_names(model)
         self.params = [torch.nn.Parameter(p.detach().float().clone()) for p in params_of(model)]
-        self.optimizer = outer_optimizer(cfg, self.params)
+        self.async_cfg = cfg.outer if isinstance(cfg.outer, AsyncConfig) else None
+        self.optimizer = None if self.async_cfg else outer_optimizer(cfg, self.params)
+        self.rule = build_rule(self.async_cfg, [p.data for p in self.params], 1) if self.async_cfg else None
+        # async bookkeeping: measured speeds (steps/s), steps assigned and not yet pushed, the global
+        # budget, parameters of versions still held by a worker (FedAsync mixes them), held replies
+        self.speeds: dict[str, float] = {}
+        self.in_flight: dict[str, int] = {}
+        self.budget = cfg.steps * cfg.workers
+        self.steps_done = 0
+        self.applied = 0
+        self.dropped = 0
+        self.snapshots: dict[int, list[torch.Tensor]] = {}
+        self.grace: list[tuple[bytes, str, int, dict[str, Any]]] = []
+        self.grace_until: float | None = None
         self.star = StarCodec(self.names, [p.shape for p in self.params], cfg.codec, seed=cfg.seed)
         self.push_spec = self.star.push_spec()
         self.param_bytes = sum(p.numel() * 4 for p in self.params)
@@ -117,6 +154,11 @@ class Coordinator:
         self.ckpt_dir = cfg.run_dir / "coordinator"
         if resume:
             self._load_checkpoint()
+        self.outbox: list[tuple[bytes, list[Any]]] = []
+        self.sock: zmq.Socket | None = None
+        if inproc:
+            self.address = "inproc"
+            return
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -149,7 +191,10 @@ class Coordinator:
         self.bytes_out += n
         if worker in self.members:
             self.members[worker].bytes_out += n
-        self.sock.send_multipart([identity, *frames], copy=False)
+        if self.sock is None:
+            self.outbox.append((identity, frames))
+        else:
+            self.sock.send_multipart([identity, *frames], copy=False)
 
     def _error(self, identity: bytes, code: str, message: str) -> None:
         self.rejected[code] += 1
@@ -162,7 +207,8 @@ class Coordinator:
     def state_message(self, msg_type: wire.MsgType, body: dict[str, Any] | None = None) -> wire.Message:
         # copies: frames go out zero-copy and the next outer step updates the parameters in place
         tensors = {f"p.{i}": p.detach().clone() for i, p in enumerate(self.params)}
-        tensors.update({k: v.clone() for k, v in outer_state_tensors(self.optimizer, self.params).items()})
+        if self.optimizer is not None:
+            tensors.update({k: v.clone() for k, v in outer_state_tensors(self.optimizer, self.params).items()})
         return wire.Message(
             type=msg_type,
             worker="coordinator",
@@ -205,13 +251,26 @@ class Coordinator:
             self.ctx.term()
 
     def tick(self, now: float | None = None) -> None:
-        """Expire silent workers and close a round whose deadline passed."""
-        now = time.monotonic() if now is None else now
+        """Expire silent workers, close a round whose deadline passed, end a grace period."""
+        now = self.clock() if now is None else now
         for worker, m in list(self.members.items()):
             if now - m.last_seen > self.mcfg.heartbeat_timeout_s:
                 log.warning("worker %s silent for %.1f s: leaves the view", worker, now - m.last_seen)
                 self._remove(worker)
-        self._maybe_close(now)
+        if self.async_cfg:
+            if self.grace_until is not None and now >= self.grace_until:
+                self._release_grace()
+        else:
+            self._maybe_close(now)
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which tick() has something to do (the simulator sleeps until then)."""
+        times = [m.last_seen + self.mcfg.heartbeat_timeout_s for m in self.members.values()]
+        if self.grace_until is not None:
+            times.append(self.grace_until)
+        if not self.async_cfg and self.round.pushes and self.round.first_push is not None:
+            times.append(self.round.first_push + self.mcfg.round_timeout_s)
+        return min(times) if times else None
 
     def handle(self, identity: bytes, frames: list[Any]) -> None:
         try:
@@ -240,7 +299,7 @@ class Coordinator:
             return
         member = self.members.get(msg.worker)
         if member is not None:
-            member.last_seen = time.monotonic()
+            member.last_seen = self.clock()
             member.bytes_in += size
         t = msg.type
         try:
@@ -266,9 +325,12 @@ class Coordinator:
                     msg.worker,
                 )
             elif t == wire.MsgType.PUSH:
-                self._push(identity, msg)
+                if self.async_cfg:
+                    self._push_async(identity, msg)
+                else:
+                    self._push(identity, msg)
             elif t == wire.MsgType.PULL:
-                self._send(identity, self.state_message(wire.MsgType.STATE), msg.worker)
+                self._send(identity, self._handout(msg.worker, wire.MsgType.STATE), msg.worker)
             elif t == wire.MsgType.LEAVE:
                 self._remove(msg.worker)
                 self._send(identity, wire.Message(type=wire.MsgType.BYE, worker="coordinator"))
@@ -285,10 +347,12 @@ class Coordinator:
             self._error(identity, "bad_payload", f"{type(e).__name__}: {e}")
 
     def _join(self, identity: bytes, msg: wire.Message) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if msg.worker not in self.members:
             self.members[msg.worker] = Member(msg.worker, now, now, self.version)
             self.epoch += 1
+            if self.rule is not None:
+                self.rule.set_workers(len(self.members))
             log.info(
                 "worker %s joined at version %d, anchor %s (epoch %d, %d members)",
                 msg.worker,
@@ -297,24 +361,46 @@ class Coordinator:
                 self.epoch,
                 len(self.members),
             )
-        self._send(identity, self.state_message(wire.MsgType.WELCOME, {"inner_steps": self._inner_steps()}), msg.worker)
+        self._send(identity, self._handout(msg.worker, wire.MsgType.WELCOME), msg.worker)
 
     def _inner_steps(self) -> int:
         return int(getattr(self.cfg.outer, "inner_steps", 1))
+
+    def _handout(self, worker: str, msg_type: wire.MsgType, body: dict[str, Any] | None = None) -> wire.Message:
+        """The current state for `worker`; async: with its next step assignment, which it now holds."""
+        if not self.async_cfg:
+            return self.state_message(msg_type, {"inner_steps": self._inner_steps(), **(body or {})})
+        steps = self._assign(worker)
+        self._hold(worker)
+        return self.state_message(
+            msg_type,
+            {
+                "inner_steps": max(steps, 1),
+                "done": steps == 0,
+                "schedule_step": self.steps_done // max(1, self.cfg.workers),
+                "world_tokens": self.global_tokens,
+                **(body or {}),
+            },
+        )
 
     def _remove(self, worker: str) -> None:
         if self.members.pop(worker, None) is not None:
             self.epoch += 1
             self.round.members.discard(worker)
+            self.in_flight.pop(worker, None)
+            self.speeds.pop(worker, None)
+            self.grace = [g for g in self.grace if g[1] != worker]
+            if self.rule is not None:
+                self.rule.set_workers(max(1, len(self.members)))
+            self._prune_snapshots()
             log.info("worker %s left (epoch %d, %d members)", worker, self.epoch, len(self.members))
 
-    def _push(self, identity: bytes, msg: wire.Message) -> None:
-        if msg.worker not in self.members:
-            self._error(identity, "not_member", f"worker {msg.worker!r} is not a member: send JOIN first")
-            return
-        # Validate everything before touching the round: a bad push is answered with ERROR whatever
-        # its base version (garbage is not "late"), and a rejected push leaves no trace (no deadline
-        # started, no member list frozen).
+    def _check_push(self, msg: wire.Message) -> tuple[bool, float, int, float]:
+        """Validate a push's body and tensors: (contributes, weight, tokens, loss), or WireError.
+
+        Everything is checked before any state changes: a bad push is answered with ERROR whatever
+        its base version (garbage is not "late"), and a rejected push leaves no trace (no deadline
+        started, no member list frozen, nothing applied)."""
         body = msg.body
         contributes = _flag(body, "contributes", True)
         _flag(body, "stop", False)  # validated; a worker's stop concerns only itself
@@ -332,6 +418,13 @@ class Coordinator:
             wire.check_finite(msg)
         elif msg.tensors:
             wire.check_shapes(msg, self.push_spec)  # a non-contributing push may carry its (ignored) zeros
+        return contributes, float(weight), tokens, float(loss)
+
+    def _push(self, identity: bytes, msg: wire.Message) -> None:
+        if msg.worker not in self.members:
+            self._error(identity, "not_member", f"worker {msg.worker!r} is not a member: send JOIN first")
+            return
+        contributes, weight, tokens, loss = self._check_push(msg)
         if msg.base != self.version:
             # a push for a round that already closed: the worker catches up from the current state
             self.late += 1
@@ -344,20 +437,118 @@ class Coordinator:
                 raise wire.WireError("nonfinite", "the decoded pseudo-gradient holds NaN or Inf")
         if not self.round.members:
             self.round.members = set(self.members)
-        now = time.monotonic()
+        now = self.clock()
         self.round.first_push = self.round.first_push or now
         self.round.pushes[msg.worker] = Push(
             identity,
             msg.worker,
             msg.seq,
-            float(weight),
+            weight,
             contributes and weight > 0,
             tokens,
-            float(loss),
+            loss,
             flats,
         )
         self.members[msg.worker].pushes += 1
         self._maybe_close(now)
+
+    # ------------------------------------------------------------------------------- async
+
+    def _push_async(self, identity: bytes, msg: wire.Message) -> None:
+        """Apply one push at once; answer with the fresh parameters and the next step count."""
+        member = self.members.get(msg.worker)
+        if member is None:
+            self._error(identity, "not_member", f"worker {msg.worker!r} is not a member: send JOIN first")
+            return
+        contributes, weight, tokens, _ = self._check_push(msg)
+        steps, inner_s = msg.body.get("steps", 0), msg.body.get("inner_s", 0.0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise wire.WireError("bad_body", f"steps must be an integer >= 0, got {steps!r}")
+        if isinstance(inner_s, bool) or not isinstance(inner_s, (int, float)) or not 0.0 <= inner_s < float("inf"):
+            raise wire.WireError("bad_body", f"inner_s must be a finite number >= 0, got {inner_s!r}")
+        if not 0 <= msg.base <= self.version:
+            raise wire.WireError("bad_base", f"base version {msg.base} is not one this coordinator handed out")
+        staleness = self.version - msg.base
+        base = None
+        if contributes and self.rule.needs_base:
+            base = self.snapshots.get(msg.base)
+            if base is None:  # a worker pushing on a version it never got from us (or a resumed run)
+                raise wire.WireError("bad_base", f"version {msg.base} is unknown here: pull the current state")
+        flats = self.star.decode_push(msg.tensors) if contributes else None
+        if flats is not None and not all(bool(torch.isfinite(f).all()) for f in flats):
+            raise wire.WireError("nonfinite", "the decoded pseudo-gradient holds NaN or Inf")
+        # the work is done either way: it counts against the budget, and it measured the speed
+        self.in_flight.pop(msg.worker, None)
+        self.steps_done += steps
+        self.global_tokens += tokens
+        if steps > 0 and inner_s > 0:
+            self.speeds[msg.worker] = steps / inner_s
+        member.pushes += 1
+        limit = self.async_cfg.max_staleness
+        applied = False
+        if limit and staleness > limit:
+            self.dropped += 1
+            log.info("dropped a push of %s: staleness %d > %d", msg.worker, staleness, limit)
+        elif flats is not None and weight > 0:
+            g = [t.contiguous() for t in self.star.split(flats)]
+            applied = self.rule.push(g, staleness=staleness, weight=weight, base=base)
+            member.staleness.append(staleness)
+            self.applied += 1
+            if applied:
+                self.version += 1
+                every = self.cfg.coordinator.checkpoint_every
+                if every and self.version % every == 0:
+                    try:
+                        self.checkpoint()
+                    except OSError:
+                        log.exception("checkpoint of version %d failed; serving on without it", self.version)
+        reply = {"staleness": staleness, "applied": applied, "dropped": bool(limit and staleness > limit)}
+        if self.async_cfg.grace_s > 0:
+            # hold the reply: whoever else finishes within grace_s restarts from the same parameters
+            now = self.clock()
+            if self.grace_until is None:
+                self.grace_until = now + self.async_cfg.grace_s
+            self.grace.append((identity, msg.worker, msg.seq, reply))
+            return
+        self._result(identity, msg.worker, msg.seq, reply)
+
+    def _result(self, identity: bytes, worker: str, seq: int, body: dict[str, Any]) -> None:
+        out = self._handout(worker, wire.MsgType.RESULT, body)
+        out.seq = seq
+        self._send(identity, out, worker)
+
+    def _release_grace(self) -> None:
+        held, self.grace, self.grace_until = self.grace, [], None
+        for identity, worker, seq, body in held:
+            if worker in self.members:
+                self._result(identity, worker, seq, body)
+
+    def _assign(self, worker: str) -> int:
+        """Inner steps for the worker's next round: DyLU share of H, capped by the budget left (0: done)."""
+        h = self.async_cfg.inner_steps
+        steps = h
+        if self.async_cfg.dylu:
+            known = {w: v for w, v in self.speeds.items() if w in self.members}
+            steps = dylu_steps({**known, worker: known.get(worker, 0.0)}, h)[worker]
+        self.in_flight.pop(worker, None)
+        left = self.budget - self.steps_done - sum(self.in_flight.values())
+        steps = max(0, min(steps, left))
+        if steps:
+            self.in_flight[worker] = steps
+        return steps
+
+    def _hold(self, worker: str) -> None:
+        """The worker now holds the current version: keep its parameters while FedAsync may need them."""
+        if worker in self.members:
+            self.members[worker].holds = self.version
+        if self.rule is not None and self.rule.needs_base and self.version not in self.snapshots:
+            self.snapshots[self.version] = [p.detach().clone() for p in self.params]
+        self._prune_snapshots()
+
+    def _prune_snapshots(self) -> None:
+        held = {m.holds for m in self.members.values()}
+        for v in [v for v in self.snapshots if v not in held]:
+            del self.snapshots[v]
 
     def _maybe_close(self, now: float) -> None:
         r = self.round
@@ -429,7 +620,7 @@ class Coordinator:
         log.info("round %d closed: %d contributions, version %d", r.index, len(contributions), self.version)
 
     def status(self) -> dict[str, Any]:
-        now = time.monotonic()
+        now = self.clock()
         return {
             "run": self.run_id,
             "version": self.version,
@@ -443,9 +634,23 @@ class Coordinator:
                     "bytes_in": m.bytes_in,
                     "bytes_out": m.bytes_out,
                     "joined_version": m.joined_version,
+                    **(
+                        {
+                            "steps_per_s": round(self.speeds.get(m.worker, 0.0), 3),
+                            "mean_staleness": round(sum(m.staleness) / len(m.staleness), 3) if m.staleness else None,
+                            "max_staleness": max(m.staleness, default=None),
+                        }
+                        if self.async_cfg
+                        else {}
+                    ),
                 }
                 for m in sorted(self.members.values(), key=lambda m: m.worker)
             ],
+            **(
+                {"applied": self.applied, "dropped": self.dropped, "steps": self.steps_done, "budget": self.budget}
+                if self.async_cfg
+                else {}
+            ),
             "pending": sorted(self.round.pushes),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
@@ -460,8 +665,14 @@ class Coordinator:
     def checkpoint(self) -> Path:
         state = {
             "params": [p.detach() for p in self.params],
-            "outer": outer_state_tensors(self.optimizer, self.params),
+            "outer": self.rule.state_dict() if self.rule else outer_state_tensors(self.optimizer, self.params),
             "star": self.star.state_dict(),
+            "async": {
+                "steps": self.steps_done,
+                "applied": self.applied,
+                "dropped": self.dropped,
+                "speeds": self.speeds,
+            },
             "version": self.version,
             "round": self.round_index,
             "epoch": self.epoch,
@@ -485,14 +696,22 @@ class Coordinator:
         with torch.no_grad():
             for p, v in zip(self.params, state["params"]):
                 p.copy_(v)
-        load_outer_state(self.optimizer, self.params, state["outer"])
+        if self.rule is not None:
+            self.rule.load_state_dict(state["outer"])
+            a = state["async"]
+            self.steps_done, self.applied, self.dropped = int(a["steps"]), int(a["applied"]), int(a["dropped"])
+            self.speeds = dict(a["speeds"])
+        else:
+            load_outer_state(self.optimizer, self.params, state["outer"])
         self.star.load_state_dict(state["star"])
         self.version, self.round_index, self.epoch = int(state["version"]), int(state["round"]), int(state["epoch"]) + 1
         self.round = Round(self.round_index, set())
         self.global_tokens = int(state["tokens"])
-        now = time.monotonic()
+        now = self.clock()
         # the old members get a heartbeat period to come back before they are dropped
         self.members = {w: Member(w, now, now, self.version) for w in state["members"]}
+        if self.rule is not None:
+            self.rule.set_workers(max(1, len(self.members)))
         log.info("resumed at version %d from %s", self.version, self.ckpt_dir)
 
 

@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +30,7 @@ from dilo.data import load_island, load_validation
 from dilo.errors import DiloError, TransportError
 from dilo.inner import InnerLoop
 from dilo.model import build_model, num_params
+from dilo.outer.async_local import AsyncLocalSGD
 from dilo.outer.base import Strategy, Tail, params_of
 from dilo.outer.ddp import DDP
 from dilo.state import load_worker_state, save_worker_state
@@ -79,7 +79,8 @@ def train(
     rank, size = world.rank, world.size
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / "checkpoints"
-    setup_t0 = time.perf_counter()
+    clock = world.clock  # wall time, or the simulator's virtual time
+    setup_t0 = clock.now()
 
     # --------------------------------------------------------------------------------------
     # the model, this worker's island, the strategy
@@ -118,7 +119,7 @@ def train(
             "fingerprint": cfg.fingerprint(),
             "step": totals.step,
             "val_loss": totals.extra.get("initial_val_loss"),
-            "setup_s": time.perf_counter() - setup_t0,
+            "setup_s": clock.now() - setup_t0,
             # elastic: the version and anchor hash this worker joined with (equal to the coordinator's)
             "joined": getattr(world, "joined", None),
             # which codec each parameter group uses and through which collective
@@ -132,19 +133,22 @@ def train(
 
     # --------------------------------------------------------------------------------------
     # the loop
-    comm = _CommTimer()
+    comm = _CommTimer(clock)
     grad_hook = comm.wrap(outer.reduce_grads) if isinstance(outer, DDP) else None
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.inner.grad_accum
-    wall_t0 = time.perf_counter() - totals.wall_s
-    round_t0 = time.perf_counter()
+    wall_t0 = clock.now() - totals.wall_s
+    round_t0 = clock.now()
     round_loss, round_steps, round_inner_s, round_comm_s = 0.0, 0, 0.0, 0.0
     rounds_this_call = 0
     stopped = False
-    while totals.step < cfg.steps:
-        t0, comm0 = time.perf_counter(), comm.seconds
+    limit = world.step_limit  # async: the coordinator says when the world's budget is spent
+    while totals.step < limit:
+        t0, comm0 = clock.now(), comm.seconds
+        clock.step_begin()
         loss = inner.step(lambda: _to(island.next_batch(), device), grad_hook=grad_hook)
         step_comm = comm.seconds - comm0  # DDP's gradient all-reduce is communication, not compute
-        round_inner_s += time.perf_counter() - t0 - step_comm
+        clock.step_done(clock.now() - t0 - step_comm)  # a slowed-down or simulated worker takes longer
+        round_inner_s += clock.now() - t0 - step_comm
         round_comm_s += step_comm
         round_loss += loss
         round_steps += 1
@@ -152,7 +156,7 @@ def train(
         totals.tokens += tokens_per_step
         bar.update()
 
-        last = totals.step == cfg.steps
+        last = totals.step >= limit
         if not (outer.due(totals.step - 1) or last):
             continue
         # ---------------------------------------------------------------- end of a round
@@ -161,8 +165,15 @@ def train(
             contributes=True,
             stop=stop.is_set(),
             tokens=round_steps * tokens_per_step,
+            steps=round_steps,
+            inner_s=round_inner_s,
         )
+        sync_t0 = clock.now()
         report = outer.sync(model, tail=tail)
+        sync_s = clock.now() - sync_t0
+        if report.schedule_step is not None:
+            inner.step_count = report.schedule_step  # async: the schedule follows the world's progress
+        last = last or report.done
         if not report.committed and not world.elastic and size > 1 and "no worker contributed" not in report.reason:
             raise TransportError(
                 f"round {totals.round + 1}: {report.reason}; a static world cannot continue "
@@ -173,16 +184,16 @@ def train(
         totals.rounds_committed += int(report.committed)
         totals.global_tokens += report.tokens
         totals.inner_s += round_inner_s
-        totals.sync_s += report.sync_s + round_comm_s
+        totals.sync_s += sync_s + round_comm_s
 
         val_loss = None
-        eval_t0 = time.perf_counter()
+        eval_t0 = clock.now()
         if last or (cfg.log.eval_every and totals.round % cfg.log.eval_every == 0):
             val_loss = world.evaluate(model, val_batches)
             totals.val_loss = val_loss
-        totals.eval_s += time.perf_counter() - eval_t0
+        totals.eval_s += clock.now() - eval_t0
         totals.bytes_sent, totals.bytes_recv = world.counter.sent, world.counter.recv
-        totals.wall_s = time.perf_counter() - wall_t0
+        totals.wall_s = clock.now() - wall_t0
         record = {
             "event": "round",
             "round": totals.round,
@@ -197,14 +208,18 @@ def train(
             "cum_bytes_sent": totals.bytes_sent,
             "cum_bytes_recv": totals.bytes_recv,
             "inner_s": round_inner_s,
-            "sync_s": report.sync_s + round_comm_s,
-            "round_s": time.perf_counter() - round_t0,
+            "sync_s": sync_s + round_comm_s,
+            "round_s": clock.now() - round_t0,
             "wall_s": totals.wall_s,
             "committed": report.committed,
             "participants": report.participants,
             "anchor_hash": report.anchor_hash,
             "reason": report.reason,
+            "version": report.version if report.version >= 0 else totals.rounds_committed,
         }
+        if report.staleness is not None or isinstance(outer, AsyncLocalSGD):
+            record["staleness"] = report.staleness
+            record["next_steps"] = outer.round_steps
         sink.write(record)
         bar.show(
             round=totals.round,
@@ -214,7 +229,7 @@ def train(
             sent=metrics.human_bytes(totals.bytes_sent),
         )
         round_loss, round_steps, round_inner_s, round_comm_s = 0.0, 0, 0.0, 0.0
-        round_t0 = time.perf_counter()
+        round_t0 = clock.now()
 
         stopping = report.stop or (max_rounds is not None and rounds_this_call >= max_rounds)
         every = cfg.checkpoint.every
@@ -227,6 +242,8 @@ def train(
                     f"stopped after round {totals.round} (step {totals.step}); checkpoint in {ckpt_dir}, "
                     "continue with --checkpoint.resume=true"
                 )
+            break
+        if last:
             break
     bar.close()
 
@@ -262,14 +279,15 @@ def _token_weighted(cfg: RunConfig) -> bool:
 class _CommTimer:
     """Times the DDP gradient hook so that inner_s counts compute only."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
         self.seconds = 0.0
 
     def wrap(self, fn: Any) -> Any:
         def timed(model: torch.nn.Module) -> None:
-            t0 = time.perf_counter()
+            t0 = self.clock.now()
             fn(model)
-            self.seconds += time.perf_counter() - t0
+            self.seconds += self.clock.now() - t0
 
         return timed
 

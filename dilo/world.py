@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +26,11 @@ from typing import Any
 import torch
 
 from dilo import wire
-from dilo.config import DDPConfig, RunConfig
+from dilo.config import AsyncConfig, DDPConfig, RunConfig
 from dilo.data import corpus_fingerprint
 from dilo.errors import DiloError
 from dilo.inner import evaluate
+from dilo.outer.async_local import AsyncLocalSGD
 from dilo.outer.base import Strategy, params_of, tensor_digest
 from dilo.outer.ddp import DDP
 from dilo.outer.diloco import DiLoCo
@@ -70,6 +73,24 @@ class Placement:
             ) from None
 
 
+class WallClock:
+    """Real time for the worker loop. A slowdown factor above 1 makes this worker that many times
+    slower by sleeping (factor - 1) times each inner step (heterogeneity.slowdown)."""
+
+    def __init__(self, slowdown: float = 1.0) -> None:
+        self.slowdown = slowdown
+
+    def now(self) -> float:
+        return time.perf_counter()
+
+    def step_begin(self) -> None:
+        """Real steps cost what they cost."""
+
+    def step_done(self, elapsed_s: float) -> None:
+        if self.slowdown > 1.0:
+            time.sleep((self.slowdown - 1.0) * elapsed_s)
+
+
 def pick_device(backend: str) -> torch.device:
     """NCCL workers train on the GPU of their local rank; Gloo workers on the CPU."""
     if resolve_backend(backend) != "nccl":
@@ -86,6 +107,8 @@ class StaticWorld:
         self.cfg = cfg
         self.rank, self.size = placement.rank, placement.size
         self.log_name = f"worker{self.rank}"
+        self.clock = WallClock(cfg.heterogeneity.slowdown_of(self.rank))
+        self.step_limit = cfg.steps
         self.device = pick_device(cfg.transport.backend)
         store = connect_store(
             placement.host,
@@ -187,6 +210,13 @@ class ElasticWorld:
         islands = max(1, cfg.workers)
         self.rank = int(os.environ.get("DILO_ISLAND", str(_stable_slot(self.worker_id, islands))))
         self.size = islands
+        self.clock = WallClock(cfg.heterogeneity.slowdown_of(self.rank))
+        own = cfg.heterogeneity.max_steps_of(self.rank)
+        if isinstance(cfg.outer, AsyncConfig):
+            # the coordinator ends an async run when the world's budget is spent
+            self.step_limit = own or sys.maxsize
+        else:
+            self.step_limit = min(cfg.steps, own) if own else cfg.steps
         self.counter = ByteCounter()
         self.joined: dict[str, Any] = {}
         """Version, anchor hash and members at the latest start(); empty before."""
@@ -204,6 +234,8 @@ class ElasticWorld:
             max_message_bytes=4 * param_bytes + (1 << 20),
         )
         self.counter = self.client.counter
+        if isinstance(self.cfg.outer, AsyncConfig):
+            return AsyncLocalSGD(model, self.client, self.cfg)
         return StarDiLoCo(model, self.client, self.cfg)
 
     def agree_resume_round(self, ckpt_dir: Path) -> int:

@@ -50,6 +50,14 @@ class SyncReport:
     """Tokens trained on by all contributors this round."""
     reason: str = ""
     anchor_hash: str = ""
+    version: int = -1
+    """The global version this worker holds after the sync (rounds committed, async: server updates)."""
+    done: bool = False
+    """The run's budget is spent (async): this worker finishes now."""
+    staleness: int | None = None
+    """async: versions that passed between this worker's pull and its push."""
+    schedule_step: int | None = None
+    """async: the step of the run's learning-rate schedule to continue from (the world's progress)."""
 
 
 @dataclass
@@ -60,6 +68,10 @@ class Tail:
     contributes: bool
     stop: bool
     tokens: int
+    steps: int = 0
+    """Inner steps of this round (async: measures the worker's speed; not part of the tensor)."""
+    inner_s: float = 0.0
+    """Seconds those steps took (not part of the tensor)."""
 
     def tensor(self) -> Tensor:
         t = torch.zeros(TAIL_LEN, dtype=torch.float64)

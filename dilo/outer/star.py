@@ -108,13 +108,17 @@ class StarCodec:
             tensors.update({f"g{g.index}.{n}": t.contiguous() for n, t in e.tensors.items()})
         return tensors
 
-    def decode_mean(self, tensors: dict[str, Tensor]) -> list[Tensor]:
-        """The mean pseudo-gradient per parameter, from the coordinator's reply."""
+    def split(self, flats: list[Tensor]) -> list[Tensor]:
+        """Per-parameter views of one flat vector per group (as decode_push returns them)."""
         out: list[Tensor | None] = [None] * self.num_params
-        for g, tmpl in zip(self.groups, self._templates):
-            for i, t in zip(g.params, g.layout.unflatten(self._decode_group(g, tmpl, tensors))):
+        for g, flat in zip(self.groups, flats):
+            for i, t in zip(g.params, g.layout.unflatten(flat)):
                 out[i] = t
         return [t for t in out if t is not None]
+
+    def decode_mean(self, tensors: dict[str, Tensor]) -> list[Tensor]:
+        """The mean pseudo-gradient per parameter, from the coordinator's reply."""
+        return self.split([self._decode_group(g, tmpl, tensors) for g, tmpl in zip(self.groups, self._templates)])
 
     def _decode_group(self, g: Group, tmpl: Encoded, tensors: dict[str, Tensor]) -> Tensor:
         payload = Encoded({n: tensors[f"g{g.index}.{n}"] for n in tmpl.tensors}, tmpl.numel)
