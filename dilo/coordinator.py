@@ -131,6 +131,9 @@ class Coordinator:
         self.snapshots: dict[int, list[torch.Tensor]] = {}
         self.grace: list[tuple[bytes, str, int, dict[str, Any]]] = []
         self.grace_until: float | None = None
+        self.started = not self.async_cfg or cfg.membership.start_quorum <= 1
+        self.waiting: dict[str, bytes] = {}
+        self.start_deadline: float | None = None
         self.star = StarCodec(self.names, [p.shape for p in self.params], cfg.codec, seed=cfg.seed)
         self.push_spec = self.star.push_spec()
         self.param_bytes = sum(p.numel() * 4 for p in self.params)
@@ -254,10 +257,12 @@ class Coordinator:
         """Expire silent workers, close a round whose deadline passed, end a grace period."""
         now = self.clock() if now is None else now
         for worker, m in list(self.members.items()):
-            if now - m.last_seen > self.mcfg.heartbeat_timeout_s:
+            if now - m.last_seen > self.mcfg.heartbeat_timeout_s and worker not in self.waiting:
                 log.warning("worker %s silent for %.1f s: leaves the view", worker, now - m.last_seen)
                 self._remove(worker)
         if self.async_cfg:
+            if self.waiting and self.start_deadline is not None and now >= self.start_deadline:
+                self._start()
             if self.grace_until is not None and now >= self.grace_until:
                 self._release_grace()
         else:
@@ -265,7 +270,9 @@ class Coordinator:
 
     def next_deadline(self) -> float | None:
         """The earliest time at which tick() has something to do (the simulator sleeps until then)."""
-        times = [m.last_seen + self.mcfg.heartbeat_timeout_s for m in self.members.values()]
+        times = [m.last_seen + self.mcfg.heartbeat_timeout_s for w, m in self.members.items() if w not in self.waiting]
+        if self.waiting and self.start_deadline is not None:
+            times.append(self.start_deadline)
         if self.grace_until is not None:
             times.append(self.grace_until)
         if not self.async_cfg and self.round.pushes and self.round.first_push is not None:
@@ -361,7 +368,23 @@ class Coordinator:
                 self.epoch,
                 len(self.members),
             )
+        if self.async_cfg and not self.started:
+            # async runs start together: the WELCOMEs wait for start_quorum joiners (or the deadline),
+            # so that the first worker up does not spend the budget alone
+            self.waiting[msg.worker] = identity  # a re-sent JOIN comes from a new socket
+            self.start_deadline = self.start_deadline or now + self.mcfg.round_timeout_s
+            if len(self.members) >= self.mcfg.start_quorum:
+                self._start()
+            return
         self._send(identity, self._handout(msg.worker, wire.MsgType.WELCOME), msg.worker)
+
+    def _start(self) -> None:
+        self.started = True
+        waiting, self.waiting = self.waiting, {}
+        log.info("starting with %d workers", len(waiting))
+        for worker, identity in sorted(waiting.items()):
+            if worker in self.members:
+                self._send(identity, self._handout(worker, wire.MsgType.WELCOME), worker)
 
     def _inner_steps(self) -> int:
         return int(getattr(self.cfg.outer, "inner_steps", 1))
@@ -705,6 +728,7 @@ class Coordinator:
             load_outer_state(self.optimizer, self.params, state["outer"])
         self.star.load_state_dict(state["star"])
         self.version, self.round_index, self.epoch = int(state["version"]), int(state["round"]), int(state["epoch"]) + 1
+        self.started = True
         self.round = Round(self.round_index, set())
         self.global_tokens = int(state["tokens"])
         now = self.clock()
