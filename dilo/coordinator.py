@@ -257,7 +257,7 @@ class Coordinator:
         """Expire silent workers, close a round whose deadline passed, end a grace period."""
         now = self.clock() if now is None else now
         for worker, m in list(self.members.items()):
-            if now - m.last_seen > self.mcfg.heartbeat_timeout_s and worker not in self.waiting:
+            if now - m.last_seen >= self.mcfg.heartbeat_timeout_s and worker not in self.waiting:
                 log.warning("worker %s silent for %.1f s: leaves the view", worker, now - m.last_seen)
                 self._remove(worker)
         if self.async_cfg:

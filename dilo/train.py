@@ -211,6 +211,7 @@ def train(
             "sync_s": sync_s + round_comm_s,
             "round_s": clock.now() - round_t0,
             "wall_s": totals.wall_s,
+            "time": clock.now(),
             "committed": report.committed,
             "participants": report.participants,
             "anchor_hash": report.anchor_hash,
