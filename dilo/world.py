@@ -93,12 +93,15 @@ class WallClock:
 
 
 def pick_device(backend: str) -> torch.device:
-    """NCCL workers train on the GPU of their local rank; Gloo workers on the CPU."""
+    """NCCL workers train on the GPU of their local rank (shared round-robin when a machine runs more
+    workers than it has GPUs, e.g. `dilo run --workers 4` on one GPU); Gloo workers on the CPU."""
     if resolve_backend(backend) != "nccl":
         return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    if not torch.cuda.is_available():
+        raise DiloError("transport.backend='nccl' needs a CUDA GPU; use 'gloo' (or 'auto') on this machine")
+    gpu = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    torch.cuda.set_device(gpu)
+    return torch.device("cuda", gpu)
 
 
 class StaticWorld:

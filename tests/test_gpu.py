@@ -66,3 +66,37 @@ def test_nccl_transport_all_reduce_in_threads() -> None:
     x = torch.arange(8, dtype=torch.float32, device="cuda")
     t.all_reduce_([x])
     assert torch.equal(x.cpu(), torch.arange(8, dtype=torch.float32))
+
+
+def test_async_workers_train_on_cuda_through_the_coordinator(tmp_path: Path) -> None:
+    """`dilo run` with outer.kind = async: a coordinator on the CPU, two workers on the GPU (sharing
+    it when there is one), parameters and pseudo-gradients crossing between them."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "dilo.cli",
+        "run",
+        str(REPO / "configs" / "quickstart.toml"),
+        "--workers=2",
+        "--steps=60",
+        "--inner.warmup_steps=5",
+        "--membership.kind=coordinator",
+        "--outer.kind=async",
+        "--outer.inner_steps=10",
+        "--outer.lr=0.5",
+        "--heterogeneity.slowdown=[1, 2]",
+        "--transport.backend=nccl",
+        "--log.progress=false",
+        "--log.plot=false",
+        f"--out_dir={tmp_path}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["strategy"] == "async" and summary["val_loss"] < summary["initial_val_loss"]
+    ends = []
+    for w in ("w0", "w1"):
+        recs = [json.loads(x) for x in (tmp_path / "logs" / f"worker-{w}.jsonl").read_text().splitlines()]
+        assert all(r["staleness"] >= 0 for r in recs if r["event"] == "round")
+        ends.append(next(r for r in recs if r["event"] == "end"))
+    assert sum(e["steps"] for e in ends) == 120  # the world's budget: steps * workers
