@@ -120,6 +120,7 @@ def train(
             "step": totals.step,
             "val_loss": totals.extra.get("initial_val_loss"),
             "setup_s": clock.now() - setup_t0,
+            "time": clock.now(),
             # elastic: the version and anchor hash this worker joined with (equal to the coordinator's)
             "joined": getattr(world, "joined", None),
             # which codec each parameter group uses and through which collective

@@ -68,7 +68,10 @@ def run_arm(
         raise RuntimeError(f"arm {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     summary = json.loads((out_dir / "summary.json").read_text())
     summary["process_wall_s"] = time.perf_counter() - t0
-    records = [json.loads(x) for x in (out_dir / "logs" / "worker0.jsonl").read_text().splitlines()]
+    log = out_dir / "logs" / "worker0.jsonl"
+    if not log.exists():  # an elastic run: worker ids, not ranks
+        log = out_dir / "logs" / "worker-w0.jsonl"
+    records = [json.loads(x) for x in log.read_text().splitlines()]
     start = next(r for r in records if r["event"] == "start")
     curve = [(0, 0, start.get("val_loss"))] + [
         (r["global_tokens"], r["cum_bytes_sent"], r["val_loss"])
