@@ -8,7 +8,8 @@ worker loop and coordinator on a virtual clock, 0.1 virtual s per full-speed ste
 
 - sync:      synchronous DiLoCo (outer Nesterov lr 1.0, momentum 0.5); every round waits for the
              slowest worker. `steps` inner steps per worker: the baseline.
-- naive:     async, each push straight into the same outer Nesterov.
+- naive:     async, each push straight into the same outer Nesterov (and naive-lr0.25: with a
+             quarter of its learning rate, the per-push share delayed Nesterov uses).
 - dn:        async, delayed Nesterov (buffer = members, same lr and momentum), fixed H.
 - dn-dylu:   delayed Nesterov + dynamic local updates (H for the fastest, in proportion for the rest).
 - fedbuff:   async, buffer of 4 pushes, their mean into outer SGD (lr 1.0, momentum 0.5).
@@ -46,6 +47,7 @@ ASYNC = ["--outer.lr=1.0", "--outer.momentum=0.5"]
 ARMS: list[tuple[str, list[str]]] = [
     ("sync", SYNC),
     ("naive", [*ASYNC, "--outer.update=nesterov", "--outer.dylu=false"]),
+    ("naive-lr0.25", ["--outer.lr=0.25", "--outer.momentum=0.5", "--outer.update=nesterov", "--outer.dylu=false"]),
     ("dn", [*ASYNC, "--outer.update=delayed_nesterov", "--outer.dylu=false"]),
     ("dn-dylu", [*ASYNC, "--outer.update=delayed_nesterov", "--outer.dylu=true"]),
     ("fedbuff", [*ASYNC, "--outer.update=fedbuff", "--outer.buffer=4", "--outer.dylu=false"]),

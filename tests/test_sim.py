@@ -150,6 +150,35 @@ def test_join_leave_and_crash_schedule(tmp_path: Path, corpus_dir: Path) -> None
     assert st["epoch"] == 8
 
 
+@pytest.mark.parametrize("update", ["delayed_nesterov", "nesterov", "fedbuff", "fedasync"])
+def test_async_rules_with_compressed_pushes_and_a_worker_budget(tmp_path: Path, corpus_dir: Path, update: str) -> None:
+    """Every server rule trains through int8 pushes; worker 3 has its own budget of 6 steps and leaves."""
+    cfg = _async(
+        tmp_path,
+        corpus_dir,
+        outer={
+            "update": update,
+            "staleness": "hinge" if update == "fedasync" else "constant",
+            # every push straight into Nesterov overshoots at the others' lr (the reason for DN)
+            "lr": 0.15 if update == "nesterov" else 0.5,
+        },
+        codec={"kind": "int8"},
+        heterogeneity={"slowdown": [1, 2, 1, 1], "max_steps": [0, 0, 0, 6]},
+    )
+    result = simulate(cfg, timeout_s=120)
+    summaries = result["summaries"]
+    assert summaries["3"]["steps"] == 6 and not summaries["3"]["stopped"]
+    # the others share the rest of the world's budget of 4 * 24 steps
+    assert sum(s["steps"] for s in summaries.values()) == result["coordinator"]["steps"] == 96
+    start = _records(tmp_path, "worker-sim0", "start")[0]["val_loss"]
+    assert all(s["val_loss"] < start for s in summaries.values())
+    pushed = sum(r["bytes_sent"] for w in range(4) for r in _records(tmp_path, f"worker-sim{w}"))
+    rounds = sum(len(_records(tmp_path, f"worker-sim{w}")) for w in range(4))
+    received = sum(r["bytes_recv"] for w in range(4) for r in _records(tmp_path, f"worker-sim{w}"))
+    # int8 pushes up (about a quarter of the fp32 parameters that come down)
+    assert pushed / rounds < 0.35 * received / rounds
+
+
 def test_elastic_sync_rounds_go_on_without_a_crashed_worker(tmp_path: Path, corpus_dir: Path) -> None:
     cfg = tiny_config(
         tmp_path,
