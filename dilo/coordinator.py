@@ -128,6 +128,8 @@ class Coordinator:
         self.steps_done = 0
         self.applied = 0
         self.dropped = 0
+        self.staleness: Counter[int] = Counter()
+        """async: how many applied pushes had each staleness."""
         self.snapshots: dict[int, list[torch.Tensor]] = {}
         self.grace: list[tuple[bytes, str, int, dict[str, Any]]] = []
         self.grace_until: float | None = None
@@ -516,6 +518,7 @@ class Coordinator:
             g = [t.contiguous() for t in self.star.split(flats)]
             applied = self.rule.push(g, staleness=staleness, weight=weight, base=base)
             member.staleness.append(staleness)
+            self.staleness[staleness] += 1
             self.applied += 1
             if applied:
                 self.version += 1
@@ -670,7 +673,17 @@ class Coordinator:
                 for m in sorted(self.members.values(), key=lambda m: m.worker)
             ],
             **(
-                {"applied": self.applied, "dropped": self.dropped, "steps": self.steps_done, "budget": self.budget}
+                {
+                    "applied": self.applied,
+                    "dropped": self.dropped,
+                    "steps": self.steps_done,
+                    "budget": self.budget,
+                    "staleness": {
+                        "mean": sum(k * n for k, n in self.staleness.items()) / max(1, sum(self.staleness.values())),
+                        "max": max(self.staleness, default=0),
+                        "histogram": {str(k): n for k, n in sorted(self.staleness.items())},
+                    },
+                }
                 if self.async_cfg
                 else {}
             ),

@@ -42,7 +42,14 @@ from dilo.config import load  # noqa: E402
 from dilo.sim import simulate  # noqa: E402
 
 CONFIG = REPO / "configs" / "async.toml"
-SYNC = ["--membership.kind=static", "--outer.kind=diloco", "--outer.lr=1.0", "--outer.momentum=0.5"]
+# switching outer.kind drops the file's [outer] table: restate H and the outer optimizer
+SYNC = [
+    "--membership.kind=static",
+    "--outer.kind=diloco",
+    "--outer.inner_steps=25",
+    "--outer.lr=1.0",
+    "--outer.momentum=0.5",
+]
 ASYNC = ["--outer.lr=1.0", "--outer.momentum=0.5"]
 ARMS: list[tuple[str, list[str]]] = [
     ("sync", SYNC),
@@ -110,8 +117,7 @@ def sim_arm(name: str, overrides: list[str], out: Path, cache: Path) -> dict[str
 
 
 def _mean_staleness(coord: dict[str, Any]) -> float | None:
-    vals = [m["mean_staleness"] for m in coord.get("members", []) if m.get("mean_staleness") is not None]
-    return sum(vals) / len(vals) if vals else None
+    return coord["staleness"]["mean"] if coord else None
 
 
 def time_to(points: list[dict[str, float]], target: float) -> float | None:

@@ -1,0 +1,176 @@
+"""`dilo merge`: average independently trained checkpoints into one model, optionally variance-corrected.
+
+Each input is one worker's checkpoint pair written by dilo/state.py
+(`<run>/checkpoints/round_NNNNNN/worker<r>.json` + `.safetensors`; either file names the pair). The
+models' parameters are averaged tensor by tensor; with --variance-corrected each tensor is then
+rescaled around its mean to the inputs' mean variance (Tian et al., arXiv:2404.04616; see
+dilo/outer/mixing.py), which keeps the merge of uncorrelated models from shrinking its weights.
+Merging DiLoCo replicas that share an anchor does not need the correction.
+
+    dilo merge runs/a/checkpoints/round_000010/worker0.json runs/b/checkpoints/round_000010/worker0.json \\
+        --out merged.safetensors --variance-corrected --config configs/quickstart.toml
+
+writes `merged.safetensors` (one tensor per parameter name) and `merged.json` (inputs and per-layer
+std before and after). Without --config the tensors are named p0, p1, ... in `params_of` order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from dilo.errors import DiloError
+from dilo.outer.mixing import layer_std, variance_corrected_merge
+from dilo.state import ROUND_DIR, load_worker_state
+
+
+def load_params(path: Path) -> list[Tensor]:
+    """The `params` list of one checkpoint pair, named by either of its two files."""
+    if path.suffix not in (".json", ".safetensors"):
+        raise ValueError(f"{path}: expected a checkpoint file worker<r>.json or worker<r>.safetensors")
+    who = path.stem
+    for f in (path.with_suffix(".json"), path.with_suffix(".safetensors")):
+        if not f.is_file():
+            raise FileNotFoundError(
+                f"{f}: no such file (a checkpoint is the pair {who}.json + {who}.safetensors in a round_NNNNNN dir)"
+            )
+    m = ROUND_DIR.match(path.parent.name)
+    if m is None:
+        raise ValueError(f"{path}: its directory {path.parent.name!r} is not a checkpoint round dir round_NNNNNN")
+    state = load_worker_state(path.parent.parent, int(m.group(1)), who)
+    params = state.get("params")
+    if not isinstance(params, list) or not all(isinstance(t, Tensor) for t in params):
+        raise ValueError(f"{path}: checkpoint holds no 'params' list of tensors")
+    return params
+
+
+def merge(
+    paths: list[Path],
+    out: Path,
+    *,
+    variance_corrected: bool = False,
+    conservative: float = 0.0,
+    own: int | None = None,
+    names: list[str] | None = None,
+    eps: float = 1e-4,
+) -> dict[str, Any]:
+    """Merge the checkpoints at `paths` into the safetensors file `out` plus a JSON sidecar; return the sidecar.
+
+    Plain merging is the fp32 mean of every tensor. `variance_corrected` applies
+    variance_corrected_merge (with `conservative` and `own`, the index in `paths` of the model to lean
+    towards, and `eps`, the paper's 1e-4: small next to a layer's variance it restores the variance
+    fully; for tiny-variance layers such as GPT-2's N(0, 0.02) init it restores only part of it).
+    """
+    if not paths:
+        raise ValueError("merge needs at least one checkpoint")
+    out = Path(out)
+    if out.suffix == ".json":
+        raise ValueError(f"--out {out}: the JSON sidecar takes that name; give the .safetensors path")
+    if conservative and not variance_corrected:
+        raise ValueError("--conservative only applies with --variance-corrected")
+    paths = [Path(p) for p in paths]
+    models = [load_params(p) for p in paths]
+    first = models[0]
+    for path, params in zip(paths[1:], models[1:]):
+        if len(params) != len(first):
+            raise ValueError(f"{path}: {len(params)} tensors, but {paths[0]} has {len(first)}")
+        for i, (a, b) in enumerate(zip(first, params)):
+            if a.shape != b.shape:
+                label = names[i] if names is not None and i < len(names) else f"p{i}"
+                raise ValueError(
+                    f"{path}: tensor {i} ({label}) has shape {tuple(b.shape)}, but {paths[0]} has {tuple(a.shape)}"
+                )
+    if names is None:
+        names = [f"p{i}" for i in range(len(first))]
+    if len(names) != len(first):
+        raise ValueError(f"the model config names {len(names)} parameters but the checkpoints hold {len(first)}")
+    if len(set(names)) != len(names):
+        raise ValueError("parameter names must be unique")
+
+    if variance_corrected:
+        merged = variance_corrected_merge(models, names, own=own, conservative=conservative, eps=eps)
+    else:
+        merged = [
+            torch.stack([m[i].to(torch.float32) for m in models]).mean(0).to(t.dtype) for i, t in enumerate(first)
+        ]
+
+    report: dict[str, Any] = {
+        "inputs": [str(p) for p in paths],
+        "variance_corrected": variance_corrected,
+        "conservative": conservative,
+        "own": own,
+        "eps": eps,
+        "layer_std_inputs": [layer_std(m, names) for m in models],
+        "layer_std_merged": layer_std(merged, names),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.contiguous() for n, t in zip(names, merged)}, str(out))
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _names_from_config(path: str) -> list[str]:
+    from dilo.config import load
+    from dilo.model import build_model, param_names
+
+    cfg = load(path)
+    return param_names(build_model(cfg.model, cfg.seed))
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    merged: dict[str, float] = report["layer_std_merged"]
+    width = max([len(n) for n in merged] + [5])
+    print(f"{'layer':<{width}}  {'inputs std (mean)':>17}  {'merged std':>10}  {'ratio':>6}", file=sys.stderr)
+    for name, std in merged.items():
+        before = sum(s[name] for s in report["layer_std_inputs"]) / len(report["layer_std_inputs"])
+        ratio = f"{std / before:6.3f}" if before > 0 else f"{'-':>6}"
+        print(f"{name:<{width}}  {before:17.6g}  {std:10.6g}  {ratio}", file=sys.stderr)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dilo merge", description="Average independently trained checkpoints into one model."
+    )
+    parser.add_argument("ckpts", nargs="+", type=Path, help="checkpoint files worker<r>.json (or .safetensors)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="merged .safetensors file; a .json sidecar goes next to it"
+    )
+    parser.add_argument(
+        "--variance-corrected",
+        action="store_true",
+        help="rescale each merged tensor to the inputs' mean variance (for uncorrelated models)",
+    )
+    parser.add_argument(
+        "--conservative",
+        type=float,
+        default=0.0,
+        help="c in [0, 1]: lean the merge and its target variance towards the --own model by c",
+    )
+    parser.add_argument("--own", type=int, default=None, help="index among CKPT of the model --conservative leans to")
+    parser.add_argument("--eps", type=float, default=1e-4, help="epsilon of the variance ratio (paper: 1e-4)")
+    parser.add_argument("--config", default=None, help="run config whose model gives the parameter names")
+    args = parser.parse_args(argv)
+    try:
+        names = _names_from_config(args.config) if args.config else None
+        report = merge(
+            args.ckpts,
+            args.out,
+            variance_corrected=args.variance_corrected,
+            conservative=args.conservative,
+            own=args.own,
+            names=names,
+            eps=args.eps,
+        )
+    except (ValueError, FileNotFoundError, DiloError) as e:
+        print(f"dilo merge: {e}", file=sys.stderr)
+        return 2
+    _print_table(report)
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}", file=sys.stderr)
+    return 0
