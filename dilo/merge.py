@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -44,7 +45,10 @@ def load_params(path: Path) -> list[Tensor]:
     m = ROUND_DIR.match(path.parent.name)
     if m is None:
         raise ValueError(f"{path}: its directory {path.parent.name!r} is not a checkpoint round dir round_NNNNNN")
-    state = load_worker_state(path.parent.parent, int(m.group(1)), who)
+    try:
+        state = load_worker_state(path.parent.parent, int(m.group(1)), who)
+    except (SafetensorError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
     params = state.get("params")
     if not isinstance(params, list) or not all(isinstance(t, Tensor) for t in params):
         raise ValueError(f"{path}: checkpoint holds no 'params' list of tensors")
