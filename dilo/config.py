@@ -219,7 +219,43 @@ class AsyncConfig(Frozen):
         return self
 
 
-OuterConfig = Annotated[DiLoCoConfig | FedAvgConfig | DDPConfig | AsyncConfig, Field(discriminator="kind")]
+class GossipConfig(Frozen):
+    kind: Literal["gossip"] = "gossip"
+    """Decentralised gossip averaging: every H steps each worker mixes its parameters with a few
+    peers' over direct ZeroMQ links (dilo/transport/zmq_p2p.py); no central parameter state."""
+    inner_steps: int = Field(50, gt=0)
+    """H: inner steps between two gossip rounds."""
+    topology: Literal["ring", "exponential", "one_peer_exponential", "random_pairs", "fully_connected"] = "ring"
+    """Who mixes with whom, rebuilt from the sorted member list every round: ring (1/3 self, left,
+    right), exponential (peers 2^j away), one_peer_exponential (one peer 2^(k mod log n) away at round
+    k), random_pairs (a random matching per round), fully_connected (1/n)."""
+    push_sum: bool = False
+    """Push-sum: send (x, w) shares to out-peers and train the de-biased x / w; survives directed and
+    time-varying graphs (a lost message loses its share of the mass)."""
+    peer_timeout_s: float = Field(10.0, gt=0.0)
+    """A peer whose message has not arrived after this long is skipped for the round, and the
+    current parameters of another live member are pulled in its place."""
+    variance_correction: bool = False
+    """Rescale each merged layer around its mean to the (weighted) mean of the inputs' variances,
+    so averaging uncorrelated models does not shrink the weights (Tian et al., arXiv:2404.04616)."""
+    conservative: float = Field(0.0, ge=0.0, lt=1.0)
+    """Blend c of the worker's own layer (and its variance) into the corrected merge."""
+    final_merge: bool = False
+    """After the last round, average the parameters of all live workers once (fully connected)."""
+    independent_init: bool = False
+    """Initialise each worker's model from its own seed (seed + 1000 * island), as in independently
+    trained models; otherwise every worker starts from the same parameters."""
+
+    @model_validator(mode="after")
+    def _push_sum_plain(self) -> GossipConfig:
+        if self.push_sum and self.variance_correction:
+            raise ValueError("variance_correction rescales parameters, which breaks push-sum's mass; use one")
+        return self
+
+
+OuterConfig = Annotated[
+    DiLoCoConfig | FedAvgConfig | DDPConfig | AsyncConfig | GossipConfig, Field(discriminator="kind")
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,11 +355,23 @@ class MembershipConfig(Frozen):
     curve_dir: str = ""
     """Directory with CURVE keys from `dilo keys` (server.key / server.pub / client.key): encrypts
     the ZeroMQ traffic. Empty: no encryption."""
+    p2p_bind: str = "tcp://127.0.0.1:0"
+    """gossip: where this worker listens for its peers (tcp://HOST:PORT; port 0 picks a free one)."""
+    p2p_advertise: str = ""
+    """gossip: the address peers reach this worker at; empty: derived from p2p_bind."""
+    peers: list[str] = Field(default_factory=list)
+    """gossip with membership.kind = "static": every worker's listening address, by rank (the
+    coordinator is then not needed; worker `rank` binds peers[rank])."""
 
     @model_validator(mode="after")
     def _address(self) -> MembershipConfig:
         if not re.fullmatch(r"tcp://[^:\s]+:\d{1,5}", self.address):
             raise ValueError(f"address={self.address!r} must look like tcp://HOST:PORT")
+        for key, value in (("p2p_bind", self.p2p_bind), ("p2p_advertise", self.p2p_advertise), ("peers", None)):
+            values = self.peers if key == "peers" else [value] if value else []
+            for v in values:
+                if not re.fullmatch(r"tcp://[^:\s]+:\d{1,5}", v):
+                    raise ValueError(f"{key}: {v!r} must look like tcp://HOST:PORT")
         if self.heartbeat_timeout_s <= self.heartbeat_s:
             raise ValueError("heartbeat_timeout_s must exceed heartbeat_s")
         return self
@@ -473,6 +521,15 @@ class RunConfig(Frozen):
             raise ValueError(
                 "sim.events (join, leave, crash) need membership.kind='coordinator': a static world "
                 "cannot lose or gain a worker"
+            )
+        if self.membership.peers and len(self.membership.peers) != self.workers:
+            raise ValueError(
+                f"membership.peers lists {len(self.membership.peers)} addresses for workers={self.workers}"
+            )
+        if isinstance(self.outer, GossipConfig) and self.codec.kind != "none":
+            raise ValueError(
+                "outer.kind='gossip' exchanges full fp32 parameters; compressed gossip is not implemented, "
+                "set codec.kind='none'"
             )
         if self.inner.warmup_steps >= self.steps:
             raise ValueError(f"inner.warmup_steps={self.inner.warmup_steps} must be below steps={self.steps}")

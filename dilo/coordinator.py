@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import secrets
 import threading
 import time
@@ -51,7 +52,7 @@ import torch
 import zmq
 
 from dilo import wire
-from dilo.config import AsyncConfig, RunConfig
+from dilo.config import AsyncConfig, GossipConfig, RunConfig
 from dilo.errors import ConfigError
 from dilo.model import build_model, param_names, params_of
 from dilo.outer.base import tensor_digest
@@ -73,6 +74,8 @@ class Member:
     bytes_out: int = 0
     holds: int = -1
     """async: the version this worker was last handed."""
+    address: str = ""
+    """gossip: where the worker listens for its peers."""
     staleness: list[int] = field(default_factory=list)
     """async: the staleness of each of its applied pushes."""
 
@@ -118,7 +121,9 @@ class Coordinator:
         self.names = param_names(model)
         self.params = [torch.nn.Parameter(p.detach().float().clone()) for p in params_of(model)]
         self.async_cfg = cfg.outer if isinstance(cfg.outer, AsyncConfig) else None
-        self.optimizer = None if self.async_cfg else outer_optimizer(cfg, self.params)
+        self.tracker = isinstance(cfg.outer, GossipConfig)
+        """gossip: the coordinator only tracks members and their peer addresses; it holds no model."""
+        self.optimizer = None if self.async_cfg or self.tracker else outer_optimizer(cfg, self.params)
         self.rule = build_rule(self.async_cfg, [p.data for p in self.params], 1) if self.async_cfg else None
         # async bookkeeping: measured speeds (steps/s), steps assigned and not yet pushed, the global
         # budget, parameters of versions still held by a worker (FedAsync mixes them), held replies
@@ -329,10 +334,13 @@ class Coordinator:
                             "round": self.round_index,
                             "members": sorted(self.members),
                             "boot": self.boot,
+                            **({"peers": self.peers()} if self.tracker else {}),
                         },
                     ),
                     msg.worker,
                 )
+            elif t == wire.MsgType.PUSH and self.tracker:
+                self._error(identity, "bad_type", "a gossip run has no central state: peers exchange directly")
             elif t == wire.MsgType.PUSH:
                 if self.async_cfg:
                     self._push_async(identity, msg)
@@ -357,8 +365,13 @@ class Coordinator:
 
     def _join(self, identity: bytes, msg: wire.Message) -> None:
         now = self.clock()
+        address = ""
+        if self.tracker:
+            address = msg.body.get("p2p", "")
+            if not isinstance(address, str) or not re.fullmatch(r"tcp://[^:\s]+:\d{1,5}", address):
+                raise wire.WireError("bad_body", f"a gossip JOIN carries p2p = tcp://HOST:PORT, got {address!r}")
         if msg.worker not in self.members:
-            self.members[msg.worker] = Member(msg.worker, now, now, self.version)
+            self.members[msg.worker] = Member(msg.worker, now, now, self.version, address=address)
             self.epoch += 1
             if self.rule is not None:
                 self.rule.set_workers(len(self.members))
@@ -370,6 +383,9 @@ class Coordinator:
                 self.epoch,
                 len(self.members),
             )
+        if address and self.members[msg.worker].address != address:  # re-joined from another port
+            self.members[msg.worker].address = address
+            self.epoch += 1
         if self.async_cfg and not self.started:
             # async runs start together: the WELCOMEs wait for start_quorum joiners (or the deadline),
             # so that the first worker up does not spend the budget alone
@@ -379,6 +395,9 @@ class Coordinator:
                 self._start()
             return
         self._send(identity, self._handout(msg.worker, wire.MsgType.WELCOME), msg.worker)
+
+    def peers(self) -> dict[str, str]:
+        return {w: m.address for w, m in sorted(self.members.items())}
 
     def _start(self) -> None:
         self.started = True
@@ -392,7 +411,14 @@ class Coordinator:
         return int(getattr(self.cfg.outer, "inner_steps", 1))
 
     def _handout(self, worker: str, msg_type: wire.MsgType, body: dict[str, Any] | None = None) -> wire.Message:
-        """The current state for `worker`; async: with its next step assignment, which it now holds."""
+        """The current state for `worker`; async: with its next step assignment, which it now holds;
+        gossip: only the members and their addresses."""
+        if self.tracker:
+            return wire.Message(
+                type=msg_type,
+                worker="coordinator",
+                body={"epoch": self.epoch, "members": sorted(self.members), "peers": self.peers(), "boot": self.boot},
+            )
         if not self.async_cfg:
             return self.state_message(msg_type, {"inner_steps": self._inner_steps(), **(body or {})})
         steps = self._assign(worker)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from dilo import metrics
-from dilo.config import RunConfig, load
+from dilo.config import GossipConfig, RunConfig, load
 from dilo.data import load_island, load_validation
 from dilo.errors import DiloError, TransportError
 from dilo.inner import InnerLoop
@@ -35,7 +35,7 @@ from dilo.outer.base import Strategy, Tail, params_of
 from dilo.outer.ddp import DDP
 from dilo.state import load_worker_state, save_worker_state
 from dilo.transport.base import ring_all_reduce_bytes
-from dilo.world import ElasticWorld, Placement, StaticWorld
+from dilo.world import ElasticWorld, GossipWorld, Placement, StaticWorld
 
 log = logging.getLogger("dilo.train")
 
@@ -61,7 +61,7 @@ class Totals:
 
 def train(
     cfg: RunConfig,
-    world: StaticWorld | ElasticWorld | Placement | None = None,
+    world: StaticWorld | ElasticWorld | GossipWorld | Placement | None = None,
     *,
     stop: threading.Event | None = None,
     max_rounds: int | None = None,
@@ -73,9 +73,14 @@ def train(
     """
     stop = stop or threading.Event()
     if world is None:
-        world = ElasticWorld(cfg) if cfg.membership.kind == "coordinator" else StaticWorld(cfg, Placement.from_env())
+        if isinstance(cfg.outer, GossipConfig):
+            world = GossipWorld(cfg)
+        elif cfg.membership.kind == "coordinator":
+            world = ElasticWorld(cfg)
+        else:
+            world = StaticWorld(cfg, Placement.from_env())
     elif isinstance(world, Placement):
-        world = StaticWorld(cfg, world)
+        world = GossipWorld(cfg, rank=world.rank) if isinstance(cfg.outer, GossipConfig) else StaticWorld(cfg, world)
     rank, size = world.rank, world.size
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / "checkpoints"
@@ -102,7 +107,8 @@ def train(
     if resume_round >= 0:
         _load_state(load_worker_state(ckpt_dir, resume_round, world.log_name), model, inner, outer, island, totals)
     if resume_round < 0 or world.elastic:
-        world.start(model, outer)  # static: broadcast rank 0's parameters; elastic: join the coordinator
+        # static: broadcast rank 0's parameters; elastic: join the coordinator; gossip: find the peers
+        world.start(model, outer, resumed=resume_round >= 0)
     world.counter.sent, world.counter.recv = totals.bytes_sent, totals.bytes_recv
     if isinstance(outer, DDP):
         outer.mark_bytes()
@@ -222,6 +228,7 @@ def train(
         if report.staleness is not None or isinstance(outer, AsyncLocalSGD):
             record["staleness"] = report.staleness
             record["next_steps"] = outer.round_steps
+        record.update(report.extra)
         sink.write(record)
         bar.show(
             round=totals.round,

@@ -73,6 +73,7 @@ class MsgType(str, Enum):
     RESULT = "result"
     PULL = "pull"
     STATE = "state"
+    GOSSIP = "gossip"
     LEAVE = "leave"
     BYE = "bye"
     STATUS = "status"

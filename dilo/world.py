@@ -1,14 +1,16 @@
-"""The two global worlds a worker can live in, behind one small interface for dilo/train.py.
+"""The global worlds a worker can live in, behind one small interface for dilo/train.py.
 
 - `StaticWorld`: a fixed set of workers from the launcher's environment (torchrun, Slurm,
   `dilo run`: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), exchanging over torch.distributed.
   Validation is split across workers and summed; the summary is agreed by an all-reduce.
 - `ElasticWorld`: workers join and leave a `dilo coordinator` over ZeroMQ. The coordinator holds
   the global state; a worker evaluates the full validation set itself and reports its own totals.
+- `GossipWorld`: workers mix parameters with peers over direct ZeroMQ links; a coordinator (or a
+  static list) only tells them where the peers are.
 
     world = StaticWorld(cfg, Placement.from_env())   # or ElasticWorld(cfg, worker_id)
     outer = world.strategy(model)
-    resumed = world.start(model, outer, ckpt_dir)     # broadcast / join, agree on the resume round
+    world.start(model, outer)                         # broadcast / join
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ class StaticWorld:
             )
         return agreed
 
-    def start(self, model: torch.nn.Module, outer: Any) -> None:
+    def start(self, model: torch.nn.Module, outer: Any, *, resumed: bool = False) -> None:
         outer.broadcast_initial(model)  # threads share one RNG; joiners will need this anyway
 
     def validation_share(self, batches: list[Any]) -> list[Any]:
@@ -246,7 +248,7 @@ class ElasticWorld:
         mine = rounds_of(ckpt_dir, self.log_name)
         return mine[-1] if mine else -1
 
-    def start(self, model: torch.nn.Module, outer: Any) -> None:
+    def start(self, model: torch.nn.Module, outer: Any, *, resumed: bool = False) -> None:
         welcome = outer.join(model)
         # What this worker starts from, hashed from its own model after adopting the WELCOME (not
         # the coordinator's claim): tests and operators compare it with the coordinator's anchor.
@@ -278,6 +280,135 @@ class ElasticWorld:
             if leaving:
                 self.client.leave()
             self.client.close()
+
+
+class GossipWorld:
+    """Workers that gossip with each other directly (outer.kind = "gossip").
+
+    Peers come from a coordinator acting as a tracker (membership.kind = "coordinator": it knows
+    members and their listening addresses, nothing else) or from a fixed list
+    (membership.kind = "static": membership.peers[rank], rank from RANK). Every worker evaluates
+    the whole validation set on its own parameters and reports its own totals."""
+
+    elastic = True
+
+    def __init__(self, cfg: RunConfig, worker_id: str | None = None, *, rank: int | None = None) -> None:
+        self.cfg = cfg
+        self.mcfg = cfg.membership
+        self.tracked = cfg.membership.kind == "coordinator"
+        self._secret = wire.load_secret(file=cfg.membership.secret_file or None)
+        if self.tracked:
+            self.worker_id = worker_id or cfg.membership.worker_id or default_worker_id()
+            self.rank = int(os.environ.get("DILO_ISLAND", str(_stable_slot(self.worker_id, max(1, cfg.workers)))))
+        else:
+            if not cfg.membership.peers:
+                raise DiloError(
+                    "outer.kind='gossip' with membership.kind='static' needs membership.peers (one tcp://HOST:PORT "
+                    "per worker, by rank), or membership.kind='coordinator' to let a coordinator track the peers"
+                )
+            self.rank = Placement.from_env().rank if rank is None else rank
+            self.worker_id = worker_id or f"rank{self.rank}"
+        self.size = max(1, cfg.workers)
+        self.log_name = f"worker-{self.worker_id}"
+        self.device = pick_device(cfg.transport.backend)
+        self.clock = WallClock(cfg.heterogeneity.slowdown_of(self.rank))
+        own = cfg.heterogeneity.max_steps_of(self.rank)
+        self.step_limit = min(cfg.steps, own) if own else cfg.steps
+        self.counter = ByteCounter()
+        self.client: StarClient | None = None
+        self.node: Any = None
+        self.joined: dict[str, Any] = {}
+        self._welcome_peers: dict[str, str] = {}
+
+    def strategy(self, model: torch.nn.Module) -> Strategy:
+        from dilo.outer.gossip import Gossip
+        from dilo.transport.zmq_p2p import P2PNode
+
+        params = params_of(model)
+        param_bytes = sum(p.numel() * 4 for p in params)
+        m = self.mcfg
+        bind = m.peers[self.rank] if not self.tracked else m.p2p_bind
+        self.node = P2PNode(
+            self.worker_id,
+            bind=bind,
+            advertise=m.p2p_advertise if self.tracked else m.peers[self.rank],
+            run=self.cfg.name,
+            fingerprint=self.cfg.fingerprint(),
+            secret=self._secret,
+            spec={f"p.{i}": (tuple(p.shape), "float32") for i, p in enumerate(params)},
+            max_message_bytes=2 * param_bytes + (1 << 20),
+            curve_dir=m.curve_dir,
+        )
+        self.counter = self.node.counter
+        if self.tracked:
+            self.client = StarClient(
+                m,
+                self.worker_id,
+                run=self.cfg.name,
+                fingerprint=self.cfg.fingerprint(),
+                secret=self._secret,
+                max_message_bytes=1 << 20,
+            )
+            self.client.join_body = {"p2p": self.node.address}
+            view = self._tracked_view
+        else:
+            static = {f"rank{r}": a for r, a in enumerate(m.peers)}
+            view = lambda: static  # noqa: E731 - the fixed world
+        return Gossip(model, self.node, view, self.cfg, self.worker_id)  # type: ignore[return-value]
+
+    def _tracked_view(self) -> dict[str, str]:
+        assert self.client is not None
+        peers = self.client.heartbeat.peers
+        return dict(peers) if peers else dict(self._welcome_peers)
+
+    def agree_resume_round(self, ckpt_dir: Path) -> int:
+        mine = rounds_of(ckpt_dir, self.log_name)
+        return mine[-1] if mine else -1
+
+    @torch.no_grad()
+    def start(self, model: torch.nn.Module, outer: Any, *, resumed: bool = False) -> None:
+        if self.cfg.outer.independent_init and not resumed:
+            fresh = params_of(_build(self.cfg, self.cfg.seed + 1000 * self.rank))
+            for p, v in zip(params_of(model), fresh):
+                p.copy_(v)
+        if self.client is not None:
+            welcome = self.client.join()
+            self._welcome_peers = dict(welcome.body["peers"])
+        # a static world starts together (a restarted worker resumes from its checkpoint); a tracked
+        # worker may be joining a run in progress
+        took = outer.join_from_neighbour(model) if self.tracked and not resumed else None
+        outer.publish(model)
+        self.joined = {
+            "members": sorted(outer.view()),
+            "from": took,
+            "anchor_hash": tensor_digest(list(params_of(model))),
+            "address": self.node.address,
+        }
+        log.info("worker %s gossips at %s with %s", self.worker_id, self.node.address, self.joined["members"])
+
+    def validation_share(self, batches: list[Any]) -> list[Any]:
+        return batches
+
+    def evaluate(self, model: torch.nn.Module, batches: list[Any]) -> float:
+        total, n = evaluate(model, batches, self.cfg.inner.precision)
+        return total / n if n else float("nan")
+
+    def total(self, values: list[float]) -> tuple[list[float], int]:
+        return list(values), 1
+
+    def close(self, outer: Any, *, leaving: bool) -> None:
+        if self.client is not None:
+            if leaving:
+                self.client.leave()
+            self.client.close()
+        if self.node is not None:
+            self.node.close()
+
+
+def _build(cfg: RunConfig, seed: int) -> torch.nn.Module:
+    from dilo.model import build_model
+
+    return build_model(cfg.model, seed)
 
 
 def _stable_slot(worker_id: str, n: int) -> int:

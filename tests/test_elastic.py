@@ -106,8 +106,8 @@ class _World(ElasticWorld):
         self.outer = super().strategy(model)
         return self.outer
 
-    def start(self, model: torch.nn.Module, outer: Any) -> None:
-        super().start(model, outer)
+    def start(self, model: torch.nn.Module, outer: Any, *, resumed: bool = False) -> None:
+        super().start(model, outer, resumed=resumed)
         if self.barrier is not None:
             self.barrier.wait(timeout=60)
 

@@ -48,6 +48,8 @@ class Heartbeat:
         self.view: View | None = None
         self.boot: str | None = None
         """The `boot` id of the coordinator process that sent the latest ACK."""
+        self.peers: dict[str, str] | None = None
+        """gossip: member -> listening address, from the latest ACK of a tracker."""
         self.last_ack = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"dilo-heartbeat-{worker_id}", daemon=True)
@@ -86,6 +88,8 @@ class Heartbeat:
                         b = reply.body
                         self.view = View(int(b["epoch"]), tuple(b["members"]), self.worker_id)
                         self.boot = b.get("boot")
+                        if isinstance(b.get("peers"), dict):
+                            self.peers = {str(k): str(v) for k, v in b["peers"].items()}
                     elif reply.type == wire.MsgType.ERROR and reply.body.get("code") == "not_member":
                         self.last_ack = time.monotonic()
                         self.not_member.set()

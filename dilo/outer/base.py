@@ -58,6 +58,8 @@ class SyncReport:
     """async: versions that passed between this worker's pull and its push."""
     schedule_step: int | None = None
     """async: the step of the run's learning-rate schedule to continue from (the world's progress)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Strategy-specific metrics for the round's log line (gossip: disagreement, layer std)."""
 
 
 @dataclass

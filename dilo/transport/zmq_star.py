@@ -45,6 +45,7 @@ class StarClient:
         self.seq = 0
         self.boot: str | None = None
         """The `boot` id of the coordinator process that welcomed us."""
+        self.join_body: dict[str, Any] = {}
         self.sock = self._connect()
         self.heartbeat = Heartbeat(
             self._connect,
@@ -126,14 +127,15 @@ class StarClient:
     # ------------------------------------------------------------------------------- requests
 
     def join(self, *, give_up_s: float | None = None) -> wire.Message:
-        """JOIN until WELCOME, with exponential backoff while the coordinator is unreachable."""
+        """JOIN until WELCOME, with exponential backoff while the coordinator is unreachable.
+        `join_body` (e.g. a gossip worker's listening address) goes with every JOIN."""
         give_up_s = give_up_s if give_up_s is not None else max(60.0, 6 * self.cfg.request_timeout_s)
         t0, delay = time.monotonic(), 0.25
         log.info("worker %s joining the coordinator at %s", self.worker_id, self.cfg.address)
         while True:
             try:
                 welcome = self.request(
-                    wire.Message(type=wire.MsgType.JOIN, worker=self.worker_id),
+                    wire.Message(type=wire.MsgType.JOIN, worker=self.worker_id, body=dict(self.join_body)),
                     wait_s=min(self.cfg.request_timeout_s, 5.0),
                 )
             except SyncTimeout:

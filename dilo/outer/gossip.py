@@ -1,0 +1,239 @@
+"""Gossip averaging: every H steps, mix parameters with a few peers; no central state.
+
+    outer = Gossip(model, node, view, cfg, worker_id)    # node: dilo/transport/zmq_p2p.P2PNode
+    if outer.due(step):
+        report = outer.sync(model, tail=tail)
+
+A round: build the round's mixing graph from the sorted member ids (dilo/outer/mixing.py, the
+same on every worker without a word exchanged), send this worker's parameters to the peers that
+average it, wait up to `peer_timeout_s` for the parameters of the peers it averages, mix them with
+its own (weights renormalised over what arrived), and train on. A peer that stays silent is
+replaced by pulling the current parameters of another live member that is not already a peer, so
+a crash costs one timeout, not the round's information. With `push_sum` the worker sends shares of
+(x, w) instead and trains the de-biased x / w: no renormalisation is needed, and directed or
+time-varying graphs still converge (a lost share is lost mass; the de-biasing keeps the model
+consistent). With `variance_correction` each merged layer is rescaled around its mean to the
+weighted mean of the inputs' variances.
+
+Each round's report carries, in `extra`: the distance of this worker's parameters to its peers'
+before mixing (`disagreement`, the local view of consensus distance) and the mean per-layer weight
+standard deviation before and after the merge. With `final_merge` the last round is followed by
+one fully connected average over the workers still alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dilo import wire
+from dilo.model import param_names, params_of
+from dilo.outer import mixing
+from dilo.outer.base import SyncReport, Tail, tensor_digest
+from dilo.transport.zmq_p2p import P2PNode
+
+log = logging.getLogger("dilo.outer.gossip")
+
+
+class Gossip:
+    def __init__(
+        self, model: nn.Module, node: P2PNode, view: Callable[[], dict[str, str]], cfg: Any, worker_id: str
+    ) -> None:
+        self.node = node
+        self.view = view
+        self.cfg = cfg
+        self.o = cfg.outer
+        self.me = worker_id
+        self.names = param_names(model)
+        self.round_steps = self.o.inner_steps
+        self.round = 0
+        self.total_steps = cfg.steps
+        self.push_sum = mixing.PushSum([p.detach().float() for p in params_of(model)]) if self.o.push_sum else None
+        self._step = -1
+        self._lock = threading.Lock()
+        self._snapshot: tuple[list[Tensor], int, float] = (
+            [p.detach().float().clone() for p in params_of(model)],
+            0,
+            1.0,
+        )
+        node.publish(self._state)
+
+    # ------------------------------------------------------------------------------- peers' view of us
+
+    def publish(self, model: nn.Module) -> None:
+        """What a peer pulling from us gets: a copy of the current parameters and round."""
+        snap = [p.detach().float().cpu().clone() for p in params_of(model)]
+        weight = self.push_sum.weight if self.push_sum is not None else 1.0
+        with self._lock:
+            self._snapshot = (snap, self.round, weight)
+
+    def _state(self) -> wire.Message:  # runs on the P2P server thread
+        with self._lock:
+            params, round_idx, weight = self._snapshot
+        return wire.Message(
+            type=wire.MsgType.STATE,
+            worker=self.me,
+            tensors={f"p.{i}": p for i, p in enumerate(params)},
+            body={"round": round_idx, "weight": weight, "digest": tensor_digest(params)},
+        )
+
+    @torch.no_grad()
+    def join_from_neighbour(self, model: nn.Module) -> dict[str, Any] | None:
+        """A worker joining a run in progress takes the parameters and round of a neighbour that has
+        gossiped already (its ring successor first). Returns what it took, or None (a fresh run)."""
+        peers = self.view()
+        members = sorted(set(peers) | {self.me})
+        i = members.index(self.me)
+        for peer in members[i + 1 :] + members[:i]:
+            state = self.node.pull(peer, peers[peer], self.o.peer_timeout_s)
+            if state is None or int(state.body["round"]) == 0:
+                continue
+            for p, k in zip(params_of(model), range(len(self.names))):
+                p.copy_(state.tensors[f"p.{k}"])
+            self.round = int(state.body["round"])
+            if self.push_sum is not None:  # a joiner brings mass 1 with the neighbour's model
+                self.push_sum = mixing.PushSum([p.detach().float() for p in params_of(model)])
+            self.publish(model)
+            log.info("worker %s joined from %s at round %d", self.me, peer, self.round)
+            return {"from": peer, "round": self.round, "digest": state.body["digest"]}
+        self.publish(model)
+        return None
+
+    # ------------------------------------------------------------------------------- rounds
+
+    def due(self, step: int) -> bool:
+        self._step = step
+        return (step + 1) % self.round_steps == 0
+
+    @torch.no_grad()
+    def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
+        t0 = time.perf_counter()
+        sent0, recv0 = self.node.counter.sent, self.node.counter.recv
+        params = params_of(model)
+        own = [p.detach().float().cpu().clone() for p in params]
+        std_before = mixing.layer_std(own, self.names)
+        peers = self.view()
+        members = sorted(set(peers) | {self.me})
+        new, got, missing, substituted = self._round(own, peers, members, self.o.topology, self.round, final=False)
+        disagreement = _mean_distance(own, got)
+        for p, v in zip(params, new):
+            p.copy_(v)
+        self.round += 1
+        extra: dict[str, Any] = {"peers": sorted(got), "disagreement": disagreement}
+        last = self._step + 1 >= self.total_steps
+        if last and self.o.final_merge:
+            peers = self.view()
+            members = sorted(set(peers) | {self.me})
+            merged, final_got, final_missing, _ = self._round(
+                [p.detach().float().cpu().clone() for p in params], peers, members, "fully_connected", self.round,
+                final=True,
+            )  # fmt: skip
+            for p, v in zip(params, merged):
+                p.copy_(v)
+            extra["final_merge"] = {"with": sorted(final_got), "missing": sorted(final_missing)}
+        after = [p.detach().float() for p in params]
+        std_after = mixing.layer_std(after, self.names)
+        extra["layer_std_before"] = _mean(std_before)
+        extra["layer_std_after"] = _mean(std_after)
+        extra["layer_std"] = {"before": std_before, "after": std_after}
+        self.publish(model)
+        reason = ""
+        if missing:
+            reason = f"no message from {sorted(missing)}" + (f"; pulled {sorted(substituted)}" if substituted else "")
+        return SyncReport(
+            committed=bool(got) or not missing,
+            participants=1 + len(got),
+            bytes_sent=self.node.counter.sent - sent0,
+            bytes_recv=self.node.counter.recv - recv0,
+            sync_s=time.perf_counter() - t0,
+            stop=tail.stop,
+            tokens=tail.tokens,
+            reason=reason,
+            anchor_hash=tensor_digest(after),
+            version=self.round,
+            extra=extra,
+        )
+
+    def _round(
+        self,
+        own: list[Tensor],
+        peers: dict[str, str],
+        members: list[str],
+        topology: str,
+        round_idx: int,
+        *,
+        final: bool,
+    ) -> tuple[list[Tensor], dict[str, list[Tensor]], set[str], dict[str, str]]:
+        """One exchange: send, collect, replace the silent, mix. Returns (new params, what arrived
+        by the peer whose weight it took, the silent peers, {silent peer: substitute})."""
+        w = mixing.graph(topology, members, round_idx, self.cfg.seed)
+        out, inn = mixing.out_peers(w, self.me), set(mixing.in_peers(w, self.me))
+        body = {"round": round_idx, "final": final}
+        if self.push_sum is not None and not final:
+            self.push_sum.reset(own)
+            share, weight = self.push_sum.share(out)
+            tensors = {f"p.{i}": t.contiguous() for i, t in enumerate(share)}
+            body["weight"] = weight
+        else:
+            tensors = {f"p.{i}": t for i, t in enumerate(own)}
+        for peer in out:
+            if peer in peers:
+                self.node.send(
+                    peer,
+                    peers[peer],
+                    wire.Message(type=wire.MsgType.GOSSIP, worker=self.me, body=body, tensors=tensors),
+                )
+        msgs = self.node.collect(round_idx, inn, self.o.peer_timeout_s, final=final)
+        got = {p: [m.tensors[f"p.{i}"].float() for i in range(len(own))] for p, m in msgs.items()}
+        missing = inn - set(got)
+        if self.push_sum is not None and not final:
+            weights_in = {p: float(msgs[p].body.get("weight", 1.0)) for p in got}
+            self.push_sum.absorb([(got[p], weights_in[p]) for p in sorted(got)])
+            views = {p: [t / weights_in[p] for t in got[p]] for p in got}  # the peers' de-biased models
+            return self.push_sum.debiased(), views, missing, {}
+        substituted: dict[str, str] = {}
+        if missing and not final:
+            spare = [m for m in members if m not in inn and m != self.me and m in peers]
+            for silent in sorted(missing):
+                while spare:
+                    candidate = spare.pop(0)
+                    state = self.node.pull(candidate, peers[candidate], self.o.peer_timeout_s / 2)
+                    if state is not None:
+                        got[silent] = [state.tensors[f"p.{i}"].float() for i in range(len(own))]
+                        substituted[silent] = candidate
+                        break
+            if missing:
+                log.warning("round %d: no message from %s; substitutes %s", round_idx, sorted(missing), substituted)
+        weights = w[self.me]
+        if self.o.variance_correction and got:
+            new = mixing.weighted_variance_corrected(own, got, weights, self.me, self.names)
+        else:
+            new = mixing.mix(own, got, weights, self.me)
+        return new, got, missing, substituted
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, **({"push_sum": self.push_sum.state_dict()} if self.push_sum else {})}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.round = int(state["round"])
+        if self.push_sum is not None and "push_sum" in state:
+            self.push_sum.load_state_dict(state["push_sum"])
+
+
+def _mean(values: dict[str, float]) -> float:
+    return sum(values.values()) / len(values) if values else 0.0
+
+
+def _mean_distance(own: list[Tensor], others: dict[str, list[Tensor]]) -> float | None:
+    if not others:
+        return None
+    total = 0.0
+    for params in others.values():
+        total += sum(float((a - b).double().pow(2).sum()) for a, b in zip(own, params)) ** 0.5
+    return total / len(others)

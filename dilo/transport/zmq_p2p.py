@@ -1,0 +1,266 @@
+"""Peer-to-peer links between workers over ZeroMQ, for gossip averaging.
+
+    node = P2PNode("w0", bind="tcp://0.0.0.0:0", run=cfg.name, fingerprint=fp, secret=secret,
+                   spec={"p.0": ((256, 128), "float32"), ...}, max_message_bytes=n)
+    node.publish(lambda: STATE message)          # what a peer gets when it pulls our parameters
+    node.send("w1", "tcp://10.0.0.2:41234", msg)  # fire and forget (GOSSIP)
+    got = node.collect(round_idx, {"w1", "w3"}, timeout_s=10)   # {peer: Message}, whoever arrived
+    state = node.pull("tcp://10.0.0.3:40001", timeout_s=10)     # a live peer's current parameters
+
+Every worker listens on one ROUTER socket, served by a thread of its own: GOSSIP messages land in
+a mailbox keyed by round, PULL requests are answered with the published state. It sends through
+one DEALER per peer, from the training thread only (ZeroMQ sockets are not thread-safe). Messages
+use the wire format of dilo/wire.py: size caps before parsing, HMAC when a secret is set, run and
+config fingerprint, tensor names, shapes, dtypes and finite values. A bad message is logged,
+counted in `rejected` and dropped (a PULL gets an ERROR); it never reaches the mixing step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from dilo import wire
+from dilo.transport.base import ByteCounter
+
+log = logging.getLogger("dilo.transport.p2p")
+
+
+def _nbytes(frames: list[Any]) -> int:
+    total = 0
+    for f in frames:
+        if isinstance(f, zmq.Frame):
+            total += len(f.buffer)
+        elif isinstance(f, memoryview):
+            total += f.nbytes
+        else:
+            total += len(f)
+    return total
+
+
+class P2PNode:
+    def __init__(
+        self,
+        worker_id: str,
+        *,
+        bind: str,
+        advertise: str = "",
+        run: str,
+        fingerprint: str,
+        secret: bytes | None,
+        spec: dict[str, tuple[tuple[int, ...], str]],
+        max_message_bytes: int,
+        curve_dir: str = "",
+    ) -> None:
+        self.worker_id = worker_id
+        self.run = run
+        self.fingerprint = fingerprint
+        self.secret = secret
+        self.spec = spec
+        self.curve_dir = curve_dir
+        self.limits = wire.Limits(max_frame_bytes=max_message_bytes, max_total_bytes=max_message_bytes)
+        self.counter = ByteCounter()
+        self.rejected: Counter[str] = Counter()
+        self.ctx = zmq.Context()
+        self._server = self.ctx.socket(zmq.ROUTER)
+        self._server.setsockopt(zmq.LINGER, 0)
+        self._server.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        if curve_dir:
+            from dilo import keys
+
+            keys.apply_server(self._server, Path(curve_dir) / "server.key")
+        host, _, port = bind.rpartition(":")
+        if port == "0":
+            real = self._server.bind_to_random_port(host, min_port=20000, max_port=60000)
+        else:
+            self._server.bind(bind)
+            real = int(port)
+        self.address = advertise or f"{host.replace('0.0.0.0', '127.0.0.1')}:{real}"
+        self._cv = threading.Condition()
+        self._mailbox: dict[tuple[int, bool], dict[str, wire.Message]] = {}
+        self._floor = 0
+        """Rounds below this are over: their late messages are dropped."""
+        self._publish: Callable[[], wire.Message] | None = None
+        self._peers: dict[str, zmq.Socket] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"dilo-p2p-{worker_id}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------- server thread
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._server, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(50):
+                continue
+            while True:
+                try:
+                    frames = self._server.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
+                    return
+                try:
+                    self._handle(frames[0].bytes, frames[1:])
+                except Exception:  # noqa: BLE001 - a bug or odd payload must not end the server
+                    log.exception("unexpected error while handling a peer message")
+        self._server.close(0)
+
+    def _handle(self, identity: bytes, frames: list[Any]) -> None:
+        with self._cv:
+            self.counter.add(0, _nbytes(frames))
+        try:
+            msg = wire.decode(frames, secret=self.secret, limits=self.limits)
+            if msg.run != self.run:
+                raise wire.WireError("run", f"message for run {msg.run!r}, this worker runs {self.run!r}")
+            if msg.fp != self.fingerprint:
+                raise wire.WireError("config", f"config fingerprint {msg.fp!r} differs from ours {self.fingerprint!r}")
+            if msg.type == wire.MsgType.GOSSIP:
+                wire.check_shapes(msg, self.spec)
+                wire.check_finite(msg)
+                r = msg.body.get("round")
+                final = msg.body.get("final", False)
+                weight = msg.body.get("weight", 1.0)
+                if isinstance(r, bool) or not isinstance(r, int) or r < 0 or not isinstance(final, bool):
+                    raise wire.WireError("bad_body", f"round must be an integer >= 0 and final a bool, got {r!r}")
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+                    raise wire.WireError("bad_body", f"weight must be a finite number > 0, got {weight!r}")
+            elif msg.type != wire.MsgType.PULL:
+                raise wire.WireError("bad_type", f"a gossip peer does not accept {msg.type.value} messages")
+        except wire.WireError as e:
+            self.rejected[e.code] += 1
+            log.warning("rejected a peer message (%s): %s", e.code, e)
+            if e.code not in ("size", "frames"):  # answer what looks like a request; the sender may wait
+                self._reply(identity, wire.Message(type=wire.MsgType.ERROR, worker=self.worker_id,
+                                                   body={"code": e.code, "message": str(e)}))  # fmt: skip
+            return
+        if msg.type == wire.MsgType.PULL:
+            publish = self._publish
+            if publish is None:
+                self._reply(identity, wire.Message(type=wire.MsgType.ERROR, worker=self.worker_id,
+                                                   body={"code": "not_ready", "message": "no state yet"}))  # fmt: skip
+            else:
+                reply = publish()
+                reply.seq = msg.seq
+                self._reply(identity, reply)
+            return
+        key = (int(msg.body["round"]), bool(msg.body.get("final", False)))
+        with self._cv:
+            if key[0] >= self._floor or key[1]:
+                self._mailbox.setdefault(key, {})[msg.worker] = msg
+                self._cv.notify_all()
+
+    def _reply(self, identity: bytes, msg: wire.Message) -> None:
+        msg.run, msg.fp = self.run, self.fingerprint
+        frames = wire.encode(msg, self.secret)
+        with self._cv:
+            self.counter.add(_nbytes(frames), 0)
+        self._server.send_multipart([identity, *frames], copy=False)
+
+    # ------------------------------------------------------------------------------- training thread
+
+    def publish(self, make_state: Callable[[], wire.Message]) -> None:
+        """What PULL returns from now on (called on the server thread: it must be thread-safe)."""
+        self._publish = make_state
+
+    def _socket(self, address: str) -> zmq.Socket:
+        sock = self._peers.get(address)
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 4)
+            sock.setsockopt(zmq.SNDTIMEO, 0)
+            if self.curve_dir:
+                from dilo import keys
+
+                d = Path(self.curve_dir)
+                keys.apply_client(sock, d / "client.key", d / "server.pub")
+            sock.connect(address)
+            self._peers[address] = sock
+        return sock
+
+    def send(self, peer: str, address: str, msg: wire.Message) -> bool:
+        """Queue msg for peer; False when its queue is full (a peer that stopped reading)."""
+        msg.worker, msg.run, msg.fp = self.worker_id, self.run, self.fingerprint
+        frames = wire.encode(msg, self.secret)
+        try:
+            self._socket(address).send_multipart(frames, copy=False)
+        except zmq.Again:
+            log.warning("peer %s at %s is not reading: message dropped", peer, address)
+            return False
+        with self._cv:
+            self.counter.add(_nbytes(frames), 0)
+        return True
+
+    def collect(
+        self, round_idx: int, peers: set[str], timeout_s: float, *, final: bool = False
+    ) -> dict[str, wire.Message]:
+        """Wait until every peer's message for the round arrived, or timeout_s; return what came."""
+        key = (round_idx, final)
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while True:
+                box = self._mailbox.get(key, {})
+                if peers <= set(box) or (left := deadline - time.monotonic()) <= 0:
+                    break
+                self._cv.wait(timeout=left)
+            got = {p: m for p, m in box.items() if p in peers}
+            if not final:
+                self._floor = max(self._floor, round_idx + 1)
+                for k in [k for k in self._mailbox if not k[1] and k[0] <= round_idx]:
+                    del self._mailbox[k]
+        return got
+
+    def pull(self, peer: str, address: str, timeout_s: float) -> wire.Message | None:
+        """A peer's current state (STATE), or None when it does not answer in time."""
+        sock = self.ctx.socket(zmq.DEALER)  # a private socket: no stale replies from earlier pulls
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            if self.curve_dir:
+                from dilo import keys
+
+                d = Path(self.curve_dir)
+                keys.apply_client(sock, d / "client.key", d / "server.pub")
+            sock.connect(address)
+            frames = wire.encode(
+                wire.Message(type=wire.MsgType.PULL, worker=self.worker_id, run=self.run, fp=self.fingerprint),
+                self.secret,
+            )
+            sock.send_multipart(frames, copy=False)
+            with self._cv:
+                self.counter.add(_nbytes(frames), 0)
+            if not sock.poll(int(timeout_s * 1000)):
+                log.warning("peer %s at %s did not answer a pull within %.1f s", peer, address, timeout_s)
+                return None
+            raw = sock.recv_multipart(copy=False)
+            with self._cv:
+                self.counter.add(0, _nbytes(raw))
+            reply = wire.decode(raw, secret=self.secret, limits=self.limits, expect_run=self.run)
+            if reply.type != wire.MsgType.STATE:
+                log.warning("peer %s refused a pull: %s", peer, reply.body)
+                return None
+            wire.check_shapes(reply, self.spec)
+            wire.check_finite(reply)
+            return reply
+        except wire.WireError as e:
+            self.rejected[e.code] += 1
+            log.warning("bad state from peer %s (%s): %s", peer, e.code, e)
+            return None
+        finally:
+            sock.close(0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for sock in self._peers.values():
+            sock.close(0)
+        self._peers.clear()
+        self.ctx.term()
