@@ -5,6 +5,7 @@
     dilo worker CONFIG [--id ID] [overrides]                  one elastic worker: join, train, leave
     dilo status ADDRESS                                       members, rounds, bytes of a running coordinator
     dilo sim CONFIG [--workers N] [overrides]                 k virtual workers in one process, virtual clock
+    dilo merge CKPT... --out FILE [--variance-corrected]     average independently trained checkpoints
     dilo keys DIR                                             CURVE key pairs for encrypted ZeroMQ traffic
     dilo config show CONFIG [--section.key=value ...]         the resolved configuration
     dilo config schema                                         JSON schema of every key, with help
@@ -105,6 +106,10 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
             )
         )
     else:
+        if cfg.outer.kind == "gossip" and not cfg.membership.peers:
+            # static gossip on loopback: one listening port per worker
+            peers = ", ".join(f'"tcp://127.0.0.1:{_free_port()}"' for _ in range(n))
+            rest = [*rest, f"--membership.peers=[{peers}]", f"--workers={n}"]
         store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
         base_env.update(WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), DILO_STORE_HOSTED="1")
     print(
@@ -204,7 +209,7 @@ def _cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _cmd_worker(args: argparse.Namespace, rest: list[str]) -> int:
     from dilo.train import train
-    from dilo.world import ElasticWorld
+    from dilo.world import ElasticWorld, GossipWorld
 
     overrides = [*rest, "--membership.kind=coordinator"]
     cfg = load(args.config, overrides)
@@ -214,7 +219,8 @@ def _cmd_worker(args: argparse.Namespace, rest: list[str]) -> int:
         import torch
 
         torch.set_num_threads(int(torch_threads))
-    summary = train(cfg, ElasticWorld(cfg, args.id), stop=stop)
+    world = GossipWorld(cfg, args.id) if cfg.outer.kind == "gossip" else ElasticWorld(cfg, args.id)
+    summary = train(cfg, world, stop=stop)
     return 130 if summary["stopped"] else 0
 
 
@@ -245,6 +251,12 @@ def _cmd_sim(args: argparse.Namespace, rest: list[str]) -> int:
     result = simulate(cfg)
     print(format_result(result, cfg.run_dir), file=sys.stderr)
     return 0
+
+
+def _cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
+    from dilo.merge import main as merge_main
+
+    return merge_main(rest)
 
 
 def _cmd_keys(args: argparse.Namespace, rest: list[str]) -> int:
@@ -285,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     p_sim = sub.add_parser("sim", help="simulate N virtual workers in one process on a virtual clock")
     p_sim.add_argument("config")
     p_sim.add_argument("--workers", type=int, default=None, help="virtual workers (default: the config's `workers`)")
+    sub.add_parser(
+        "merge", help="average checkpoints of independently trained models (dilo merge --help)", add_help=False
+    )
     p_keys = sub.add_parser("keys", help="generate CURVE key pairs")
     p_keys.add_argument("dir")
     p_keys.add_argument("--force", action="store_true", help="overwrite existing key files")
@@ -301,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             "status": _cmd_status,
             "keys": _cmd_keys,
             "sim": _cmd_sim,
+            "merge": _cmd_merge,
             "config": _cmd_config,
         }
         return handlers[args.command](args, rest)

@@ -727,7 +727,13 @@ class Coordinator:
     def checkpoint(self) -> Path:
         state = {
             "params": [p.detach() for p in self.params],
-            "outer": self.rule.state_dict() if self.rule else outer_state_tensors(self.optimizer, self.params),
+            "outer": (
+                self.rule.state_dict()
+                if self.rule
+                else outer_state_tensors(self.optimizer, self.params)
+                if self.optimizer
+                else {}
+            ),
             "star": self.star.state_dict(),
             "async": {
                 "steps": self.steps_done,
@@ -763,7 +769,7 @@ class Coordinator:
             a = state["async"]
             self.steps_done, self.applied, self.dropped = int(a["steps"]), int(a["applied"]), int(a["dropped"])
             self.speeds = dict(a["speeds"])
-        else:
+        elif self.optimizer is not None:
             load_outer_state(self.optimizer, self.params, state["outer"])
         self.star.load_state_dict(state["star"])
         self.version, self.round_index, self.epoch = int(state["version"]), int(state["round"]), int(state["epoch"]) + 1

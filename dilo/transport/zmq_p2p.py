@@ -201,15 +201,23 @@ class P2PNode:
         return True
 
     def collect(
-        self, round_idx: int, peers: set[str], timeout_s: float, *, final: bool = False
+        self,
+        round_idx: int,
+        peers: set[str],
+        timeout_s: float,
+        *,
+        final: bool = False,
+        wait_for: set[str] | None = None,
     ) -> dict[str, wire.Message]:
-        """Wait until every peer's message for the round arrived, or timeout_s; return what came."""
+        """Wait until the messages for the round of every peer in `wait_for` (default: all of
+        `peers`) arrived, or timeout_s; return what came from `peers`."""
         key = (round_idx, final)
         deadline = time.monotonic() + timeout_s
+        needed = peers if wait_for is None else wait_for
         with self._cv:
             while True:
                 box = self._mailbox.get(key, {})
-                if peers <= set(box) or (left := deadline - time.monotonic()) <= 0:
+                if needed <= set(box) or (left := deadline - time.monotonic()) <= 0:
                     break
                 self._cv.wait(timeout=left)
             got = {p: m for p, m in box.items() if p in peers}

@@ -1,0 +1,331 @@
+"""Gossip averaging over real ZeroMQ peer links: convergence, push-sum, silent peers, variance
+correction, hostile peer messages, the coordinator as a tracker with a joiner, and real worker
+processes with one SIGKILLed and one joining mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dilo import wire
+from dilo.config import RunConfig, load
+from dilo.coordinator import Coordinator
+from dilo.outer import mixing
+from dilo.state import load_worker_state, rounds_of
+from dilo.train import train
+from dilo.transport.zmq_p2p import P2PNode
+from dilo.world import GossipWorld
+from tests.conftest import tiny_config
+from tests.test_elastic import FAST, _env, _reaped, _serving, _spawn, _tail, _wait_for, _wait_ok
+
+SECRET = b"gossip-secret-0123456789abcdef"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cfg(tmp_path: Path, corpus: Path, n: int, outer: dict[str, Any] | None = None, **sections: Any) -> RunConfig:
+    membership = sections.pop("membership", None) or {"peers": [f"tcp://127.0.0.1:{_free_port()}" for _ in range(n)]}
+    return tiny_config(
+        tmp_path,
+        corpus,
+        workers=n,
+        steps=sections.pop("steps", 16),
+        outer={"kind": "gossip", "inner_steps": 4, "peer_timeout_s": 5.0, **(outer or {})},
+        membership=membership,
+        **sections,
+    )
+
+
+def _run(cfg: RunConfig, ranks: list[int]) -> dict[int, dict[str, Any]]:
+    out: dict[int, Any] = {}
+
+    def one(r: int) -> None:
+        try:
+            out[r] = train(cfg, GossipWorld(cfg, rank=r))
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            out[r] = e
+
+    threads = [threading.Thread(target=one, args=(r,), daemon=True) for r in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for r in ranks:
+        if isinstance(out.get(r), BaseException):
+            raise out[r]
+    return out
+
+
+def _rounds(run_dir: Path, worker: str) -> list[dict[str, Any]]:
+    recs = [json.loads(x) for x in (run_dir / "logs" / f"worker-{worker}.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["event"] == "round"]
+
+
+@pytest.mark.parametrize(
+    "outer",
+    [
+        {"topology": "ring"},
+        {"topology": "exponential", "push_sum": True},
+        {"topology": "one_peer_exponential", "push_sum": True},
+        {"topology": "random_pairs"},
+    ],
+    ids=["ring", "exponential-pushsum", "one-peer-pushsum", "random-pairs"],
+)
+def test_gossip_workers_converge_and_the_final_merge_agrees(
+    tmp_path: Path, corpus_dir: Path, outer: dict[str, Any]
+) -> None:
+    cfg = _cfg(tmp_path, corpus_dir, 4, {**outer, "final_merge": True})
+    summaries = _run(cfg, list(range(4)))
+    logs = {r: _rounds(tmp_path, f"rank{r}") for r in range(4)}
+    for r, recs in logs.items():
+        assert len(recs) == 4 and all(x["committed"] for x in recs)
+        assert recs[-1]["disagreement"] < recs[0]["disagreement"]
+        assert recs[-1]["final_merge"]["missing"] == []
+        assert summaries[r]["val_loss"] < summaries[r]["initial_val_loss"]
+    # after the final fully connected merge every worker holds the same parameters
+    assert len({recs[-1]["anchor_hash"] for recs in logs.values()}) == 1
+    # a worker sends its parameters to each peer that averages it: bytes match the graph's degree
+    n_params = sum(p.numel() for p in load_worker_state(tmp_path / "checkpoints", 4, "worker-rank0")["params"])
+    assert logs[0][0]["bytes_sent"] >= n_params * 4
+
+
+def test_silent_peer_is_replaced_by_a_pulled_one(tmp_path: Path, corpus_dir: Path) -> None:
+    """Four addresses, three workers: rank 3 never answers. Its ring neighbour rank 0 waits
+    peer_timeout_s once, pulls the parameters of the member that is not already its peer in rank
+    3's place, and from then on does not wait for rank 3 again."""
+    cfg = _cfg(tmp_path, corpus_dir, 4, {"topology": "ring", "peer_timeout_s": 1.0}, steps=12)
+    summaries = _run(cfg, [0, 1, 2])
+    r0 = _rounds(tmp_path, "rank0")
+    assert len(r0) == 3
+    assert all(r["reason"] == "no message from ['rank3']; pulled rank2 in place of rank3" for r in r0)
+    assert all(sorted(r["peers"]) == ["rank1", "rank3"] and r["participants"] == 3 for r in r0)
+    assert r0[0]["sync_s"] >= 1.0  # waited once
+    assert all(r["sync_s"] < 1.0 for r in r0[1:])  # then knew better
+    for s in summaries.values():
+        assert s["val_loss"] < s["initial_val_loss"]
+
+
+def test_variance_correction_keeps_the_spread_of_independent_models(tmp_path: Path, corpus_dir: Path) -> None:
+    stds = {}
+    for corrected in (False, True):
+        d = tmp_path / str(corrected)
+        cfg = _cfg(
+            d, corpus_dir, 4, {"topology": "ring", "independent_init": True, "variance_correction": corrected}, steps=8
+        )
+        _run(cfg, list(range(4)))
+        first = _rounds(d, "rank0")[0]
+        stds[corrected] = first["layer_std_after"] / first["layer_std_before"]
+        assert first["layer_std"]["before"].keys() == first["layer_std"]["after"].keys()
+    # averaging three independent initialisations shrinks each layer's std by about 1/sqrt(3)
+    assert stds[False] < 0.75
+    assert 0.9 < stds[True] < 1.1
+
+
+def test_peer_messages_are_validated(tmp_path: Path) -> None:
+    spec = {"p.0": ((4, 3), "float32")}
+    node = P2PNode(
+        "me", bind="tcp://127.0.0.1:0", run="r", fingerprint="f", secret=SECRET, spec=spec, max_message_bytes=1 << 16
+    )
+    sender = P2PNode(
+        "you", bind="tcp://127.0.0.1:0", run="r", fingerprint="f", secret=SECRET, spec=spec, max_message_bytes=1 << 16
+    )
+    try:
+        good = torch.ones(4, 3)
+
+        def gossip(tensors: dict[str, torch.Tensor], body: dict[str, Any]) -> wire.Message:
+            return wire.Message(type=wire.MsgType.GOSSIP, worker="you", body=body, tensors=tensors)
+
+        sender.send("me", node.address, gossip({"p.0": good}, {"round": 0}))  # connects
+        assert list(node.collect(0, {"you"}, timeout_s=5.0)) == ["you"]
+        cases = [
+            (gossip({"p.0": torch.ones(3, 4)}, {"round": 1}), "shape"),
+            (gossip({"p.0": good * float("nan")}, {"round": 1}), "nonfinite"),
+            (gossip({"p.0": good}, {"round": -1}), "bad_body"),
+            (gossip({"p.0": good}, {"round": 1, "weight": 0.0}), "bad_body"),
+            (wire.Message(type=wire.MsgType.PUSH, worker="you"), "bad_type"),
+        ]
+        for msg, _ in cases:
+            assert sender.send("me", node.address, msg)
+            time.sleep(0.02)  # one message per round is the norm: stay under the send queue's 4
+        wrong_run = P2PNode(
+            "x", bind="tcp://127.0.0.1:0", run="other", fingerprint="f", secret=SECRET, spec=spec,
+            max_message_bytes=1 << 16,
+        )  # fmt: skip
+        wrong_key = P2PNode(
+            "y", bind="tcp://127.0.0.1:0", run="r", fingerprint="f", secret=b"another-secret-0123456789",
+            spec=spec, max_message_bytes=1 << 16,
+        )  # fmt: skip
+        wrong_run.send("me", node.address, gossip({"p.0": good}, {"round": 1}))
+        wrong_key.send("me", node.address, gossip({"p.0": good}, {"round": 1}))
+        sender.send("me", node.address, gossip({"p.0": good * 2}, {"round": 1}))  # the one valid message
+        got = node.collect(1, {"you", "x", "y"}, timeout_s=2.0)
+        assert list(got) == ["you"] and torch.equal(got["you"].tensors["p.0"], good * 2)
+        expected = [c for _, c in cases] + ["run", "auth"]
+        assert sorted(node.rejected.elements()) == sorted(expected)
+        # a PULL before anything was published is refused; afterwards it returns the state
+        assert sender.pull("me", node.address, 2.0) is None
+        node.publish(lambda: wire.Message(type=wire.MsgType.STATE, worker="me", tensors={"p.0": good * 3}))
+        state = sender.pull("me", node.address, 2.0)
+        assert state is not None and torch.equal(state.tensors["p.0"], good * 3)
+        wrong_run.close()
+        wrong_key.close()
+    finally:
+        node.close()
+        sender.close()
+
+
+def test_tracker_mode_with_a_late_joiner(tmp_path: Path, corpus_dir: Path) -> None:
+    """The coordinator only tracks members and addresses; a worker starting late takes a
+    neighbour's parameters and round."""
+    cfg = _cfg(tmp_path, corpus_dir, 3, {"topology": "ring", "peer_timeout_s": 3.0}, steps=40, membership=FAST)
+    coord = Coordinator(cfg, bind="tcp://127.0.0.1:0")
+    cfg = cfg.model_copy(update={"membership": cfg.membership.model_copy(update={"address": coord.address})})
+    out: dict[str, Any] = {}
+
+    def one(w: str) -> None:
+        try:
+            out[w] = train(cfg, GossipWorld(cfg, w))
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            out[w] = e
+
+    with _serving(coord):
+        first = [threading.Thread(target=one, args=(w,), daemon=True) for w in ("g0", "g1")]
+        for t in first:
+            t.start()
+        _wait_for("two rounds", lambda: (tmp_path / "logs" / "worker-g0.jsonl").exists()
+                  and len(_rounds(tmp_path, "g0")) >= 2, 60)  # fmt: skip
+        late = threading.Thread(target=one, args=("g2",), daemon=True)
+        late.start()
+        for t in [*first, late]:
+            t.join(timeout=120)
+        status = coord.status()
+    for v in out.values():
+        if isinstance(v, BaseException):
+            raise v
+    start = [json.loads(x) for x in (tmp_path / "logs" / "worker-g2.jsonl").read_text().splitlines()][0]
+    took = start["joined"]["from"]
+    assert took is not None and took["from"] in ("g0", "g1") and took["round"] >= 2
+    assert _rounds(tmp_path, "g2")[0]["version"] == took["round"] + 1
+    assert any(r["participants"] == 3 for r in _rounds(tmp_path, "g0"))
+    assert status["members"] == []  # everyone left at the end
+
+
+# ------------------------------------------------------------------------------------------
+# real processes
+
+
+def _write_gossip_config(run_dir: Path, corpus: Path) -> Path:
+    cfg = run_dir / "gossip.toml"
+    cfg.write_text(
+        f"""
+name = "gossip"
+workers = 4
+steps = 400
+out_dir = "{run_dir}"
+
+[model]
+n_layer = 1
+n_head = 2
+d_model = 32
+context = 32
+
+[data]
+corpus = "text"
+paths = ["{corpus}"]
+batch_size = 4
+seq_len = 32
+val_fraction = 0.1
+
+[inner]
+lr = 3e-3
+warmup_steps = 2
+
+[outer]
+kind = "gossip"
+inner_steps = 10
+topology = "ring"
+peer_timeout_s = 2.0
+
+[heterogeneity]
+slowdown = [2, 2, 2, 2]
+
+[log]
+progress = false
+plot = false
+eval_every = 5
+eval_batches = 2
+
+[checkpoint]
+every = 10
+
+[membership]
+kind = "coordinator"
+heartbeat_s = 0.2
+heartbeat_timeout_s = 2.0
+request_timeout_s = 3.0
+
+[coordinator]
+bind = "tcp://127.0.0.1:0"
+"""
+    )
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_gossip_processes_survive_a_sigkill_and_a_joiner(tmp_path: Path, corpus_dir: Path) -> None:
+    toml = _write_gossip_config(tmp_path, corpus_dir)
+    coord = Coordinator(load(str(toml)), bind="tcp://127.0.0.1:0")
+    addr = coord.address
+
+    def log_of(w: str) -> Path:
+        return tmp_path / "logs" / f"worker-{w}.jsonl"
+
+    with _serving(coord), _reaped([]) as procs:
+        args = ["--membership.address=" + addr]
+        workers = {
+            w: _spawn(["worker", str(toml), "--id", w, *args], tmp_path, w, env=_env(DILO_ISLAND=str(i)))
+            for i, w in enumerate(("g0", "g1", "g2", "g3"))
+        }
+        procs.extend(workers.values())
+        _wait_for("5 rounds of g2", lambda: log_of("g2").exists() and len(_rounds(tmp_path, "g2")) >= 5, 120, procs)
+        os.kill(workers["g2"].pid, signal.SIGKILL)
+        workers["g2"].wait(timeout=10)
+        survivors = [workers[w] for w in ("g0", "g1", "g3")]
+        _wait_for("g2 out of the view", lambda: "g2" not in coord.members, 30, survivors)
+        joiner = _spawn(["worker", str(toml), "--id", "g4", f"--membership.address={addr}"], tmp_path, "g4",
+                        env=_env(DILO_ISLAND="2"))  # fmt: skip
+        procs.append(joiner)
+        for p in [*survivors, joiner]:
+            _wait_ok(p, 150)
+    recs = {w: _rounds(tmp_path, w) for w in ("g0", "g1", "g3", "g4")}
+    start = [json.loads(x) for x in log_of("g4").read_text().splitlines()][0]
+    took = start["joined"]["from"]
+    print(
+        f"\ngossip: g2 killed after {len(_rounds(tmp_path, 'g2'))} rounds; g4 joined from {took}; "
+        f"max disagreement before/after the kill: "
+        f"{max(r['disagreement'] for r in recs['g0'][:5]):.3f} / {max(r['disagreement'] for r in recs['g0'][5:]):.3f}"
+    )
+    assert took is not None and took["round"] >= 5, _tail(joiner)
+    for w in ("g0", "g1", "g3"):
+        assert len(recs[w]) == 40
+        assert recs[w][-1]["val_loss"] < recs[w][0]["val_loss"]
+    # consensus distance stays bounded: the last checkpoints of the survivors and the joiner
+    last = {w: rounds_of(tmp_path / "checkpoints", f"worker-{w}")[-1] for w in ("g0", "g1", "g3", "g4")}
+    models = [load_worker_state(tmp_path / "checkpoints", last[w], f"worker-{w}")["params"] for w in last]
+    first_disagreement = recs["g0"][0]["disagreement"]
+    assert mixing.consensus_distance(models) < 2 * first_disagreement
+    assert max(r["disagreement"] for r in recs["g0"][5:]) < 2 * max(r["disagreement"] for r in recs["g0"][:5])
