@@ -195,16 +195,29 @@ class Gossip:
                 )
         # A peer that was silent last time is not waited for (its neighbours would all fall a timeout
         # behind, and theirs after them); a message from it that is already here still counts.
-        msgs = self.node.collect(round_idx, inn, self.o.peer_timeout_s, final=final, wait_for=inn - self.suspects)
-        got = {p: [m.tensors[f"p.{i}"].float() for i in range(len(own))] for p, m in msgs.items()}
-        missing = inn - set(got)
+        msgs = self.node.collect(inn, self.o.peer_timeout_s, final=final, wait_for=inn - self.suspects)
+        n = len(own)
+        if not final and msgs:
+            # a worker that fell behind (or joined) catches up with the round its peers are at, so
+            # that time-varying graphs stay aligned
+            self.round = max(self.round, max(int(m.body["round"]) for ms in msgs.values() for m in ms))
+        missing = inn - set(msgs)
         if not final:
-            self.suspects = (self.suspects | missing) - set(got)
+            self.suspects = (self.suspects | missing) - set(msgs)
         if self.push_sum is not None and not final:
-            weights_in = {p: float(msgs[p].body.get("weight", 1.0)) for p in got}
-            self.push_sum.absorb([(got[p], weights_in[p]) for p in sorted(got)])
-            views = {p: [t / weights_in[p] for t in got[p]] for p in got}  # the peers' de-biased models
+            # every share is mass: absorb all that came
+            parts = [
+                ([m.tensors[f"p.{i}"].float() for i in range(n)], float(m.body.get("weight", 1.0)))
+                for p in sorted(msgs)
+                for m in msgs[p]
+            ]
+            self.push_sum.absorb(parts)
+            views = {  # the peers' de-biased models, for the metrics
+                p: [ms[-1].tensors[f"p.{i}"].float() / float(ms[-1].body.get("weight", 1.0)) for i in range(n)]
+                for p, ms in msgs.items()
+            }
             return self.push_sum.debiased(), views, missing, {}
+        got = {p: [ms[-1].tensors[f"p.{i}"].float() for i in range(n)] for p, ms in msgs.items()}  # the latest
         substituted: dict[str, str] = {}
         if missing and not final:
             spare = [m for m in members if m not in inn and m != self.me and m in peers]

@@ -4,11 +4,11 @@
                    spec={"p.0": ((256, 128), "float32"), ...}, max_message_bytes=n)
     node.publish(lambda: STATE message)          # what a peer gets when it pulls our parameters
     node.send("w1", "tcp://10.0.0.2:41234", msg)  # fire and forget (GOSSIP)
-    got = node.collect(round_idx, {"w1", "w3"}, timeout_s=10)   # {peer: Message}, whoever arrived
+    got = node.collect({"w1", "w3"}, timeout_s=10)   # {peer: [Message, ...]}, whoever sent something new
     state = node.pull("tcp://10.0.0.3:40001", timeout_s=10)     # a live peer's current parameters
 
-Every worker listens on one ROUTER socket, served by a thread of its own: GOSSIP messages land in
-a mailbox keyed by round, PULL requests are answered with the published state. It sends through
+Every worker listens on one ROUTER socket, served by a thread of its own: GOSSIP messages queue per
+sender until collected, PULL requests are answered with the published state. It sends through
 one DEALER per peer, from the training thread only (ZeroMQ sockets are not thread-safe). Messages
 use the wire format of dilo/wire.py: size caps before parsing, HMAC when a secret is set, run and
 config fingerprint, tensor names, shapes, dtypes and finite values. A bad message is logged,
@@ -31,6 +31,9 @@ from dilo import wire
 from dilo.transport.base import ByteCounter
 
 log = logging.getLogger("dilo.transport.p2p")
+
+MAX_QUEUED = 8
+"""Uncollected messages kept per sender; older ones are dropped (and counted in `overflow`)."""
 
 
 def _nbytes(frames: list[Any]) -> int:
@@ -68,6 +71,7 @@ class P2PNode:
         self.limits = wire.Limits(max_frame_bytes=max_message_bytes, max_total_bytes=max_message_bytes)
         self.counter = ByteCounter()
         self.rejected: Counter[str] = Counter()
+        self.overflow = 0
         self.ctx = zmq.Context()
         self._server = self.ctx.socket(zmq.ROUTER)
         self._server.setsockopt(zmq.LINGER, 0)
@@ -84,9 +88,9 @@ class P2PNode:
             real = int(port)
         self.address = advertise or f"{host.replace('0.0.0.0', '127.0.0.1')}:{real}"
         self._cv = threading.Condition()
-        self._mailbox: dict[tuple[int, bool], dict[str, wire.Message]] = {}
-        self._floor = 0
-        """Rounds below this are over: their late messages are dropped."""
+        self._inbox: dict[str, list[wire.Message]] = {}
+        """Messages not yet collected, per sender, oldest first (at most MAX_QUEUED each)."""
+        self._final: dict[str, wire.Message] = {}
         self._publish: Callable[[], wire.Message] | None = None
         self._peers: dict[str, zmq.Socket] = {}
         self._stop = threading.Event()
@@ -152,11 +156,17 @@ class P2PNode:
                 reply.seq = msg.seq
                 self._reply(identity, reply)
             return
-        key = (int(msg.body["round"]), bool(msg.body.get("final", False)))
         with self._cv:
-            if key[0] >= self._floor or key[1]:
-                self._mailbox.setdefault(key, {})[msg.worker] = msg
-                self._cv.notify_all()
+            if msg.body.get("final", False):
+                self._final[msg.worker] = msg
+            else:
+                queue = self._inbox.setdefault(msg.worker, [])
+                queue.append(msg)
+                if len(queue) > MAX_QUEUED:
+                    queue.pop(0)
+                    self.overflow += 1
+                    log.warning("more than %d uncollected messages from %s: dropped the oldest", MAX_QUEUED, msg.worker)
+            self._cv.notify_all()
 
     def _reply(self, identity: bytes, msg: wire.Message) -> None:
         msg.run, msg.fp = self.run, self.fingerprint
@@ -201,31 +211,23 @@ class P2PNode:
         return True
 
     def collect(
-        self,
-        round_idx: int,
-        peers: set[str],
-        timeout_s: float,
-        *,
-        final: bool = False,
-        wait_for: set[str] | None = None,
-    ) -> dict[str, wire.Message]:
-        """Wait until the messages for the round of every peer in `wait_for` (default: all of
-        `peers`) arrived, or timeout_s; return what came from `peers`."""
-        key = (round_idx, final)
+        self, peers: set[str], timeout_s: float, *, final: bool = False, wait_for: set[str] | None = None
+    ) -> dict[str, list[wire.Message]]:
+        """Wait until every peer in `wait_for` (default: all of `peers`) sent something new, or
+        timeout_s; take and return the new messages of `peers`, oldest first. Messages are not
+        matched by round: a peer a little behind or ahead still counts, with its latest state."""
         deadline = time.monotonic() + timeout_s
         needed = peers if wait_for is None else wait_for
+        box = self._final if final else self._inbox
         with self._cv:
-            while True:
-                box = self._mailbox.get(key, {})
-                if needed <= set(box) or (left := deadline - time.monotonic()) <= 0:
+            while not needed <= {p for p in box if box[p]}:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     break
                 self._cv.wait(timeout=left)
-            got = {p: m for p, m in box.items() if p in peers}
-            if not final:
-                self._floor = max(self._floor, round_idx + 1)
-                for k in [k for k in self._mailbox if not k[1] and k[0] <= round_idx]:
-                    del self._mailbox[k]
-        return got
+            if final:
+                return {p: [self._final.pop(p)] for p in peers if p in self._final}
+            return {p: self._inbox.pop(p) for p in peers if self._inbox.get(p)}
 
     def pull(self, peer: str, address: str, timeout_s: float) -> wire.Message | None:
         """A peer's current state (STATE), or None when it does not answer in time."""
