@@ -112,3 +112,16 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path: Path, corpus_dir: Path) 
     final = json.loads((tmp_path / "summary.json").read_text())
     assert final["steps"] == stopped_at + 40 and not final["stopped"]
     assert _hashes(tmp_path, 0) == _hashes(tmp_path, 1)
+
+
+def test_dilo_run_static_gossip_on_loopback(tmp_path: Path, corpus_dir: Path) -> None:
+    """`dilo run` gives each gossip worker a loopback port; no coordinator, no torch.distributed group."""
+    cmd = _dilo_run(
+        "--workers", "3", *_overrides(tmp_path, corpus_dir), "--outer.kind=gossip", "--outer.inner_steps=4",
+        "--outer.final_merge=true",
+    )  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = {r: (tmp_path / "logs" / f"worker-rank{r}.jsonl").read_text().splitlines() for r in range(3)}
+    finals = {json.loads([x for x in v if '"round"' in x][-1])["anchor_hash"] for v in logs.values()}
+    assert len(finals) == 1  # the final merge leaves every worker with the same parameters
