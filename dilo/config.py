@@ -242,6 +242,10 @@ class GossipConfig(Frozen):
     """Blend c of the worker's own layer (and its variance) into the corrected merge."""
     final_merge: bool = False
     """After the last round, average the parameters of all live workers once (fully connected)."""
+    consensus_step: float = Field(1.0, gt=0.0, le=1.0)
+    """Compressed gossip (codec.kind != "none", CHOCO-gossip): x <- x + step * sum_j w_j (x^_j - x^_self),
+    where x^ are the public estimates that the compressed differences build up; lower it for
+    aggressive codecs."""
     independent_init: bool = False
     """Initialise each worker's model from its own seed (seed + 1000 * island), as in independently
     trained models; otherwise every worker starts from the same parameters."""
@@ -527,10 +531,15 @@ class RunConfig(Frozen):
                 f"membership.peers lists {len(self.membership.peers)} addresses for workers={self.workers}"
             )
         if isinstance(self.outer, GossipConfig) and self.codec.kind != "none":
-            raise ValueError(
-                "outer.kind='gossip' exchanges full fp32 parameters; compressed gossip is not implemented, "
-                "set codec.kind='none'"
-            )
+            if self.outer.push_sum or self.outer.variance_correction:
+                raise ValueError(
+                    "compressed gossip (codec.kind != 'none') mixes public estimates; it cannot be combined with "
+                    "outer.push_sum or outer.variance_correction"
+                )
+            if self.codec.kind == "powersgd" or any(o.kind == "powersgd" for o in self.codec.overrides):
+                raise ValueError(
+                    "codec.kind='powersgd' needs an all-reduce; gossip can use int8, int4, topk, sign, fp16"
+                )
         if self.inner.warmup_steps >= self.steps:
             raise ValueError(f"inner.warmup_steps={self.inner.warmup_steps} must be below steps={self.steps}")
         return self

@@ -328,6 +328,14 @@ class GossipWorld:
         param_bytes = sum(p.numel() * 4 for p in params)
         m = self.mcfg
         bind = m.peers[self.rank] if not self.tracked else m.p2p_bind
+        fp32 = {f"p.{i}": (tuple(p.shape), "float32") for i, p in enumerate(params)}
+        spec, state_spec = fp32, fp32
+        if self.cfg.codec.kind != "none":  # compressed gossip: encoded differences; states carry x and x^
+            from dilo.model import param_names
+            from dilo.outer.star import StarCodec
+
+            spec = StarCodec(param_names(model), [p.shape for p in params], self.cfg.codec).push_spec()
+            state_spec = {**fp32, **{f"h.{i}": v for i, (_, v) in enumerate(fp32.items())}}
         self.node = P2PNode(
             self.worker_id,
             bind=bind,
@@ -335,8 +343,9 @@ class GossipWorld:
             run=self.cfg.name,
             fingerprint=self.cfg.fingerprint(),
             secret=self._secret,
-            spec={f"p.{i}": (tuple(p.shape), "float32") for i, p in enumerate(params)},
-            max_message_bytes=2 * param_bytes + (1 << 20),
+            spec=spec,
+            state_spec=state_spec,
+            max_message_bytes=3 * param_bytes + (1 << 20),
             curve_dir=m.curve_dir,
         )
         self.counter = self.node.counter

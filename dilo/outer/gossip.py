@@ -15,6 +15,13 @@ time-varying graphs still converge (a lost share is lost mass; the de-biasing ke
 consistent). With `variance_correction` each merged layer is rescaled around its mean to the
 weighted mean of the inputs' variances.
 
+With a codec (codec.kind != "none") the exchange is CHOCO-gossip (Koloskova et al., 2019): each
+worker keeps a public estimate x^ of its parameters that every neighbour replicates, sends only
+q = C(x - x^) (what a round does not transmit stays in x - x^ and goes out later: error feedback
+without a separate memory), and moves x <- x + consensus_step * sum_j w_j (x^_j - x^_self). A
+neighbour whose replica missed a q (a timeout, a new neighbour after a view change) pulls the
+sender's x^ in full once.
+
 Each round's report carries, in `extra`: the distance of this worker's parameters to its peers'
 before mixing (`disagreement`, the local view of consensus distance) and the mean per-layer weight
 standard deviation before and after the merge. With `final_merge` the last round is followed by
@@ -36,6 +43,7 @@ from dilo import wire
 from dilo.model import param_names, params_of
 from dilo.outer import mixing
 from dilo.outer.base import SyncReport, Tail, tensor_digest
+from dilo.outer.star import StarCodec, worker_key
 from dilo.transport.zmq_p2p import P2PNode
 
 log = logging.getLogger("dilo.outer.gossip")
@@ -55,10 +63,20 @@ class Gossip:
         self.round = 0
         self.total_steps = cfg.steps
         self.push_sum = mixing.PushSum([p.detach().float() for p in params_of(model)]) if self.o.push_sum else None
+        self.star: StarCodec | None = None
+        if cfg.codec.kind != "none":
+            self.star = StarCodec(self.names, [p.shape for p in params_of(model)], cfg.codec, seed=cfg.seed)
+        self.hat = [p.detach().float().cpu().clone() for p in params_of(model)]
+        """Compressed gossip: this worker's public estimate x^, and how many q built it."""
+        self.hat_seq = 0
+        self.replicas: dict[str, tuple[list[Tensor], int]] = {}
+        """Compressed gossip: the neighbours' x^ and their sequence numbers."""
+        self.pulled_states = 0
         self._step = -1
         self.suspects: set[str] = set()
         """Peers silent in their last round: not waited for again until they are heard from."""
         self._lock = threading.Lock()
+        self._hat_snapshot: tuple[list[Tensor], int] = ([], 0)
         self._snapshot: tuple[list[Tensor], int, float] = (
             [p.detach().float().clone() for p in params_of(model)],
             0,
@@ -69,20 +87,26 @@ class Gossip:
     # ------------------------------------------------------------------------------- peers' view of us
 
     def publish(self, model: nn.Module) -> None:
-        """What a peer pulling from us gets: a copy of the current parameters and round."""
+        """What a peer pulling from us gets: a copy of the current parameters and round (and, in
+        compressed gossip, of the public estimate and its sequence number)."""
         snap = [p.detach().float().cpu().clone() for p in params_of(model)]
         weight = self.push_sum.weight if self.push_sum is not None else 1.0
+        hat = [h.clone() for h in self.hat] if self.star is not None else []
         with self._lock:
             self._snapshot = (snap, self.round, weight)
+            self._hat_snapshot = (hat, self.hat_seq)
 
     def _state(self) -> wire.Message:  # runs on the P2P server thread
         with self._lock:
             params, round_idx, weight = self._snapshot
+            hat, seq = self._hat_snapshot
+        tensors = {f"p.{i}": p for i, p in enumerate(params)}
+        tensors.update({f"h.{i}": h for i, h in enumerate(hat)})
         return wire.Message(
             type=wire.MsgType.STATE,
             worker=self.me,
-            tensors={f"p.{i}": p for i, p in enumerate(params)},
-            body={"round": round_idx, "weight": weight, "digest": tensor_digest(params)},
+            tensors=tensors,
+            body={"round": round_idx, "weight": weight, "digest": tensor_digest(params), "seq": seq},
         )
 
     @torch.no_grad()
@@ -128,6 +152,10 @@ class Gossip:
             p.copy_(v)
         self.round += 1
         extra: dict[str, Any] = {"peers": sorted(got), "disagreement": disagreement}
+        if self.star is not None:  # the public estimate and the replicas, to check they agree
+            extra["hat"] = [tensor_digest(self.hat), self.hat_seq]
+            extra["replicas"] = {j: [tensor_digest(r), seq] for j, (r, seq) in sorted(self.replicas.items())}
+            extra["pulled_states"] = self.pulled_states
         last = self._step + 1 >= self.total_steps
         if last and self.o.final_merge:
             peers = self.view()
@@ -178,6 +206,8 @@ class Gossip:
         by the peer whose weight it took, the silent peers, {silent peer: substitute})."""
         w = mixing.graph(topology, members, round_idx, self.cfg.seed)
         out, inn = mixing.out_peers(w, self.me), set(mixing.in_peers(w, self.me))
+        if self.star is not None and not final:
+            return self._choco(own, peers, w, out, inn, round_idx)
         body = {"round": round_idx, "final": final}
         if self.push_sum is not None and not final:
             self.push_sum.reset(own)
@@ -240,13 +270,74 @@ class Gossip:
             new = mixing.mix(own, got, weights, self.me)
         return new, got, missing, substituted
 
+    def _choco(
+        self, own: list[Tensor], peers: dict[str, str], w: mixing.Weights, out: list[str], inn: set[str], round_idx: int
+    ) -> tuple[list[Tensor], dict[str, list[Tensor]], set[str], dict[str, str]]:
+        """One compressed round: send q = C(x - x^), update the replicas, step towards the neighbours."""
+        assert self.star is not None
+        n = len(own)
+        diff = [x - h for x, h in zip(own, self.hat)]
+        tensors = self.star.encode_push(diff, round_idx, worker_key(self.me), contributes=True, feedback=False)
+        for h, q in zip(self.hat, self.star.split(self.star.decode_push(tensors))):
+            h.add_(q.view_as(h))
+        self.hat_seq += 1
+        with self._lock:  # before anyone can hear of this seq: a neighbour that pulls gets at least it
+            self._hat_snapshot = ([h.clone() for h in self.hat], self.hat_seq)
+        body = {"round": round_idx, "final": False, "seq": self.hat_seq}
+        for peer in out:
+            if peer in peers:
+                self.node.send(peer, peers[peer], wire.Message(type=wire.MsgType.GOSSIP, worker=self.me, body=body,
+                                                               tensors=tensors))  # fmt: skip
+        msgs = self.node.collect(inn, self.o.peer_timeout_s, wait_for=inn - self.suspects)
+        if msgs:
+            self.round = max(self.round, max(int(m.body["round"]) for ms in msgs.values() for m in ms))
+        missing = inn - set(msgs)
+        self.suspects = (self.suspects | missing) - set(msgs)
+        heard: dict[str, list[Tensor]] = {}
+        for peer in sorted(msgs):
+            for m in msgs[peer]:
+                seq = m.body.get("seq")
+                if isinstance(seq, bool) or not isinstance(seq, int):
+                    log.warning("compressed gossip from %s without a sequence number: ignored", peer)
+                    continue
+                replica = self.replicas.get(peer)
+                if replica is not None and replica[1] >= seq:
+                    continue  # already in the replica (it came with a pulled state)
+                if replica is not None and replica[1] == seq - 1:
+                    q = self.star.split(self.star.decode_push(m.tensors))
+                    self.replicas[peer] = ([r + d.view_as(r) for r, d in zip(replica[0], q)], seq)
+                    continue
+                state = self.node.pull(peer, peers[peer], self.o.peer_timeout_s) if peer in peers else None
+                if state is None:
+                    break
+                self.pulled_states += 1
+                self.replicas[peer] = ([state.tensors[f"h.{i}"].float() for i in range(n)], int(state.body["seq"]))
+            if peer in self.replicas:
+                heard[peer] = self.replicas[peer][0]
+        weights = w[self.me]
+        step = self.o.consensus_step
+        new = [x.clone() for x in own]
+        for peer in sorted(heard):
+            for x, hj, hi in zip(new, heard[peer], self.hat):
+                x.add_(hj - hi, alpha=step * weights.get(peer, 0.0))
+        return new, heard, missing, {}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"round": self.round, **({"push_sum": self.push_sum.state_dict()} if self.push_sum else {})}
+        out: dict[str, Any] = {"round": self.round}
+        if self.push_sum is not None:
+            out["push_sum"] = self.push_sum.state_dict()
+        if self.star is not None:  # the replicas are rebuilt by pulls after a restart
+            out["hat"] = [h.clone() for h in self.hat]
+            out["hat_seq"] = self.hat_seq
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.round = int(state["round"])
         if self.push_sum is not None and "push_sum" in state:
             self.push_sum.load_state_dict(state["push_sum"])
+        if self.star is not None and "hat" in state:
+            self.hat = [h.float().clone() for h in state["hat"]]
+            self.hat_seq = int(state["hat_seq"])
 
 
 def _mean(values: dict[str, float]) -> float:

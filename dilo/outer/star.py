@@ -66,11 +66,15 @@ class StarCodec:
                 out[f"g{g.index}.{name}"] = (tuple(t.shape), str(t.dtype).removeprefix("torch."))
         return out
 
-    def encode_push(self, deltas: list[Tensor], round_idx: int, key: int, *, contributes: bool) -> dict[str, Tensor]:
+    def encode_push(
+        self, deltas: list[Tensor], round_idx: int, key: int, *, contributes: bool, feedback: bool = True
+    ) -> dict[str, Tensor]:
+        """The payload of one push; feedback=False encodes without the error-feedback memory (for
+        callers that keep the residual themselves, like compressed gossip's public estimates)."""
         tensors: dict[str, Tensor] = {}
         for g in self.groups:
             flat = g.layout.flatten([deltas[i] if contributes else torch.zeros_like(deltas[i]) for i in g.params])
-            codec = g.codec if contributes else _plain(g.codec)
+            codec = g.codec if contributes and feedback else _plain(g.codec)
             e = codec.encode(flat, Context(seed=self.seed, round=round_idx, rank=key, part=g.index * SHARDS_PER_GROUP))
             tensors.update({f"g{g.index}.{n}": t.contiguous() for n, t in e.tensors.items()})
         return tensors

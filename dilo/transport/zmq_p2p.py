@@ -61,12 +61,16 @@ class P2PNode:
         spec: dict[str, tuple[tuple[int, ...], str]],
         max_message_bytes: int,
         curve_dir: str = "",
+        state_spec: dict[str, tuple[tuple[int, ...], str]] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.run = run
         self.fingerprint = fingerprint
         self.secret = secret
         self.spec = spec
+        """Tensors of a GOSSIP message."""
+        self.state_spec = state_spec if state_spec is not None else spec
+        """Tensors of the STATE a pull returns."""
         self.curve_dir = curve_dir
         self.limits = wire.Limits(max_frame_bytes=max_message_bytes, max_total_bytes=max_message_bytes)
         self.counter = ByteCounter()
@@ -257,7 +261,7 @@ class P2PNode:
             if reply.type != wire.MsgType.STATE:
                 log.warning("peer %s refused a pull: %s", peer, reply.body)
                 return None
-            wire.check_shapes(reply, self.spec)
+            wire.check_shapes(reply, self.state_spec)
             wire.check_finite(reply)
             return reply
         except wire.WireError as e:
