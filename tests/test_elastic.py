@@ -485,7 +485,7 @@ def test_hostile_semantic_mutations_get_specific_errors(hostile: _Fixture) -> No
         # garbage is refused as garbage even when it claims an old base version
         ("late and malformed", fx.push(with_(val_name, nan), base=fx.base + 7), {"nonfinite"}),
         ("not for a coordinator", _sign(fx.header(type="result", body={}), [], SECRET), {"bad_type"}),
-        ("unknown type", _sign(fx.header(type="gossip", body={}), [], SECRET), {"bad_header"}),
+        ("unknown type", _sign(fx.header(type="teleport", body={}), [], SECRET), {"bad_header"}),
         (
             "unknown dtype",
             _sign(
