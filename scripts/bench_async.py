@@ -13,6 +13,8 @@ worker loop and coordinator on a virtual clock, 0.1 virtual s per full-speed ste
 - dn:        async, delayed Nesterov (buffer = members, same lr and momentum), fixed H.
 - dn-dylu:   delayed Nesterov + dynamic local updates (H for the fastest, in proportion for the rest).
 - fedbuff:   async, buffer of 4 pushes, their mean into outer SGD (lr 1.0, momentum 0.5).
+- dn-lr0.5, dn-dylu-lr0.5, dn-dylu-lr2: the delayed-Nesterov arms at other outer learning rates
+             (the 1.0 / 0.5 pair was tuned for sync DiLoCo on this model).
 
 The async arms get a budget of world inner steps that lasts about 0.7x the sync run's virtual
 time when every worker is busy, so that "time to reach the sync run's final loss" can be read
@@ -58,6 +60,13 @@ ARMS: list[tuple[str, list[str]]] = [
     ("dn", [*ASYNC, "--outer.update=delayed_nesterov", "--outer.dylu=false"]),
     ("dn-dylu", [*ASYNC, "--outer.update=delayed_nesterov", "--outer.dylu=true"]),
     ("fedbuff", [*ASYNC, "--outer.update=fedbuff", "--outer.buffer=4", "--outer.dylu=false"]),
+    # the outer lr was tuned for sync DiLoCo; a small sweep for the two delayed-Nesterov arms
+    ("dn-lr0.5", ["--outer.lr=0.5", "--outer.momentum=0.5", "--outer.update=delayed_nesterov", "--outer.dylu=false"]),
+    (
+        "dn-dylu-lr0.5",
+        ["--outer.lr=0.5", "--outer.momentum=0.5", "--outer.update=delayed_nesterov", "--outer.dylu=true"],
+    ),
+    ("dn-dylu-lr2", ["--outer.lr=2.0", "--outer.momentum=0.5", "--outer.update=delayed_nesterov", "--outer.dylu=true"]),
 ]
 SPEEDS = [1, 1, 2, 4]
 
@@ -176,7 +185,7 @@ def main() -> None:
             async_real_steps = int(0.7 * args.real_steps * max(SPEEDS) * rate / len(SPEEDS))
             for name, overrides, steps in (
                 ("real-sync", SYNC, args.real_steps),
-                ("real-dn-dylu", ARMS[3][1], async_real_steps),
+                ("real-dn-dylu", dict(ARMS)["dn-dylu"], async_real_steps),
             ):
                 real[name] = real_arm(name, [*overrides, f"--steps={steps}"], out, cache)
         report(arms, real, sixteen, sixteen_s, args, async_steps)
