@@ -200,7 +200,36 @@ def default_worker_id() -> str:
     return os.environ.get("DILO_WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}"
 
 
-class ElasticWorld:
+class _OnItsOwn:
+    """What the worlds without a collective share: each worker evaluates the whole validation set
+    on its own parameters, reports its own totals, and checkpoints under its own name."""
+
+    cfg: RunConfig
+    log_name: str
+    client: StarClient | None
+
+    def agree_resume_round(self, ckpt_dir: Path) -> int:
+        mine = rounds_of(ckpt_dir, self.log_name)
+        return mine[-1] if mine else -1
+
+    def validation_share(self, batches: list[Any]) -> list[Any]:
+        return batches  # no collective to sum over: every worker evaluates the whole set
+
+    def evaluate(self, model: torch.nn.Module, batches: list[Any]) -> float:
+        total, n = evaluate(model, batches, self.cfg.inner.precision)
+        return total / n if n else float("nan")
+
+    def total(self, values: list[float]) -> tuple[list[float], int]:
+        return list(values), 1
+
+    def close(self, outer: Any, *, leaving: bool) -> None:
+        if self.client is not None:
+            if leaving:
+                self.client.leave()
+            self.client.close()
+
+
+class ElasticWorld(_OnItsOwn):
     elastic = True
 
     def __init__(self, cfg: RunConfig, worker_id: str | None = None) -> None:
@@ -244,10 +273,6 @@ class ElasticWorld:
             return AsyncLocalSGD(model, self.client, self.cfg)
         return StarDiLoCo(model, self.client, self.cfg)
 
-    def agree_resume_round(self, ckpt_dir: Path) -> int:
-        mine = rounds_of(ckpt_dir, self.log_name)
-        return mine[-1] if mine else -1
-
     def start(self, model: torch.nn.Module, outer: Any, *, resumed: bool = False) -> None:
         welcome = outer.join(model)
         # What this worker starts from, hashed from its own model after adopting the WELCOME (not
@@ -265,24 +290,8 @@ class ElasticWorld:
             len(self.joined["members"]),
         )
 
-    def validation_share(self, batches: list[Any]) -> list[Any]:
-        return batches  # no collective to sum over: every worker evaluates the whole set
 
-    def evaluate(self, model: torch.nn.Module, batches: list[Any]) -> float:
-        total, n = evaluate(model, batches, self.cfg.inner.precision)
-        return total / n if n else float("nan")
-
-    def total(self, values: list[float]) -> tuple[list[float], int]:
-        return list(values), 1
-
-    def close(self, outer: Any, *, leaving: bool) -> None:
-        if self.client is not None:
-            if leaving:
-                self.client.leave()
-            self.client.close()
-
-
-class GossipWorld:
+class GossipWorld(_OnItsOwn):
     """Workers that gossip with each other directly (outer.kind = "gossip").
 
     Peers come from a coordinator acting as a tracker (membership.kind = "coordinator": it knows
@@ -370,10 +379,6 @@ class GossipWorld:
         peers = self.client.heartbeat.peers
         return dict(peers) if peers else dict(self._welcome_peers)
 
-    def agree_resume_round(self, ckpt_dir: Path) -> int:
-        mine = rounds_of(ckpt_dir, self.log_name)
-        return mine[-1] if mine else -1
-
     @torch.no_grad()
     def start(self, model: torch.nn.Module, outer: Any, *, resumed: bool = False) -> None:
         if self.cfg.outer.independent_init and not resumed:
@@ -395,21 +400,8 @@ class GossipWorld:
         }
         log.info("worker %s gossips at %s with %s", self.worker_id, self.node.address, self.joined["members"])
 
-    def validation_share(self, batches: list[Any]) -> list[Any]:
-        return batches
-
-    def evaluate(self, model: torch.nn.Module, batches: list[Any]) -> float:
-        total, n = evaluate(model, batches, self.cfg.inner.precision)
-        return total / n if n else float("nan")
-
-    def total(self, values: list[float]) -> tuple[list[float], int]:
-        return list(values), 1
-
     def close(self, outer: Any, *, leaving: bool) -> None:
-        if self.client is not None:
-            if leaving:
-                self.client.leave()
-            self.client.close()
+        super().close(outer, leaving=leaving)
         if self.node is not None:
             self.node.close()
 

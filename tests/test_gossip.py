@@ -43,7 +43,7 @@ def _cfg(tmp_path: Path, corpus: Path, n: int, outer: dict[str, Any] | None = No
         corpus,
         workers=n,
         steps=sections.pop("steps", 16),
-        outer={"kind": "gossip", "inner_steps": 4, "peer_timeout_s": 5.0, **(outer or {})},
+        outer={"kind": "gossip", "inner_steps": 4, "peer_timeout_s": 30.0, **(outer or {})},
         membership=membership,
         **sections,
     )
@@ -223,7 +223,7 @@ def test_peer_messages_are_validated(tmp_path: Path) -> None:
 def test_tracker_mode_with_a_late_joiner(tmp_path: Path, corpus_dir: Path) -> None:
     """The coordinator only tracks members and addresses; a worker starting late takes a
     neighbour's parameters and round."""
-    cfg = _cfg(tmp_path, corpus_dir, 3, {"topology": "ring", "peer_timeout_s": 3.0}, steps=40, membership=FAST)
+    cfg = _cfg(tmp_path, corpus_dir, 3, {"topology": "ring", "peer_timeout_s": 10.0}, steps=40, membership=FAST)
     coord = Coordinator(cfg, bind="tcp://127.0.0.1:0")
     cfg = cfg.model_copy(update={"membership": cfg.membership.model_copy(update={"address": coord.address})})
     out: dict[str, Any] = {}
