@@ -68,9 +68,12 @@ def run_arm(
         raise RuntimeError(f"arm {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     summary = json.loads((out_dir / "summary.json").read_text())
     summary["process_wall_s"] = time.perf_counter() - t0
-    log = out_dir / "logs" / "worker0.jsonl"
-    if not log.exists():  # an elastic run: worker ids, not ranks
-        log = out_dir / "logs" / "worker-w0.jsonl"
+    # rank 0's log: worker0 (static), worker-w0 (elastic, ids from dilo run), worker-rank0 (static gossip)
+    log = next(
+        (out_dir / "logs" / f"{n}.jsonl" for n in ("worker0", "worker-w0", "worker-rank0")
+         if (out_dir / "logs" / f"{n}.jsonl").exists()),
+        out_dir / "logs" / "worker0.jsonl",
+    )  # fmt: skip
     records = [json.loads(x) for x in log.read_text().splitlines()]
     start = next(r for r in records if r["event"] == "start")
     curve = [(0, 0, start.get("val_loss"))] + [
