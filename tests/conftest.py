@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sysconfig
 import threading
@@ -79,3 +80,29 @@ def run_workers(fn: Callable[[Placement], Any], n: int) -> list[Any]:
 
 def train_threads(cfg: RunConfig, n: int, **kwargs: Any) -> list[dict[str, Any]]:
     return run_workers(lambda world: train(cfg, world, **kwargs), n)
+
+
+def write_toml(cfg: RunConfig, path: Path) -> Path:
+    """The config as a TOML file for the command-line tools (only what differs from the defaults)."""
+    data = cfg.model_dump(mode="json", exclude_defaults=True)
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list) and all(not isinstance(x, dict) for x in v):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"write_toml cannot write {v!r}")
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for section, table in data.items():
+        if isinstance(table, dict) and table:
+            kind = getattr(getattr(cfg, section), "kind", None)
+            if kind is not None and "kind" not in table:
+                table = {"kind": kind, **table}  # a kind that is the default still names the table's fields
+            lines += ["", f"[{section}]", *(f"{k} = {value(v)}" for k, v in table.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path

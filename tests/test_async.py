@@ -29,7 +29,7 @@ from dilo.outer.base import Tail, tensor_digest
 from dilo.outer.server import DelayedNesterov
 from dilo.outer.star import StarCodec
 from dilo.transport.base import ByteCounter
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, write_toml
 from tests.test_elastic import FAST, _env, _log, _reaped, _records, _serving, _spawn, _tail, _wait_for, _wait_ok
 
 ASYNC = {"kind": "async", "inner_steps": 8, "lr": 0.5, "momentum": 0.9, "buffer": 2}
@@ -319,59 +319,26 @@ def test_async_config_errors_are_clear(tmp_path: Path, corpus_dir: Path) -> None
 
 
 def _write_async_config(run_dir: Path, corpus: Path) -> Path:
-    cfg = run_dir / "async.toml"
-    cfg.write_text(
-        f"""
-name = "async"
-workers = 3
-steps = 1000
-out_dir = "{run_dir}"
-
-[model]
-n_layer = 1
-n_head = 2
-d_model = 32
-context = 32
-
-[data]
-corpus = "text"
-paths = ["{corpus}"]
-batch_size = 4
-seq_len = 32
-val_fraction = 0.1
-
-[inner]
-lr = 3e-3
-warmup_steps = 2
-
-[outer]
-kind = "async"
-inner_steps = 8
-lr = 0.5
-buffer = 3
-
-[heterogeneity]
-slowdown = [2, 4, 8]
-
-[log]
-progress = false
-plot = false
-eval_every = 1
-eval_batches = 2
-
-[membership]
-kind = "coordinator"
-heartbeat_s = 0.2
-heartbeat_timeout_s = 2.0
-request_timeout_s = 3.0
-start_quorum = 3
-round_timeout_s = 60
-
-[coordinator]
-bind = "tcp://127.0.0.1:0"
-"""
+    cfg = tiny_config(
+        run_dir,
+        corpus,
+        name="async",
+        workers=3,
+        steps=1000,
+        outer={**ASYNC, "buffer": 3},
+        heterogeneity={"slowdown": [2, 4, 8]},
+        log={"eval_every": 1, "eval_batches": 2},
+        membership={
+            "kind": "coordinator",
+            "heartbeat_s": 0.2,
+            "heartbeat_timeout_s": 2.0,
+            "request_timeout_s": 3.0,
+            "start_quorum": 3,
+            "round_timeout_s": 60,
+        },
+        coordinator={"bind": "tcp://127.0.0.1:0"},
     )
-    return cfg
+    return write_toml(cfg, run_dir / "async.toml")
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ from dilo.state import load_worker_state, rounds_of
 from dilo.train import train
 from dilo.transport.zmq_star import StarClient, status
 from dilo.world import ElasticWorld
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, write_toml
 
 SECRET = b"s3cret-s3cret-s3cret-0123456789"
 FAST = {
@@ -192,55 +192,17 @@ def _wait_for(what: str, cond: Any, timeout: float, procs: list[subprocess.Popen
 
 def _write_config(run_dir: Path, corpus: Path, *, steps: int, h: int, port: int = 0, workers: int = 3) -> Path:
     """A TOML for `dilo coordinator` / `dilo worker` (port 0: pass --membership.address to workers)."""
-    cfg = run_dir / "elastic.toml"
-    cfg.write_text(
-        f"""
-name = "elastic"
-workers = {workers}
-steps = {steps}
-seed = 0
-out_dir = "{run_dir}"
-
-[model]
-n_layer = 1
-n_head = 2
-d_model = 32
-context = 32
-
-[data]
-corpus = "text"
-paths = ["{corpus}"]
-batch_size = 4
-seq_len = 32
-val_fraction = 0.1
-
-[inner]
-lr = 3e-3
-warmup_steps = 2
-
-[outer]
-kind = "diloco"
-inner_steps = {h}
-
-[log]
-progress = false
-plot = false
-eval_every = 1
-eval_batches = 4
-
-[membership]
-kind = "coordinator"
-address = "tcp://127.0.0.1:{port}"
-heartbeat_s = 0.2
-heartbeat_timeout_s = 2.0
-request_timeout_s = 3.0
-round_timeout_s = 5.0
-
-[coordinator]
-bind = "tcp://127.0.0.1:{port}"
-"""
+    cfg = tiny_config(
+        run_dir,
+        corpus,
+        name="elastic",
+        workers=workers,
+        steps=steps,
+        outer={"kind": "diloco", "inner_steps": h},
+        membership={**FAST, "address": f"tcp://127.0.0.1:{port}"},
+        coordinator={"bind": f"tcp://127.0.0.1:{port}"},
     )
-    return cfg
+    return write_toml(cfg, run_dir / "elastic.toml")
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -24,7 +24,7 @@ from dilo.state import load_worker_state, rounds_of
 from dilo.train import train
 from dilo.transport.zmq_p2p import P2PNode
 from dilo.world import GossipWorld
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, write_toml
 from tests.test_elastic import FAST, _env, _reaped, _serving, _spawn, _tail, _wait_for, _wait_ok
 
 SECRET = b"gossip-secret-0123456789abcdef"
@@ -261,60 +261,20 @@ def test_tracker_mode_with_a_late_joiner(tmp_path: Path, corpus_dir: Path) -> No
 
 
 def _write_gossip_config(run_dir: Path, corpus: Path) -> Path:
-    cfg = run_dir / "gossip.toml"
-    cfg.write_text(
-        f"""
-name = "gossip"
-workers = 4
-steps = 400
-out_dir = "{run_dir}"
-
-[model]
-n_layer = 1
-n_head = 2
-d_model = 32
-context = 32
-
-[data]
-corpus = "text"
-paths = ["{corpus}"]
-batch_size = 4
-seq_len = 32
-val_fraction = 0.1
-
-[inner]
-lr = 3e-3
-warmup_steps = 2
-
-[outer]
-kind = "gossip"
-inner_steps = 10
-topology = "ring"
-peer_timeout_s = 2.0
-
-[heterogeneity]
-slowdown = [2, 2, 2, 2]
-
-[log]
-progress = false
-plot = false
-eval_every = 5
-eval_batches = 2
-
-[checkpoint]
-every = 10
-
-[membership]
-kind = "coordinator"
-heartbeat_s = 0.2
-heartbeat_timeout_s = 2.0
-request_timeout_s = 3.0
-
-[coordinator]
-bind = "tcp://127.0.0.1:0"
-"""
+    cfg = tiny_config(
+        run_dir,
+        corpus,
+        name="gossip",
+        workers=4,
+        steps=400,
+        outer={"kind": "gossip", "inner_steps": 10, "topology": "ring", "peer_timeout_s": 2.0},
+        heterogeneity={"slowdown": [2, 2, 2, 2]},
+        log={"eval_every": 5, "eval_batches": 2},
+        checkpoint={"every": 10},
+        membership={"kind": "coordinator", "heartbeat_s": 0.2, "heartbeat_timeout_s": 2.0, "request_timeout_s": 3.0},
+        coordinator={"bind": "tcp://127.0.0.1:0"},
     )
-    return cfg
+    return write_toml(cfg, run_dir / "gossip.toml")
 
 
 @pytest.mark.slow
