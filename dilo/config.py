@@ -225,10 +225,13 @@ class GossipConfig(Frozen):
     peers' over direct ZeroMQ links (dilo/transport/zmq_p2p.py); no central parameter state."""
     inner_steps: int = Field(50, gt=0)
     """H: inner steps between two gossip rounds."""
-    topology: Literal["ring", "exponential", "one_peer_exponential", "random_pairs", "fully_connected"] = "ring"
+    topology: Literal[
+        "ring", "exponential", "one_peer_exponential", "random_pairs", "random_graph", "fully_connected"
+    ] = "ring"
     """Who mixes with whom, rebuilt from the sorted member list every round: ring (1/3 self, left,
     right), exponential (peers 2^j away), one_peer_exponential (one peer 2^(k mod log n) away at round
-    k), random_pairs (a random matching per round), fully_connected (1/n)."""
+    k), random_pairs (a random matching per round), random_graph (each node links to a random peer each
+    round; irregular degrees, Metropolis-Hastings weights), fully_connected (1/n)."""
     push_sum: bool = False
     """Push-sum: send (x, w) shares to out-peers and train the de-biased x / w; survives directed and
     time-varying graphs (a lost message loses its share of the mass)."""

@@ -3,6 +3,7 @@ variance correction hits its target variance."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -137,7 +138,7 @@ def _gossip_until_consensus(models: list[list[torch.Tensor]], weights_of_round, 
 @given(
     n=st.integers(2, 10),
     seed=st.integers(0, 2**31 - 1),
-    kind=st.sampled_from(["ring", "exponential", "one_peer_exponential", "random_pairs"]),
+    kind=st.sampled_from(["ring", "exponential", "one_peer_exponential", "random_pairs", "random_graph"]),
 )
 def test_mix_converges_to_exact_mean(n: int, seed: int, kind: str) -> None:
     _gossip_until_consensus(_models(n, seed), lambda ids, k: graph(kind, ids, k, seed=seed), max_rounds=400)
@@ -390,3 +391,14 @@ def test_consensus_distance_and_layer_std() -> None:
     assert consensus_distance([a, b]) == pytest.approx(2.5)  # each is (1.5, 0, 2) from the mean
     stds = layer_std([torch.tensor([1.0, 2.0, 3.0]), torch.tensor(7.0), torch.tensor([[1.0, 1.0]])], ["x", "s", "y"])
     assert stds == {"x": pytest.approx(1.0), "y": 0.0}
+
+
+def test_random_graph_is_irregular_symmetric_and_changes() -> None:
+    ids = [f"w{i}" for i in range(9)]
+    rounds = [graph("random_graph", ids, k, seed=1) for k in range(6)]
+    assert len({json.dumps(w, sort_keys=True) for w in rounds}) > 1
+    for w in rounds:
+        degrees = {len([p for p in w[m] if p != m and w[m][p] > 0]) for m in ids}
+        assert all(w[a].get(b, 0.0) == pytest.approx(w[b].get(a, 0.0)) for a in ids for b in ids)
+        assert min(degrees) >= 1  # everyone links to someone
+    assert any(len({len(w[m]) for m in ids}) > 1 for w in rounds)  # some round has unequal degrees

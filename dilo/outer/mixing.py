@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-TOPOLOGIES = ("ring", "exponential", "one_peer_exponential", "random_pairs", "fully_connected")
+TOPOLOGIES = ("ring", "exponential", "one_peer_exponential", "random_pairs", "random_graph", "fully_connected")
 
 # buffers that are statistics of the data, not weights: averaged, never rescaled
 _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
@@ -48,6 +48,9 @@ def graph(kind: str, members: list[str], round_idx: int, seed: int = 0) -> Weigh
       when n is a power of two.
     - random_pairs: a perfect matching drawn from random.Random(f"{seed}:{round_idx}"), 1/2 each; with
       odd n one random node sits out with weight 1.
+    - random_graph: every node links to one peer drawn from random.Random(f"{seed}:{round_idx}:{i}"),
+      links made undirected; degrees differ, so weights are Metropolis-Hastings (symmetric, doubly
+      stochastic).
     - fully_connected: 1/n everywhere.
     """
     if kind not in TOPOLOGIES:
@@ -65,6 +68,14 @@ def graph(kind: str, members: list[str], round_idx: int, seed: int = 0) -> Weigh
         return {a: {b: 1.0 / n for b in ids} for a in ids}
     if kind == "random_pairs":
         return _random_pairs(ids, round_idx, seed)
+    if kind == "random_graph":
+        adjacency: dict[str, set[str]] = {m: set() for m in ids}
+        for i, me in enumerate(ids):
+            j = random.Random(f"{seed}:{round_idx}:{i}").randrange(n - 1)
+            peer = ids[j if j < i else j + 1]  # anyone but itself
+            adjacency[me].add(peer)
+            adjacency[peer].add(me)
+        return metropolis_hastings(adjacency)
     num_hops = (n - 1).bit_length()  # number of j with 2^j < n, i.e. floor(log2(n-1)) + 1
     if kind == "ring":
         offsets = [-1, 1]
