@@ -225,7 +225,9 @@ class Gossip:
                 )
         # A peer that was silent last time is not waited for (its neighbours would all fall a timeout
         # behind, and theirs after them); a message from it that is already here still counts.
-        msgs = self.node.collect(inn, self.o.peer_timeout_s, final=final, wait_for=inn - self.suspects)
+        msgs = self.node.collect(
+            inn, self.o.peer_timeout_s, round_idx=round_idx, final=final, wait_for=inn - self.suspects
+        )
         n = len(own)
         if not final and msgs:
             # a worker that fell behind (or joined) catches up with the round its peers are at, so
@@ -288,7 +290,7 @@ class Gossip:
             if peer in peers:
                 self.node.send(peer, peers[peer], wire.Message(type=wire.MsgType.GOSSIP, worker=self.me, body=body,
                                                                tensors=tensors))  # fmt: skip
-        msgs = self.node.collect(inn, self.o.peer_timeout_s, wait_for=inn - self.suspects)
+        msgs = self.node.collect(inn, self.o.peer_timeout_s, round_idx=round_idx, wait_for=inn - self.suspects)
         if msgs:
             self.round = max(self.round, max(int(m.body["round"]) for ms in msgs.values() for m in ms))
         missing = inn - set(msgs)

@@ -215,23 +215,43 @@ class P2PNode:
         return True
 
     def collect(
-        self, peers: set[str], timeout_s: float, *, final: bool = False, wait_for: set[str] | None = None
+        self,
+        peers: set[str],
+        timeout_s: float,
+        *,
+        round_idx: int = 0,
+        final: bool = False,
+        wait_for: set[str] | None = None,
     ) -> dict[str, list[wire.Message]]:
-        """Wait until every peer in `wait_for` (default: all of `peers`) sent something new, or
-        timeout_s; take and return the new messages of `peers`, oldest first. Messages are not
-        matched by round: a peer a little behind or ahead still counts, with its latest state."""
+        """Messages of `peers` for round `round_idx`, oldest first.
+
+        Waits until every peer in `wait_for` (default: all of `peers`) has sent one for this round
+        or a later one, or timeout_s. Takes every queued message up to this round (a peer that fell
+        behind still counts, with what it sent last); a peer's messages for later rounds stay queued
+        for them, unless it has nothing up to this round (it skipped ahead), in which case its
+        oldest is taken."""
         deadline = time.monotonic() + timeout_s
         needed = peers if wait_for is None else wait_for
-        box = self._final if final else self._inbox
         with self._cv:
-            while not needed <= {p for p in box if box[p]}:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(timeout=left)
             if final:
+                while not needed <= set(self._final) and (left := deadline - time.monotonic()) > 0:
+                    self._cv.wait(timeout=left)
                 return {p: [self._final.pop(p)] for p in peers if p in self._final}
-            return {p: self._inbox.pop(p) for p in peers if self._inbox.get(p)}
+
+            def ready(p: str) -> bool:
+                return any(int(m.body["round"]) >= round_idx for m in self._inbox.get(p, []))
+
+            while not all(ready(p) for p in needed) and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(timeout=left)
+            out: dict[str, list[wire.Message]] = {}
+            for p in peers:
+                queue = self._inbox.get(p, [])
+                if not queue:
+                    continue
+                take = [m for m in queue if int(m.body["round"]) <= round_idx] or queue[:1]
+                self._inbox[p] = [m for m in queue if m not in take]
+                out[p] = take
+            return out
 
     def pull(self, peer: str, address: str, timeout_s: float) -> wire.Message | None:
         """A peer's current state (STATE), or None when it does not answer in time."""
