@@ -76,8 +76,8 @@ class Member:
     """async: the version this worker was last handed."""
     address: str = ""
     """gossip: where the worker listens for its peers."""
-    staleness: list[int] = field(default_factory=list)
-    """async: the staleness of each of its applied pushes."""
+    staleness: Counter[int] = field(default_factory=Counter)
+    """async: how many of its applied pushes had each staleness."""
 
 
 @dataclass
@@ -543,7 +543,7 @@ class Coordinator:
         elif flats is not None and weight > 0:
             g = [t.contiguous() for t in self.star.split(flats)]
             applied = self.rule.push(g, staleness=staleness, weight=weight, base=base)
-            member.staleness.append(staleness)
+            member.staleness[staleness] += 1
             self.staleness[staleness] += 1
             self.applied += 1
             if applied:
@@ -689,7 +689,7 @@ class Coordinator:
                     **(
                         {
                             "steps_per_s": round(self.speeds.get(m.worker, 0.0), 3),
-                            "mean_staleness": round(sum(m.staleness) / len(m.staleness), 3) if m.staleness else None,
+                            "mean_staleness": _mean_of(m.staleness),
                             "max_staleness": max(m.staleness, default=None),
                         }
                         if self.async_cfg
@@ -705,7 +705,7 @@ class Coordinator:
                     "steps": self.steps_done,
                     "budget": self.budget,
                     "staleness": {
-                        "mean": sum(k * n for k, n in self.staleness.items()) / max(1, sum(self.staleness.values())),
+                        "mean": _mean_of(self.staleness) or 0.0,
                         "max": max(self.staleness, default=0),
                         "histogram": {str(k): n for k, n in sorted(self.staleness.items())},
                     },
@@ -782,6 +782,11 @@ class Coordinator:
         if self.rule is not None:
             self.rule.set_workers(max(1, len(self.members)))
         log.info("resumed at version %d from %s", self.version, self.ckpt_dir)
+
+
+def _mean_of(histogram: Counter[int]) -> float | None:
+    n = sum(histogram.values())
+    return round(sum(k * c for k, c in histogram.items()) / n, 3) if n else None
 
 
 def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
