@@ -93,7 +93,7 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubsc
     for sub in ("/run/munge", "/var/log/munge", "/var/lib/munge"):
         Path(sub).mkdir(parents=True, exist_ok=True)
         shutil.chown(sub, "munge", "munge")
-    munged = subprocess.Popen(["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--foreground"])
+    munged = subprocess.Popen(["/usr/sbin/munged", "--foreground"], user="munge", group="munge")
     time.sleep(0.5)
     procs = [subprocess.Popen(["/usr/sbin/slurmctld", "-D"], env=env)]
     procs += [subprocess.Popen(["/usr/sbin/slurmd", "-D", "-N", n], env=env) for n in ("n1", "n2")]
@@ -110,13 +110,13 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubsc
         yield env
     finally:
         subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True, timeout=30)
+        munged.terminate()
         for p in [*procs, munged]:
             try:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.send_signal(signal.SIGKILL)
                 p.wait(timeout=5)
-        munged.send_signal(signal.SIGTERM)
 
 
 def _submit(env: dict[str, str], args: list[str], timeout: float = 240) -> str:
