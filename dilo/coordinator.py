@@ -76,6 +76,8 @@ class Member:
     """async: the version this worker was last handed."""
     address: str = ""
     """gossip: where the worker listens for its peers."""
+    island: int = -1
+    """The data island handed out to a worker that asked for one (JOIN with island = "auto")."""
     staleness: Counter[int] = field(default_factory=Counter)
     """async: how many of its applied pushes had each staleness."""
 
@@ -383,6 +385,11 @@ class Coordinator:
                 self.epoch,
                 len(self.members),
             )
+        wants = msg.body.get("island")
+        if wants is not None and wants != "auto":
+            raise wire.WireError("bad_body", f"island must be 'auto' or absent, got {wants!r}")
+        if wants == "auto" and self.members[msg.worker].island < 0:
+            self.members[msg.worker].island = self._free_island(msg.worker)
         if address and self.members[msg.worker].address != address:  # re-joined from another port
             self.members[msg.worker].address = address
             self.epoch += 1
@@ -395,6 +402,12 @@ class Coordinator:
                 self._start()
             return
         self._send(identity, self._handout(msg.worker, wire.MsgType.WELCOME), msg.worker)
+
+    def _free_island(self, worker: str) -> int:
+        """The lowest island no other member holds; past `workers`, the least used one."""
+        held = Counter(m.island for w, m in self.members.items() if w != worker and m.island >= 0)
+        n = max(1, self.cfg.workers)
+        return min(range(n), key=lambda i: (held[i], i))
 
     def peers(self) -> dict[str, str]:
         return {w: m.address for w, m in sorted(self.members.items())}
@@ -413,11 +426,20 @@ class Coordinator:
     def _handout(self, worker: str, msg_type: wire.MsgType, body: dict[str, Any] | None = None) -> wire.Message:
         """The current state for `worker`; async: with its next step assignment, which it now holds;
         gossip: only the members and their addresses."""
+        member = self.members.get(worker)
+        if member is not None and member.island >= 0:
+            body = {**(body or {}), "island": member.island}
         if self.tracker:
             return wire.Message(
                 type=msg_type,
                 worker="coordinator",
-                body={"epoch": self.epoch, "members": sorted(self.members), "peers": self.peers(), "boot": self.boot},
+                body={
+                    "epoch": self.epoch,
+                    "members": sorted(self.members),
+                    "peers": self.peers(),
+                    "boot": self.boot,
+                    **(body or {}),
+                },
             )
         if not self.async_cfg:
             return self.state_message(msg_type, {"inner_steps": self._inner_steps(), **(body or {})})

@@ -109,6 +109,9 @@ def train(
     if resume_round < 0 or world.elastic:
         # static: broadcast rank 0's parameters; elastic: join the coordinator; gossip: find the peers
         world.start(model, outer, resumed=resume_round >= 0)
+        if world.rank != rank and resume_round < 0:  # the coordinator handed out another island
+            rank = world.rank
+            island = load_island(cfg.data, rank, size, cfg.seed)
     world.counter.sent, world.counter.recv = totals.bytes_sent, totals.bytes_recv
     if isinstance(outer, DDP):
         outer.mark_bytes()

@@ -241,12 +241,22 @@ class ElasticWorld(_OnItsOwn):
         self.log_name = f"worker-{self.worker_id}"
         self._secret = wire.load_secret(file=cfg.membership.secret_file or None)
         self.client: StarClient | None = None
-        # island: a stable slot from the worker id, so a restarted worker reads the same data
+        # island: DILO_ISLAND, "auto" (the coordinator hands out the lowest free one at JOIN: replicas
+        # that share one environment, like `docker compose --scale`), or a stable slot from the
+        # worker id, so that a restarted worker reads the same data
         islands = max(1, cfg.workers)
-        self.rank = int(os.environ.get("DILO_ISLAND", str(_stable_slot(self.worker_id, islands))))
         self.size = islands
-        self.clock = WallClock(cfg.heterogeneity.slowdown_of(self.rank))
-        own = cfg.heterogeneity.max_steps_of(self.rank)
+        choice = os.environ.get("DILO_ISLAND", "")
+        self.auto_island = choice == "auto"
+        if choice and not self.auto_island and not choice.isdigit():
+            raise DiloError(f"DILO_ISLAND={choice!r}: give an island number or 'auto'")
+        self._set_island(int(choice) if choice.isdigit() else _stable_slot(self.worker_id, islands))
+
+    def _set_island(self, island: int) -> None:
+        cfg = self.cfg
+        self.rank = island
+        self.clock = WallClock(cfg.heterogeneity.slowdown_of(island))
+        own = cfg.heterogeneity.max_steps_of(island)
         if isinstance(cfg.outer, AsyncConfig):
             # the coordinator ends an async run when the world's budget is spent
             self.step_limit = own or sys.maxsize
@@ -269,15 +279,20 @@ class ElasticWorld(_OnItsOwn):
             max_message_bytes=4 * param_bytes + (1 << 20),
         )
         self.counter = self.client.counter
+        if self.auto_island:
+            self.client.join_body["island"] = "auto"
         if isinstance(self.cfg.outer, AsyncConfig):
             return AsyncLocalSGD(model, self.client, self.cfg)
         return StarDiLoCo(model, self.client, self.cfg)
 
     def start(self, model: torch.nn.Module, outer: Any, *, resumed: bool = False) -> None:
         welcome = outer.join(model)
+        if self.auto_island and not resumed and isinstance(welcome.body.get("island"), int):
+            self._set_island(int(welcome.body["island"]))  # train() loads that island's data
         # What this worker starts from, hashed from its own model after adopting the WELCOME (not
         # the coordinator's claim): tests and operators compare it with the coordinator's anchor.
         self.joined = {
+            "island": self.rank,
             "version": int(welcome.body["version"]),
             "anchor_hash": tensor_digest(list(params_of(model))),
             "members": list(welcome.body["members"]),
