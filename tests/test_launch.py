@@ -103,15 +103,15 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path: Path, corpus_dir: Path) 
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == 130, err[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["stopped"] and 0 < summary["steps"] < 4000
+    assert summary["stopped"] and 0 < summary["steps"] < 4000, (summary, err[-3000:])
     stopped_at = summary["steps"]
     # resume and finish a short run from there
     resume = [*cmd, f"--steps={stopped_at + 40}", "--checkpoint.resume=true"]
     proc2 = subprocess.run(resume, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     final = json.loads((tmp_path / "summary.json").read_text())
-    assert final["steps"] == stopped_at + 40 and not final["stopped"]
-    assert _hashes(tmp_path, 0) == _hashes(tmp_path, 1)
+    assert final["steps"] == stopped_at + 40 and not final["stopped"], (final, proc2.stderr[-3000:])
+    assert _hashes(tmp_path, 0) == _hashes(tmp_path, 1), proc2.stderr[-3000:]
 
 
 def test_dilo_run_static_gossip_on_loopback(tmp_path: Path, corpus_dir: Path) -> None:
