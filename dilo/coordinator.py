@@ -59,6 +59,8 @@ from dilo.outer.base import tensor_digest
 from dilo.outer.server import build_rule, dylu_steps
 from dilo.outer.star import StarCodec, load_outer_state, outer_optimizer, outer_state_tensors
 from dilo.state import load_worker_state, rounds_of, save_worker_state
+from dilo.transport.zmq_star import bind as zmq_bind
+from dilo.transport.zmq_star import frames_nbytes
 
 log = logging.getLogger("dilo.coordinator")
 
@@ -181,25 +183,15 @@ class Coordinator:
             from dilo import keys
 
             keys.apply_server(self.sock, Path(cfg.membership.curve_dir) / "server.key")
-        self.address = self._bind(bind or cfg.coordinator.bind)
+        self.address = zmq_bind(self.sock, bind or cfg.coordinator.bind, cfg.coordinator.advertise)
 
     # ------------------------------------------------------------------------------- plumbing
-
-    def _bind(self, bind: str) -> str:
-        host, _, port = bind.rpartition(":")
-        if port == "0":
-            real = self.sock.bind_to_random_port(host, min_port=20000, max_port=60000)
-        else:
-            self.sock.bind(bind)
-            real = int(port)
-        shown = self.cfg.coordinator.advertise or f"{host.replace('0.0.0.0', '127.0.0.1')}:{real}"
-        return shown
 
     def _send(self, identity: bytes, msg: wire.Message, worker: str | None = None) -> None:
         msg.run = self.run_id
         msg.fp = self.fingerprint
         frames = wire.encode(msg, self.secret)
-        n = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
+        n = frames_nbytes(frames)
         self.bytes_out += n
         if worker in self.members:
             self.members[worker].bytes_out += n
@@ -297,7 +289,7 @@ class Coordinator:
                 self._error(identity, "internal", f"could not handle the message: {type(e).__name__}: {e}")
 
     def _handle(self, identity: bytes, frames: list[Any]) -> None:
-        size = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
+        size = frames_nbytes(frames)
         self.bytes_in += size
         try:
             msg = wire.decode(frames, secret=self.secret, limits=self.limits)

@@ -29,7 +29,7 @@ from dilo import wire
 from dilo.errors import PeerLost, ProtocolError
 from dilo.model import param_names, params_of
 from dilo.outer.base import Anchor, SyncReport, Tail
-from dilo.outer.star import StarCodec, worker_key
+from dilo.outer.star import StarCodec, adopt_parameters, worker_key
 from dilo.transport.zmq_star import StarClient
 
 log = logging.getLogger("dilo.outer.async")
@@ -68,9 +68,7 @@ class AsyncLocalSGD:
 
     @torch.no_grad()
     def _adopt(self, msg: wire.Message, model: nn.Module) -> None:
-        for i, a in enumerate(self.anchor.params):
-            a.copy_(msg.tensors[f"p.{i}"])
-        self.anchor.restore_into(params_of(model))
+        adopt_parameters(self.anchor, msg.tensors, model)
         b = msg.body
         self.version = int(b["version"])
         self.members = tuple(b.get("members", ()))

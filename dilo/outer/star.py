@@ -172,6 +172,14 @@ def _check_indices(g: Group, tensors: dict[str, Tensor]) -> None:
         )
 
 
+@torch.no_grad()
+def adopt_parameters(anchor: Anchor, tensors: dict[str, Tensor], model: nn.Module) -> None:
+    """The coordinator's parameters (tensors p.0, p.1, ...) become the anchor and the model's."""
+    for i, a in enumerate(anchor.params):
+        a.copy_(tensors[f"p.{i}"])
+    anchor.restore_into(params_of(model))
+
+
 def outer_optimizer(cfg: Any, params: list[torch.nn.Parameter]) -> torch.optim.SGD:
     """The outer SGD of DiLoCo / FedAvg; the same on the coordinator and on every worker."""
     o = cfg.outer
@@ -238,10 +246,8 @@ class StarDiLoCo:
 
     @torch.no_grad()
     def _adopt(self, msg: wire.Message, model: nn.Module) -> None:
-        for i, a in enumerate(self.anchor.params):
-            a.copy_(msg.tensors[f"p.{i}"])
+        adopt_parameters(self.anchor, msg.tensors, model)
         load_outer_state(self.optimizer, self.anchor.params, msg.tensors)
-        self.anchor.restore_into(params_of(model))
         b = msg.body
         self.version, self.round = int(b["version"]), int(b["round"])
         self.members = tuple(b.get("members", ()))

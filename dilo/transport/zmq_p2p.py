@@ -29,23 +29,13 @@ import zmq
 
 from dilo import wire
 from dilo.transport.base import ByteCounter
+from dilo.transport.zmq_star import bind as bind_socket
+from dilo.transport.zmq_star import frames_nbytes
 
 log = logging.getLogger("dilo.transport.p2p")
 
 MAX_QUEUED = 8
 """Uncollected messages kept per sender; older ones are dropped (and counted in `overflow`)."""
-
-
-def _nbytes(frames: list[Any]) -> int:
-    total = 0
-    for f in frames:
-        if isinstance(f, zmq.Frame):
-            total += len(f.buffer)
-        elif isinstance(f, memoryview):
-            total += f.nbytes
-        else:
-            total += len(f)
-    return total
 
 
 class P2PNode:
@@ -84,13 +74,7 @@ class P2PNode:
             from dilo import keys
 
             keys.apply_server(self._server, Path(curve_dir) / "server.key")
-        host, _, port = bind.rpartition(":")
-        if port == "0":
-            real = self._server.bind_to_random_port(host, min_port=20000, max_port=60000)
-        else:
-            self._server.bind(bind)
-            real = int(port)
-        self.address = advertise or f"{host.replace('0.0.0.0', '127.0.0.1')}:{real}"
+        self.address = bind_socket(self._server, bind, advertise)
         self._cv = threading.Condition()
         self._inbox: dict[str, list[wire.Message]] = {}
         """Messages not yet collected, per sender, oldest first (at most MAX_QUEUED each)."""
@@ -124,7 +108,7 @@ class P2PNode:
 
     def _handle(self, identity: bytes, frames: list[Any]) -> None:
         with self._cv:
-            self.counter.add(0, _nbytes(frames))
+            self.counter.add(0, frames_nbytes(frames))
         try:
             msg = wire.decode(frames, secret=self.secret, limits=self.limits)
             if msg.run != self.run:
@@ -176,7 +160,7 @@ class P2PNode:
         msg.run, msg.fp = self.run, self.fingerprint
         frames = wire.encode(msg, self.secret)
         with self._cv:
-            self.counter.add(_nbytes(frames), 0)
+            self.counter.add(frames_nbytes(frames), 0)
         self._server.send_multipart([identity, *frames], copy=False)
 
     # ------------------------------------------------------------------------------- training thread
@@ -211,7 +195,7 @@ class P2PNode:
             log.warning("peer %s at %s is not reading: message dropped", peer, address)
             return False
         with self._cv:
-            self.counter.add(_nbytes(frames), 0)
+            self.counter.add(frames_nbytes(frames), 0)
         return True
 
     def collect(
@@ -270,13 +254,13 @@ class P2PNode:
             )
             sock.send_multipart(frames, copy=False)
             with self._cv:
-                self.counter.add(_nbytes(frames), 0)
+                self.counter.add(frames_nbytes(frames), 0)
             if not sock.poll(int(timeout_s * 1000)):
                 log.warning("peer %s at %s did not answer a pull within %.1f s", peer, address, timeout_s)
                 return None
             raw = sock.recv_multipart(copy=False)
             with self._cv:
-                self.counter.add(0, _nbytes(raw))
+                self.counter.add(0, frames_nbytes(raw))
             reply = wire.decode(raw, secret=self.secret, limits=self.limits, expect_run=self.run)
             if reply.type != wire.MsgType.STATE:
                 log.warning("peer %s refused a pull: %s", peer, reply.body)

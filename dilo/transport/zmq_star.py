@@ -87,13 +87,13 @@ class StarClient:
         self.seq += 1
         msg.seq = self.seq
         frames = self._frames(msg)
-        self.counter.add(sum(_nbytes(f) for f in frames), 0)
+        self.counter.add(frames_nbytes(frames), 0)
         self.sock.send_multipart(frames, copy=False)
         t0 = time.monotonic()
         while True:
             if self.sock.poll(200):
                 raw = self.sock.recv_multipart(copy=False)
-                self.counter.add(0, sum(_nbytes(f) for f in raw))
+                self.counter.add(0, frames_nbytes(raw))
                 reply = self._read(raw)
                 if reply.type == wire.MsgType.ERROR:
                     raise wire.WireError(str(reply.body.get("code", "error")), str(reply.body.get("message", "")))
@@ -209,14 +209,29 @@ def _join_refusal(worker_id: str, e: wire.WireError, *, has_secret: bool) -> str
     return f"worker {worker_id!r} cannot join: {hint} [{e.code}: {e}]"
 
 
-def _nbytes(frame: Any) -> int:
-    if isinstance(frame, (bytes, bytearray)):
-        return len(frame)
-    if isinstance(frame, memoryview):
-        return frame.nbytes
-    if isinstance(frame, zmq.Frame):
-        return len(frame.buffer)
-    return len(frame)
+def frames_nbytes(frames: Any) -> int:
+    """Bytes of a multipart message as sent or received (bytes, memoryviews or zmq.Frames)."""
+    total = 0
+    for frame in frames:
+        if isinstance(frame, memoryview):
+            total += frame.nbytes
+        elif isinstance(frame, zmq.Frame):
+            total += len(frame.buffer)
+        else:
+            total += len(frame)
+    return total
+
+
+def bind(sock: zmq.Socket, address: str, advertise: str = "") -> str:
+    """Bind sock to tcp://HOST:PORT (port 0: a free one) and return the address peers should use:
+    `advertise` if given, else the bound address with 0.0.0.0 shown as 127.0.0.1."""
+    host, _, port = address.rpartition(":")
+    if port == "0":
+        real = sock.bind_to_random_port(host, min_port=20000, max_port=60000)
+    else:
+        sock.bind(address)
+        real = int(port)
+    return advertise or f"{host.replace('0.0.0.0', '127.0.0.1')}:{real}"
 
 
 def status(address: str, *, secret: bytes | None, curve_dir: str = "", timeout_s: float = 5.0) -> dict[str, Any]:
