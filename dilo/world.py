@@ -32,6 +32,7 @@ from dilo.config import AsyncConfig, DDPConfig, RunConfig
 from dilo.data import corpus_fingerprint
 from dilo.errors import DiloError
 from dilo.inner import evaluate
+from dilo.model import build_model, param_names
 from dilo.outer.async_local import AsyncLocalSGD
 from dilo.outer.base import Strategy, params_of, tensor_digest
 from dilo.outer.ddp import DDP
@@ -355,7 +356,6 @@ class GossipWorld(_OnItsOwn):
         fp32 = {f"p.{i}": (tuple(p.shape), "float32") for i, p in enumerate(params)}
         spec, state_spec = fp32, fp32
         if self.cfg.codec.kind != "none":  # compressed gossip: encoded differences; states carry x and x^
-            from dilo.model import param_names
             from dilo.outer.star import StarCodec
 
             spec = StarCodec(param_names(model), [p.shape for p in params], self.cfg.codec).push_spec()
@@ -397,7 +397,7 @@ class GossipWorld(_OnItsOwn):
     @torch.no_grad()
     def start(self, model: torch.nn.Module, outer: Any, *, resumed: bool = False) -> None:
         if self.cfg.outer.independent_init and not resumed:
-            fresh = params_of(_build(self.cfg, self.cfg.seed + 1000 * self.rank))
+            fresh = params_of(build_model(self.cfg.model, self.cfg.seed + 1000 * self.rank))
             for p, v in zip(params_of(model), fresh):
                 p.copy_(v)
         if self.client is not None:
@@ -419,12 +419,6 @@ class GossipWorld(_OnItsOwn):
         super().close(outer, leaving=leaving)
         if self.node is not None:
             self.node.close()
-
-
-def _build(cfg: RunConfig, seed: int) -> torch.nn.Module:
-    from dilo.model import build_model
-
-    return build_model(cfg.model, seed)
 
 
 def _stable_slot(worker_id: str, n: int) -> int:
