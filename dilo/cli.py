@@ -209,7 +209,7 @@ def _cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _cmd_worker(args: argparse.Namespace, rest: list[str]) -> int:
     from dilo.train import train
-    from dilo.world import ElasticWorld, GossipWorld
+    from dilo.world import ElasticWorld, GossipWorld, Placement
 
     overrides = [*rest, "--membership.kind=coordinator"]
     cfg = load(args.config, overrides)
@@ -219,7 +219,10 @@ def _cmd_worker(args: argparse.Namespace, rest: list[str]) -> int:
         import torch
 
         torch.set_num_threads(int(torch_threads))
-    world = GossipWorld(cfg, args.id) if cfg.outer.kind == "gossip" else ElasticWorld(cfg, args.id)
+    if cfg.outer.kind == "gossip":
+        world: GossipWorld | ElasticWorld = GossipWorld(cfg, args.id)
+    else:  # a torchrun launch of several ranks is one island
+        world = ElasticWorld(cfg, args.id, island=Placement.from_env())
     summary = train(cfg, world, stop=stop)
     return 130 if summary["stopped"] else 0
 

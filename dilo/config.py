@@ -332,6 +332,12 @@ class TransportConfig(Frozen):
     """Size of the flat fp32 buckets that are all-reduced together."""
     timeout_s: float = Field(300.0, gt=0.0)
     """A collective that has not finished after this many seconds fails the round."""
+    island_ranks: Annotated[int, Field(ge=1)] | Literal["node"] = 1
+    """Ranks per island (static worlds). 1: every rank is a worker. N > 1: each N consecutive ranks
+    (torchrun numbers a node's ranks consecutively) train one replica with data parallelism inside
+    and count as one worker in the outer step; "node": one island per node (LOCAL_WORLD_SIZE
+    ranks). With membership.kind = "coordinator" the ranks of one torchrun launch always form one
+    island, which joins as one worker."""
 
 
 class MembershipConfig(Frozen):
@@ -542,6 +548,19 @@ class RunConfig(Frozen):
             if self.codec.kind == "powersgd" or any(o.kind == "powersgd" for o in self.codec.overrides):
                 raise ValueError(
                     "codec.kind='powersgd' needs an all-reduce; gossip can use int8, int4, topk, sign, fp16"
+                )
+        if self.transport.island_ranks != 1:
+            if isinstance(self.outer, DDPConfig):
+                raise ValueError(
+                    "outer.kind='ddp' averages gradients over every rank at every step, so islands do not apply: "
+                    "set transport.island_ranks=1"
+                )
+            if isinstance(self.outer, GossipConfig):
+                raise ValueError("outer.kind='gossip' runs one rank per worker: set transport.island_ranks=1")
+            if self.membership.kind == "coordinator":
+                raise ValueError(
+                    "transport.island_ranks is for static worlds; with membership.kind='coordinator' the ranks "
+                    "of one torchrun launch form one island by themselves: leave island_ranks at 1"
                 )
         if self.inner.warmup_steps >= self.steps:
             raise ValueError(f"inner.warmup_steps={self.inner.warmup_steps} must be below steps={self.steps}")

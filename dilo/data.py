@@ -358,6 +358,17 @@ class Island:
             )
         self._epoch, self._position = 0, 0
         self._perm: Tensor | None = None
+        self._part, self._parts = 0, 1
+
+    def split(self, part: int, parts: int) -> Island:
+        """Make this stream rank `part`'s share of an island trained by `parts` data-parallel ranks:
+        each step the island reads parts * batch_size windows and this rank takes every parts-th,
+        starting at `part`. The cursor moves the same on every rank, so checkpoints agree; the
+        ranks together see exactly the windows one rank would with a parts times larger batch."""
+        if not 0 <= part < parts:
+            raise ValueError(f"rank {part} is outside 0..{parts - 1} of the island")
+        self._part, self._parts = part, parts
+        return self
 
     @property
     def num_tokens(self) -> int:
@@ -370,13 +381,14 @@ class Island:
     def next_batch(self) -> tuple[Tensor, Tensor]:
         """(x, y), int64 [batch_size, seq_len], y = x shifted left by one token."""
         rows = []
-        for _ in range(self.batch_size):
+        for j in range(self.batch_size * self._parts):
             if self._position == self.num_windows:
                 self._epoch, self._position, self._perm = self._epoch + 1, 0, None
             if self._perm is None:
                 gen = _generator(self.seed, self.index, self._epoch)
                 self._perm = torch.randperm(self.num_windows, generator=gen)
-            rows.append(self._window(int(self._perm[self._position]) * (self.seq_len + 1)))
+            if j % self._parts == self._part:
+                rows.append(self._window(int(self._perm[self._position]) * (self.seq_len + 1)))
             self._position += 1
         return _to_batch(rows)
 

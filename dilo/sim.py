@@ -459,9 +459,11 @@ class SimStaticWorld(StaticWorld):
     def __init__(self, cfg: RunConfig, rank: int, transport: SimTransport, clock: VirtualClock) -> None:
         self.cfg = cfg
         self.rank, self.size = rank, transport.size
+        self.global_rank, self.global_size = rank, transport.size  # one rank per island
         self.log_name = f"worker{rank}"
         self.device = torch.device("cpu")
         self.transport = transport  # type: ignore[assignment]
+        self.outer_transport = transport  # type: ignore[assignment]
         self.counter = transport.counter
         self.clock = clock  # type: ignore[assignment]
         self.step_limit = cfg.steps

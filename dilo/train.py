@@ -76,12 +76,13 @@ def train(
         if isinstance(cfg.outer, GossipConfig):
             world = GossipWorld(cfg)
         elif cfg.membership.kind == "coordinator":
-            world = ElasticWorld(cfg)
+            world = ElasticWorld(cfg, island=Placement.from_env())  # a torchrun launch is one island
         else:
             world = StaticWorld(cfg, Placement.from_env())
     elif isinstance(world, Placement):
         world = GossipWorld(cfg, rank=world.rank) if isinstance(cfg.outer, GossipConfig) else StaticWorld(cfg, world)
-    rank, size = world.rank, world.size
+    rank, size = world.rank, world.size  # this worker's (island's) number, and how many there are
+    main = rank == 0 and world.local_rank == 0  # prints, plots and writes the summary
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / "checkpoints"
     clock = world.clock  # wall time, or the simulator's virtual time
@@ -91,7 +92,7 @@ def train(
     # the model, this worker's island, the strategy
     device = world.device
     model = build_model(cfg.model, cfg.seed).to(device)
-    island = load_island(cfg.data, rank, size, cfg.seed)
+    island = _island_data(cfg, world, rank, size)
     val_batches = [
         _to(b, device) for b in world.validation_share(load_validation(cfg.data, cfg.seed, cfg.log.eval_batches))
     ]
@@ -102,7 +103,7 @@ def train(
     totals = Totals()
 
     resume_round = world.agree_resume_round(ckpt_dir) if cfg.checkpoint.resume else -1
-    if resume_round < 0 and cfg.checkpoint.resume and rank == 0:
+    if resume_round < 0 and cfg.checkpoint.resume and main:
         log.warning("resume requested but no complete checkpoint in %s: starting from scratch", ckpt_dir)
     if resume_round >= 0:
         _load_state(load_worker_state(ckpt_dir, resume_round, world.log_name), model, inner, outer, island, totals)
@@ -111,7 +112,7 @@ def train(
         world.start(model, outer, resumed=resume_round >= 0)
         if world.rank != rank and resume_round < 0:  # the coordinator handed out another island
             rank = world.rank
-            island = load_island(cfg.data, rank, size, cfg.seed)
+            island = _island_data(cfg, world, rank, size)
     world.counter.sent, world.counter.recv = totals.bytes_sent, totals.bytes_recv
     if isinstance(outer, DDP):
         outer.mark_bytes()
@@ -123,6 +124,8 @@ def train(
         {
             "event": "resume" if resume_round >= 0 else "start",
             "rank": rank,
+            "local_rank": world.local_rank,
+            "island_ranks": world.island_ranks,
             "workers": size,
             "num_params": n_params,
             "fingerprint": cfg.fingerprint(),
@@ -137,15 +140,16 @@ def train(
             "config": cfg.model_dump(mode="json"),
         }
     )
-    bar = metrics.Progress(
-        cfg.steps, totals.step, enabled=cfg.log.progress and rank == 0, desc=f"{cfg.outer.kind} x{size}"
-    )
+    bar = metrics.Progress(cfg.steps, totals.step, enabled=cfg.log.progress and main, desc=f"{cfg.outer.kind} x{size}")
 
     # --------------------------------------------------------------------------------------
     # the loop
     comm = _CommTimer(clock)
-    grad_hook = comm.wrap(outer.reduce_grads) if isinstance(outer, DDP) else None
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.inner.grad_accum
+    # DDP: gradients averaged over all workers; an island: over the island's ranks
+    reduce_grads = getattr(outer, "reduce_grads", None)
+    grad_hook = comm.wrap(reduce_grads) if reduce_grads is not None else None
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.inner.grad_accum  # this rank's
+    island_tokens_per_step = tokens_per_step * world.island_ranks
     wall_t0 = clock.now() - totals.wall_s
     round_t0 = clock.now()
     round_loss, round_steps, round_inner_s, round_comm_s = 0.0, 0, 0.0, 0.0
@@ -171,10 +175,10 @@ def train(
             continue
         # ---------------------------------------------------------------- end of a round
         tail = Tail(
-            weight=float(round_steps * tokens_per_step) if _token_weighted(cfg) else 1.0,
+            weight=float(round_steps * island_tokens_per_step) if _token_weighted(cfg) else 1.0,
             contributes=True,
             stop=stop.is_set(),
-            tokens=round_steps * tokens_per_step,
+            tokens=round_steps * island_tokens_per_step,
             steps=round_steps,
             inner_s=round_inner_s,
         )
@@ -249,7 +253,7 @@ def train(
             save_worker_state(ckpt_dir, totals.round, world.log_name, _state(model, inner, outer, island, totals))
         if stopping and not last:
             stopped = True
-            if rank == 0:
+            if main:
                 bar.print(
                     f"stopped after round {totals.round} (step {totals.step}); checkpoint in {ckpt_dir}, "
                     "continue with --checkpoint.resume=true"
@@ -264,7 +268,7 @@ def train(
     summary = _summarize(cfg, totals, world, param_bytes, stopped)
     sink.write({"event": "end", **summary})
     sink.close()
-    if rank == 0:
+    if main:
         (run_dir / "summary.json").write_text(_json(summary))
         if cfg.log.progress:
             print(metrics.format_summary(summary), file=sys.stderr)
@@ -276,6 +280,11 @@ def train(
             )
     world.close(outer, leaving=True)
     return summary
+
+
+def _island_data(cfg: RunConfig, world: Any, island: int, islands: int) -> Any:
+    """This rank's share of its island's data (the whole island when the island is one rank)."""
+    return load_island(cfg.data, island, islands, cfg.seed).split(world.local_rank, world.island_ranks)
 
 
 def _to(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,12 +345,13 @@ def _load_state(
 
 def _summarize(cfg: RunConfig, totals: Totals, world: Any, param_bytes: int, stopped: bool) -> dict[str, Any]:
     """Static worlds agree on one summary; an elastic worker reports its own totals (tokens: the world's)."""
-    sums, size = world.total([totals.tokens, totals.bytes_sent, totals.bytes_recv, totals.inner_s, totals.wall_s])
+    sums, ranks = world.total([totals.tokens, totals.bytes_sent, totals.bytes_recv, totals.inner_s, totals.wall_s])
     tokens, sent, recv, inner_s, wall_s = sums
     if world.elastic:
         tokens = totals.global_tokens
-    sent_per_worker = sent / size
-    ddp_per_worker = totals.step * ring_all_reduce_bytes(param_bytes, max(world.size, 2) if world.elastic else size)
+    workers = max(1, ranks // world.island_ranks)  # islands summed; only a lead rank talks to other islands
+    sent_per_worker = sent / workers
+    ddp_per_worker = totals.step * ring_all_reduce_bytes(param_bytes, max(world.size, 2) if world.elastic else workers)
     return {
         "name": cfg.name,
         "strategy": cfg.outer.kind,
@@ -352,10 +362,10 @@ def _summarize(cfg: RunConfig, totals: Totals, world: Any, param_bytes: int, sto
         "val_loss": totals.val_loss,
         "initial_val_loss": totals.extra.get("initial_val_loss"),
         "tokens": int(tokens),
-        "wall_s": wall_s / size,
-        "inner_s": inner_s / size,
+        "wall_s": wall_s / ranks,
+        "inner_s": inner_s / ranks,
         "bytes_sent_per_worker": sent_per_worker,
-        "bytes_recv_per_worker": recv / size,
+        "bytes_recv_per_worker": recv / workers,
         "ddp_bytes_per_worker": ddp_per_worker,
         "comm_reduction": ddp_per_worker / sent_per_worker if sent_per_worker > 0 else float("inf"),
         "utilization": inner_s / wall_s if wall_s > 0 else 0.0,

@@ -37,6 +37,7 @@ from dilo.outer.async_local import AsyncLocalSGD
 from dilo.outer.base import Strategy, params_of, tensor_digest
 from dilo.outer.ddp import DDP
 from dilo.outer.diloco import DiLoCo
+from dilo.outer.island import IslandSync
 from dilo.outer.star import StarDiLoCo
 from dilo.state import rounds_of
 from dilo.transport.base import ByteCounter
@@ -107,28 +108,70 @@ def pick_device(backend: str) -> torch.device:
     return torch.device("cuda", gpu)
 
 
+def island_ranks_of(cfg: RunConfig, placement: Placement) -> int:
+    """Ranks per island in a static world (transport.island_ranks; "node": LOCAL_WORLD_SIZE)."""
+    k = cfg.transport.island_ranks
+    if k == "node":
+        try:
+            k = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        except ValueError:
+            raise DiloError(f"LOCAL_WORLD_SIZE={os.environ['LOCAL_WORLD_SIZE']!r} is not a number") from None
+    if k > 1 and isinstance(cfg.outer, DDPConfig):
+        raise DiloError("outer.kind='ddp' averages over every rank: run it with transport.island_ranks=1")
+    if placement.size % k:
+        raise DiloError(
+            f"transport.island_ranks={cfg.transport.island_ranks} ({k} ranks per island) does not divide the "
+            f"world of {placement.size} ranks; launch the same number of ranks on every node"
+        )
+    return k
+
+
 class StaticWorld:
+    """A fixed world from the launcher. With islands of K > 1 ranks (transport.island_ranks), global
+    rank g is rank g % K of island g // K; three groups are built from the one store: every rank
+    (checks, validation, totals), the island (gradients every step, broadcasts) and the islands'
+    lead ranks (the outer step)."""
+
     elastic = False
+    island_ranks = 1
+    local_rank = 0
+    group: TorchDistTransport | None = None
 
     def __init__(self, cfg: RunConfig, placement: Placement) -> None:
         self.cfg = cfg
-        self.rank, self.size = placement.rank, placement.size
-        self.log_name = f"worker{self.rank}"
+        k = island_ranks_of(cfg, placement)
+        self.island_ranks = k
+        self.global_rank, self.global_size = placement.rank, placement.size
+        self.rank, self.size = placement.rank // k, placement.size // k  # the island and the islands
+        self.local_rank = placement.rank % k
+        self.log_name = f"worker{self.rank}" if self.local_rank == 0 else f"worker{self.rank}.{self.local_rank}"
         self.clock = WallClock(cfg.heterogeneity.slowdown_of(self.rank))
         self.step_limit = cfg.steps
         self.device = pick_device(cfg.transport.backend)
         store = connect_store(
             placement.host,
             placement.port,
-            self.rank,
-            self.size,
+            placement.rank,
+            placement.size,
             hosted=placement.hosted,
             timeout_s=cfg.transport.timeout_s,
         )
+        t = cfg.transport
         self.transport = TorchDistTransport(
-            store, self.rank, self.size, backend=cfg.transport.backend, timeout_s=cfg.transport.timeout_s
+            store, placement.rank, placement.size, backend=t.backend, timeout_s=t.timeout_s
         )
-        self.counter: ByteCounter = self.transport.counter
+        self.outer_transport: TorchDistTransport | None = self.transport
+        if k > 1:
+            self.group = TorchDistTransport(
+                store, self.local_rank, k, backend=t.backend, timeout_s=t.timeout_s, prefix=f"dilo/island{self.rank}"
+            )
+            self.outer_transport = None
+            if self.local_rank == 0:
+                self.outer_transport = TorchDistTransport(
+                    store, self.rank, self.size, backend=t.backend, timeout_s=t.timeout_s, prefix="dilo/outer"
+                )
+        # the traffic between islands; a follower rank sends none
+        self.counter: ByteCounter = self.outer_transport.counter if self.outer_transport else ByteCounter()
         self._check_same_run()
 
     def strategy(self, model: torch.nn.Module) -> Strategy:
@@ -139,26 +182,31 @@ class StaticWorld:
                     "codec settings are ignored by outer.kind='ddp': the baseline sends fp32 gradients", stacklevel=2
                 )
             return DDP(model, self.transport, log_every=cfg.sync_every_ddp_eval, bucket_mb=cfg.transport.bucket_mb)
-        return DiLoCo(
-            model,
-            self.transport,
-            inner_steps=o.inner_steps,
-            lr=o.lr,
-            momentum=getattr(o, "momentum", 0.0),
-            nesterov=getattr(o, "nesterov", False),
-            codec=cfg.codec,
-            seed=cfg.seed,
-            bucket_mb=cfg.transport.bucket_mb,
-        )
+        outer = None
+        if self.outer_transport is not None:
+            outer = DiLoCo(
+                model,
+                self.outer_transport,
+                inner_steps=o.inner_steps,
+                lr=o.lr,
+                momentum=getattr(o, "momentum", 0.0),
+                nesterov=getattr(o, "nesterov", False),
+                codec=cfg.codec,
+                seed=cfg.seed,
+                bucket_mb=cfg.transport.bucket_mb,
+            )
+        if self.group is None:
+            return outer  # type: ignore[return-value]
+        return IslandSync(model, self.group, outer, bucket_mb=cfg.transport.bucket_mb)
 
     def agree_resume_round(self, ckpt_dir: Path) -> int:
-        """The newest round every worker has a checkpoint for, or -1."""
+        """The newest round every rank has a checkpoint for, or -1."""
         mine = rounds_of(ckpt_dir, self.log_name)
         newest = torch.tensor([float(mine[-1] if mine else -1)], dtype=torch.float64)
         agreed = int(min(float(t) for t in self.transport.all_gather(newest)))
         if agreed >= 0 and agreed not in mine:
             raise DiloError(
-                f"worker {self.rank} has no checkpoint for round {agreed} in {ckpt_dir} (it has {mine}); "
+                f"{self.log_name} has no checkpoint for round {agreed} in {ckpt_dir} (it has {mine}); "
                 "the workers' checkpoint directories disagree"
             )
         return agreed
@@ -167,7 +215,7 @@ class StaticWorld:
         outer.broadcast_initial(model)  # threads share one RNG; joiners will need this anyway
 
     def validation_share(self, batches: list[Any]) -> list[Any]:
-        return batches[self.rank :: self.size]
+        return batches[self.global_rank :: self.global_size]
 
     def evaluate(self, model: torch.nn.Module, batches: list[Any]) -> float:
         total, n = evaluate(model, batches, self.cfg.inner.precision)
@@ -176,22 +224,24 @@ class StaticWorld:
         return float(t[0] / t[1]) if t[1] > 0 else float("nan")
 
     def total(self, values: list[float]) -> tuple[list[float], int]:
-        """Sum over workers, and how many workers were summed."""
+        """Sum over ranks, and how many ranks were summed."""
         t = torch.tensor(values, dtype=torch.float64)
         self.transport.all_reduce_([t])
-        return [float(x) for x in t], self.size
+        return [float(x) for x in t], self.global_size
 
     def close(self, outer: Any, *, leaving: bool) -> None:
-        self.transport.close()
+        for t in (self.transport, self.group, self.outer_transport):
+            if t is not None:
+                t.close()
 
     def _check_same_run(self) -> None:
         """Refuse to train when workers were started with different configs or see different corpora."""
         mine = int((self.cfg.fingerprint() + corpus_fingerprint(self.cfg.data))[:15], 16)
         everyone = [int(t) for t in self.transport.all_gather(torch.tensor([mine], dtype=torch.int64))]
         if any(f != everyone[0] for f in everyone):
-            odd = [r for r, f in enumerate(everyone) if f != everyone[self.rank]]
+            odd = [r for r, f in enumerate(everyone) if f != everyone[self.global_rank]]
             raise DiloError(
-                f"worker {self.rank}: workers {odd} run a different configuration or see a different corpus "
+                f"{self.log_name}: ranks {odd} run a different configuration or see a different corpus "
                 "(another config file or overrides, another Python's stdlib, other files); start every worker "
                 "with the same config"
             )
@@ -208,40 +258,83 @@ class _OnItsOwn:
     cfg: RunConfig
     log_name: str
     client: StarClient | None
+    island_ranks = 1
+    local_rank = 0
+    group: TorchDistTransport | None = None
+    """An island of several ranks (one torchrun launch): its own group; the lead rank talks to the world."""
 
     def agree_resume_round(self, ckpt_dir: Path) -> int:
         mine = rounds_of(ckpt_dir, self.log_name)
-        return mine[-1] if mine else -1
+        newest = mine[-1] if mine else -1
+        if self.group is None:
+            return newest
+        everyone = self.group.all_gather(torch.tensor([float(newest)], dtype=torch.float64))
+        agreed = int(min(float(t) for t in everyone))
+        if agreed >= 0 and agreed not in mine:
+            raise DiloError(
+                f"{self.log_name} has no checkpoint for round {agreed} (it has {mine}); the island's ranks disagree"
+            )
+        return agreed
 
     def validation_share(self, batches: list[Any]) -> list[Any]:
-        return batches  # no collective to sum over: every worker evaluates the whole set
+        # no collective with the other workers: every worker (island) evaluates the whole set
+        return batches[self.local_rank :: self.island_ranks]
 
     def evaluate(self, model: torch.nn.Module, batches: list[Any]) -> float:
         total, n = evaluate(model, batches, self.cfg.inner.precision)
+        if self.group is not None:
+            t = torch.tensor([total, float(n)], dtype=torch.float64)
+            self.group.all_reduce_([t])
+            total, n = float(t[0]), int(t[1])
         return total / n if n else float("nan")
 
     def total(self, values: list[float]) -> tuple[list[float], int]:
-        return list(values), 1
+        """This worker's own totals (summed over its island's ranks), and how many ranks were summed."""
+        if self.group is None:
+            return list(values), 1
+        t = torch.tensor(values, dtype=torch.float64)
+        self.group.all_reduce_([t])
+        return [float(x) for x in t], self.island_ranks
 
     def close(self, outer: Any, *, leaving: bool) -> None:
         if self.client is not None:
             if leaving:
                 self.client.leave()
             self.client.close()
+        if self.group is not None:
+            self.group.close()
 
 
 class ElasticWorld(_OnItsOwn):
     elastic = True
 
-    def __init__(self, cfg: RunConfig, worker_id: str | None = None) -> None:
+    def __init__(self, cfg: RunConfig, worker_id: str | None = None, *, island: Placement | None = None) -> None:
+        """island: the launcher's world (torchrun's RANK, WORLD_SIZE, ...); with more than one rank
+        those ranks form one island that joins as one worker, led by its rank 0."""
         self.cfg = cfg
         self.worker_id = worker_id or cfg.membership.worker_id or default_worker_id()
         if not self.worker_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise DiloError(f"worker id {self.worker_id!r} may hold only letters, digits, '-', '_' and '.'")
         self.device = pick_device(cfg.transport.backend)
-        self.log_name = f"worker-{self.worker_id}"
         self._secret = wire.load_secret(file=cfg.membership.secret_file or None)
         self.client: StarClient | None = None
+        store = None
+        if island is not None and island.size > 1:
+            t = cfg.transport
+            store = connect_store(
+                island.host, island.port, island.rank, island.size, hosted=island.hosted, timeout_s=t.timeout_s
+            )
+            self.group = TorchDistTransport(
+                store, island.rank, island.size, backend=t.backend, timeout_s=t.timeout_s, prefix="dilo/island"
+            )
+            self.island_ranks, self.local_rank = island.size, island.rank
+            # the island is one worker: its ranks go by the lead rank's id
+            key = f"dilo/island-id/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+            if self.local_rank == 0:
+                store.set(key, self.worker_id)
+            else:
+                self.worker_id = store.get(key).decode()
+        self.log_name = f"worker-{self.worker_id}" + (f".{self.local_rank}" if self.local_rank else "")
         # island: DILO_ISLAND, "auto" (the coordinator hands out the lowest free one at JOIN: replicas
         # that share one environment, like `docker compose --scale`), or a stable slot from the
         # worker id, so that a restarted worker reads the same data
@@ -251,7 +344,12 @@ class ElasticWorld(_OnItsOwn):
         self.auto_island = choice == "auto"
         if choice and not self.auto_island and not choice.isdigit():
             raise DiloError(f"DILO_ISLAND={choice!r}: give an island number or 'auto'")
-        self._set_island(int(choice) if choice.isdigit() else _stable_slot(self.worker_id, islands))
+        mine = int(choice) if choice.isdigit() else _stable_slot(self.worker_id, islands)
+        if self.group is not None:  # the lead rank's choice holds for the island
+            t = torch.tensor([float(mine), float(self.auto_island)], dtype=torch.float64)
+            self.group.broadcast_([t], src=0)
+            mine, self.auto_island = int(t[0]), bool(t[1])
+        self._set_island(mine)
 
     def _set_island(self, island: int) -> None:
         cfg = self.cfg
@@ -270,6 +368,15 @@ class ElasticWorld(_OnItsOwn):
     def strategy(self, model: torch.nn.Module) -> Strategy:
         if isinstance(self.cfg.outer, DDPConfig):
             raise DiloError("outer.kind='ddp' needs membership.kind='static': it exchanges gradients every step")
+        bucket_mb = self.cfg.transport.bucket_mb
+        if self.group is not None and self.local_rank != 0:
+            return IslandSync(model, self.group, None, bucket_mb=bucket_mb)  # type: ignore[return-value]
+        outer = self._lead_strategy(model)
+        if self.group is not None:
+            return IslandSync(model, self.group, outer, bucket_mb=bucket_mb)  # type: ignore[return-value]
+        return outer
+
+    def _lead_strategy(self, model: torch.nn.Module) -> Strategy:
         param_bytes = sum(p.numel() * 4 for p in model.parameters())
         self.client = StarClient(
             self.cfg.membership,
@@ -287,23 +394,31 @@ class ElasticWorld(_OnItsOwn):
         return StarDiLoCo(model, self.client, self.cfg)
 
     def start(self, model: torch.nn.Module, outer: Any, *, resumed: bool = False) -> None:
-        welcome = outer.join(model)
-        if self.auto_island and not resumed and isinstance(welcome.body.get("island"), int):
-            self._set_island(int(welcome.body["island"]))  # train() loads that island's data
+        island, version, members = -1, -1, None
+        lead = outer.outer if isinstance(outer, IslandSync) else outer
+        if lead is not None:
+            welcome = lead.join(model)
+            if isinstance(welcome.body.get("island"), int):
+                island = int(welcome.body["island"])
+            version, members = int(welcome.body["version"]), list(welcome.body["members"])
+        if isinstance(outer, IslandSync):  # the island starts from what its lead rank received
+            island, version = (int(v) for v in outer.share(model, [island, version]))
+        if self.auto_island and not resumed and island >= 0:
+            self._set_island(island)  # train() loads that island's data
         # What this worker starts from, hashed from its own model after adopting the WELCOME (not
         # the coordinator's claim): tests and operators compare it with the coordinator's anchor.
         self.joined = {
             "island": self.rank,
-            "version": int(welcome.body["version"]),
+            "version": version,
             "anchor_hash": tensor_digest(list(params_of(model))),
-            "members": list(welcome.body["members"]),
+            "members": members,
         }
         log.info(
-            "worker %s joined at version %d, anchor %s, with %d members",
-            self.worker_id,
-            self.joined["version"],
+            "worker %s joined at version %d, anchor %s, with members %s",
+            self.worker_id + (f" (island rank {self.local_rank})" if self.local_rank else ""),
+            version,
             self.joined["anchor_hash"],
-            len(self.joined["members"]),
+            members if members is not None else "(known to the lead rank)",
         )
 
 

@@ -1,0 +1,186 @@
+"""Islands of several ranks: one model replica trained by a data-parallel group, one worker of
+the global world.
+
+An island is a torchrun group, say the eight GPUs of a node. Inside it, gradients are averaged
+over the island's ranks after every backward pass (data parallelism over NCCL or Gloo), so every
+rank holds the same parameters and the same inner optimizer state. At the end of a round only
+the island's lead rank (local rank 0) runs the outer strategy against the other islands; it then
+broadcasts the resulting parameters and the round's outcome to its island:
+
+    island = IslandSync(model, group, strategy if group.rank == 0 else None)
+    inner.step(next_batch, grad_hook=island.reduce_grads)
+    if island.due(step):                 # the lead's strategy decides, the others follow
+        report = island.sync(model, tail=tail)
+
+The strategy on the lead rank does not know that it leads an island: DiLoCo, FedAvg, the elastic
+star and async local SGD run unchanged, and only the lead rank's traffic leaves the island.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from dilo.errors import DiloError
+from dilo.outer.base import FlatLayout, SyncReport, Tail, broadcast_params, params_of, tensor_digest
+from dilo.outer.ddp import DDP
+from dilo.transport.base import Transport
+
+log = logging.getLogger("dilo.outer.island")
+
+# the round's outcome, as the lead rank broadcasts it (float64: exact for every integer below 2**53)
+(
+    H_FAILED,
+    H_COMMITTED,
+    H_PARTICIPANTS,
+    H_SENT,
+    H_RECV,
+    H_STOP,
+    H_TOKENS,
+    H_VERSION,
+    H_DONE,
+    H_STALENESS,
+    H_SCHEDULE,
+    H_ROUND_STEPS,
+) = range(12)
+HEADER_LEN = 12
+REASON_BYTES = 240
+
+
+class IslandSync:
+    """The outer strategy of an island, seen from any of its ranks.
+
+    group: the island's own transport (rank 0 leads). outer: the strategy against the other
+    islands, on the lead rank only (None elsewhere)."""
+
+    def __init__(self, model: nn.Module, group: Transport, outer: Any | None, *, bucket_mb: float = 32.0) -> None:
+        if (group.rank == 0) != (outer is not None):
+            raise ValueError("the island's lead rank (local rank 0), and only it, runs the outer strategy")
+        self.group = group
+        self.outer = outer
+        self.lead = outer is not None
+        self.layout = FlatLayout.of(params_of(model), bucket_mb)
+        self._grads = DDP(model, group, log_every=1, bucket_mb=bucket_mb)
+        self._round_steps = outer.round_steps if outer is not None else 0
+
+    # ------------------------------------------------------------------------------------------
+    # inside the island
+
+    def reduce_grads(self, model: nn.Module) -> None:
+        """Average the gradients over the island's ranks (after every backward pass)."""
+        self._grads.reduce_grads(model)
+
+    def due(self, step: int) -> bool:
+        """The lead rank's strategy decides when a round ends (async: the coordinator assigns each
+        round's length), and the island follows: one tiny broadcast per step."""
+        flag = torch.zeros(1, dtype=torch.float64)
+        if self.outer is not None:
+            flag[0] = float(self.outer.due(step))
+        self.group.broadcast_([flag], src=0)
+        return bool(flag[0])
+
+    def share(self, model: nn.Module, values: list[float]) -> list[float]:
+        """Give every rank the lead rank's parameters and a few numbers (after a join, at start)."""
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        self.group.broadcast_([t], src=0)
+        broadcast_params(model, self.layout, self.group, 0)
+        return [float(v) for v in t]
+
+    def broadcast_initial(self, model: nn.Module, src: int = 0) -> None:
+        """A static start: the islands agree on island src's parameters, then each island on its lead's."""
+        if self.outer is not None:
+            self.outer.broadcast_initial(model, src)
+        broadcast_params(model, self.layout, self.group, 0)
+
+    # ------------------------------------------------------------------------------------------
+    # across islands
+
+    @torch.no_grad()
+    def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
+        stop = torch.tensor([float(tail.stop)], dtype=torch.float64)
+        self.group.all_reduce_([stop])  # any rank of the island may have been asked to stop
+        tail.stop = bool(stop[0] > 0)
+        header = torch.zeros(HEADER_LEN, dtype=torch.float64)
+        reason = torch.zeros(REASON_BYTES, dtype=torch.uint8)
+        report: SyncReport | None = None
+        failure: BaseException | None = None
+        if self.outer is not None:
+            try:
+                report = self.outer.sync(model, tail=tail)
+                self._round_steps = self.outer.round_steps
+                _write_header(header, report, self._round_steps)
+                text = report.reason.encode()[:REASON_BYTES]
+                reason[: len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+            except BaseException as e:  # the followers must not wait for a round that never ends
+                failure = e
+                header[H_FAILED] = 1.0
+        self.group.broadcast_([header, reason], src=0)
+        if failure is not None:
+            raise failure
+        if header[H_FAILED] > 0:
+            raise DiloError("the island's lead rank failed in the outer step (its log says why); stopping this rank")
+        broadcast_params(model, self.layout, self.group, 0)
+        if report is not None:
+            return report
+        self._round_steps = int(header[H_ROUND_STEPS])
+        text = bytes(reason.tolist()).rstrip(b"\0").decode(errors="replace")
+        return _read_header(header, text, tensor_digest(params_of(model)))
+
+    @property
+    def round_steps(self) -> int:
+        return self._round_steps
+
+    @property
+    def exchange(self) -> Any:
+        """The lead rank's exchange plan (train logs it); followers have none."""
+        if self.outer is None or not hasattr(self.outer, "exchange"):
+            raise AttributeError("exchange")
+        return self.outer.exchange
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lead": self.outer.state_dict()} if self.outer is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if ("lead" in state) != self.lead:
+            raise DiloError(
+                "this checkpoint was written by an island rank with another role (lead or follower); "
+                "resume with the same island layout (transport.island_ranks, ranks per node)"
+            )
+        if self.outer is not None:
+            self.outer.load_state_dict(state["lead"])
+
+
+def _write_header(h: torch.Tensor, r: SyncReport, round_steps: int) -> None:
+    h[H_COMMITTED] = float(r.committed)
+    h[H_PARTICIPANTS] = r.participants
+    h[H_SENT], h[H_RECV] = r.bytes_sent, r.bytes_recv
+    h[H_STOP] = float(r.stop)
+    h[H_TOKENS] = r.tokens
+    h[H_VERSION] = r.version
+    h[H_DONE] = float(r.done)
+    h[H_STALENESS] = -1 if r.staleness is None else r.staleness
+    h[H_SCHEDULE] = -1 if r.schedule_step is None else r.schedule_step
+    h[H_ROUND_STEPS] = round_steps
+
+
+def _read_header(h: torch.Tensor, reason: str, anchor_hash: str) -> SyncReport:
+    committed = bool(h[H_COMMITTED] > 0)
+    return SyncReport(
+        committed=committed,
+        participants=int(h[H_PARTICIPANTS]),
+        # a follower's own traffic to other islands is nil; the island's is on the lead rank's log
+        bytes_sent=0,
+        bytes_recv=0,
+        sync_s=0.0,
+        stop=bool(h[H_STOP] > 0),
+        tokens=int(h[H_TOKENS]),
+        reason=reason,
+        anchor_hash=anchor_hash,
+        version=int(h[H_VERSION]),
+        done=bool(h[H_DONE] > 0),
+        staleness=None if h[H_STALENESS] < 0 else int(h[H_STALENESS]),
+        schedule_step=None if h[H_SCHEDULE] < 0 else int(h[H_SCHEDULE]),
+    )
