@@ -1,6 +1,7 @@
 """The `dilo` command.
 
-    dilo run CONFIG [--workers N] [--section.key=value ...]   N local workers on loopback (the main job)
+    dilo run CONFIG [--workers N] [--island-ranks K] [--a.b=c]  N local workers on loopback (the main job), each
+                                                              an island of K data-parallel ranks
     dilo coordinator CONFIG [--resume] [overrides]            serve an elastic run (membership.kind=coordinator)
     dilo worker CONFIG [--id ID] [overrides]                  one elastic worker: join, train, leave
     dilo status ADDRESS                                       members, rounds, bytes of a running coordinator
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 from dilo.config import load, schema
 from dilo.errors import DiloError
@@ -75,17 +77,20 @@ def _free_port() -> int:
 
 
 def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
-    import torch.distributed as dist
-
+    k = args.island_ranks
+    if k < 1:
+        raise DiloError(f"--island-ranks must be at least 1, got {k}")
+    elastic = load(args.config, rest).membership.kind == "coordinator"
+    if k > 1 and not elastic:
+        rest = [*rest, f"--transport.island_ranks={k}"]
     cfg = load(args.config, rest)  # fails here, before any process or socket starts
     n = args.workers or cfg.workers
     if n < 1:
         raise DiloError(f"--workers must be at least 1, got {n}")
-    threads = max(1, (os.cpu_count() or 1) // n)
+    threads = max(1, (os.cpu_count() or 1) // (n * k))
     base_env = dict(os.environ, DILO_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     procs: list[subprocess.Popen[bytes]] = []
-    elastic = cfg.membership.kind == "coordinator"
-    store = None
+    stores: list[Any] = []
     if elastic:
         port = _free_port()
         addr = f"tcp://127.0.0.1:{port}"
@@ -110,24 +115,33 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
             # static gossip on loopback: one listening port per worker
             peers = ", ".join(f'"tcp://127.0.0.1:{_free_port()}"' for _ in range(n))
             rest = [*rest, f"--membership.peers=[{peers}]", f"--workers={n}"]
-        store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
-        base_env.update(WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), DILO_STORE_HOSTED="1")
+        # one world of n * k ranks, as torchrun would number them: island i holds ranks i*k .. i*k+k-1
+        stores.append(_store(n * k))
+        base_env.update(WORLD_SIZE=str(n * k), MASTER_ADDR="127.0.0.1", DILO_STORE_HOSTED="1")
+        base_env.update(MASTER_PORT=str(stores[0].port))
+    if elastic and k > 1:  # every island is a world of its own (one torchrun launch each)
+        stores.extend(_store(k) for _ in range(n))
+    islands = f" of {k} ranks each" if k > 1 else ""
     print(
-        f"dilo run: {n} workers, {cfg.outer.kind}, {cfg.membership.kind} membership, logs in {cfg.run_dir}",
+        f"dilo run: {n} workers{islands}, {cfg.outer.kind}, {cfg.membership.kind} membership, logs in {cfg.run_dir}",
         file=sys.stderr,
     )
     workers = []
-    for rank in range(n):
-        env = dict(
-            base_env,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(n),
-            DILO_WORKER_ID=f"w{rank}",
-            DILO_ISLAND=str(rank),
-        )
-        extra = [] if rank == 0 else ["--log.progress=false", "--log.plot=false"] if elastic else []
-        workers.append(subprocess.Popen([sys.executable, "-m", "dilo.train", args.config, *rest, *extra], env=env))
+    for island in range(n):
+        for local in range(k):
+            env = dict(base_env, DILO_WORKER_ID=f"w{island}", DILO_ISLAND=str(island))
+            if elastic and k > 1:
+                env.update(RANK=str(local), WORLD_SIZE=str(k), LOCAL_RANK=str(local), LOCAL_WORLD_SIZE=str(k))
+                env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(stores[island].port), DILO_STORE_HOSTED="1")
+            elif elastic:
+                env.update(RANK=str(island), LOCAL_RANK=str(island), LOCAL_WORLD_SIZE=str(n))
+            else:
+                rank = island * k + local
+                env.update(RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n * k))
+            quiet = elastic and (island or local)  # static worlds print from global rank 0 by themselves
+            extra = ["--log.progress=false", "--log.plot=false"] if quiet else []
+            cmd = [sys.executable, "-m", "dilo.train", args.config, *rest, *extra]
+            workers.append(subprocess.Popen(cmd, env=env))
     procs.extend(workers)
     code = _supervise(workers, procs)
     if elastic:
@@ -136,8 +150,15 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
             procs[0].wait(timeout=30)
         except subprocess.TimeoutExpired:
             procs[0].kill()
-    del store
+    del stores
     return code
+
+
+def _store(world: int) -> Any:
+    """A rendezvous store on loopback, served by the launcher (as torchrun's agent serves one)."""
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
 
 
 def _supervise(workers: list[subprocess.Popen[bytes]], procs: list[subprocess.Popen[bytes]]) -> int:
@@ -286,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="train with N local worker processes on loopback")
     p_run.add_argument("config", help="TOML file, e.g. configs/quickstart.toml")
     p_run.add_argument("--workers", type=int, default=None, help="number of workers (default: the config's `workers`)")
+    p_run.add_argument(
+        "--island-ranks",
+        type=int,
+        default=1,
+        help="ranks per worker: each worker is an island of this many data-parallel ranks (default 1)",
+    )
     p_co = sub.add_parser("coordinator", help="serve an elastic run")
     p_co.add_argument("config")
     p_co.add_argument("--resume", action="store_true", help="restart from the newest coordinator checkpoint")

@@ -108,10 +108,10 @@ def test_validation_batches_are_fixed_and_shifted() -> None:
 # cursors
 
 
-def _small_island(seed: int = 0) -> Island:
+def _small_island(seed: int = 0, batch_size: int = 3) -> Island:
     tokens = np.arange(1000, dtype=np.uint16)
     # two segments so some windows straddle a boundary
-    return Island([tokens[:333], tokens[333:]], batch_size=3, seq_len=9, seed=seed, index=1)
+    return Island([tokens[:333], tokens[333:]], batch_size=batch_size, seq_len=9, seed=seed, index=1)
 
 
 def test_island_batches_cover_each_window_once_per_epoch() -> None:
@@ -127,6 +127,23 @@ def test_island_batches_cover_each_window_once_per_epoch() -> None:
     epochs = [sorted(starts[i : i + 100]) for i in (0, 100, 200)]
     assert all(e == list(range(0, 1000, 10)) for e in epochs)
     assert starts[:100] != starts[100:200]  # a fresh permutation per epoch
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_island_ranks_split_the_islands_stream(parts: int) -> None:
+    """The ranks of a data-parallel island together read exactly what one rank with a `parts` times
+    larger batch would (epoch boundaries included); their cursors agree."""
+    whole = _small_island(batch_size=3 * parts)
+    ranks = [_small_island().split(r, parts) for r in range(parts)]
+    for _ in range(70):  # 70 * 3 * parts windows: several epochs
+        x, _ = whole.next_batch()
+        shares = [r.next_batch()[0] for r in ranks]
+        assert all(s.shape == (3, 9) for s in shares)
+        for r, s in enumerate(shares):
+            assert torch.equal(s, x[r::parts])
+    assert all(r.state_dict() == whole.state_dict() for r in ranks)
+    with pytest.raises(ValueError, match="outside"):
+        _small_island().split(2, 2)
 
 
 def test_cursor_restore_gives_bit_identical_batches() -> None:

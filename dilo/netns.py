@@ -1,13 +1,21 @@
-"""A few emulated hosts on one machine: network namespaces joined by a bridge, links shaped with
-`tc tbf`, and a user-space TCP proxy that adds latency (this kernel has no `netem`).
+"""Emulated hosts on one Linux machine: network namespaces joined by a bridge, each host's uplink
+shaped with `tc tbf`, and latency added in user space (the kernel of our CI machines has no
+`netem`). For multi-host tests and the WAN benchmark; needs root.
 
-    with Hosts(3, rate="100mbit") as hosts:          # hosts.addr[i] = 10.77.0.(i + 1)
-        proxy = hosts.delay_proxy(0, listen_port=29700, target_port=29600, delay_ms=25)
+    with Hosts(4, rate="100mbit", latency_ms=50) as hosts:   # hosts.addr[i] = 10.77.0.(i + 1)
         p = hosts.spawn(1, [sys.executable, "-m", "dilo.cli", "worker", ...])
 
-Everything is torn down on exit (processes killed, namespaces deleted). Needs root.
+rate: every host's egress (its uplink), e.g. "100mbit", "1gbit". latency_ms: one-way delay added
+to every TCP connection between two hosts, in each direction (a round trip gains twice that):
+each host's outgoing TCP connections to the other hosts are redirected (iptables REDIRECT) to a
+transparent proxy in its own namespace, which connects to the original destination and releases
+every chunk latency_ms after it arrived. Where the kernel has `netem`, `tc qdisc ... netem delay`
+does the same job in the kernel.
 
-    python -m tests.netns proxy LISTEN_PORT TARGET_HOST TARGET_PORT DELAY_MS   # the delay proxy
+Everything is torn down on exit (processes killed, namespaces deleted).
+
+    python -m dilo.netns proxy LISTEN_PORT TARGET_HOST TARGET_PORT DELAY_MS   # a fixed-target proxy
+    python -m dilo.netns delay PORT DELAY_MS                                  # the transparent one
 """
 
 from __future__ import annotations
@@ -16,12 +24,18 @@ import asyncio
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 SUBNET = "10.77.0"
+PROXY_PORT = 15001
+"""Where each host's transparent delay proxy listens."""
+_MARK = 0x77
+"""The proxy's own connections carry this firewall mark, so they are not redirected again."""
 
 
 def available() -> str | None:
@@ -45,10 +59,18 @@ def _ip(*args: str, ns: str | None = None) -> None:
         raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
 
 
+def latency_available() -> str | None:
+    """None when latency can be emulated (iptables with REDIRECT); otherwise why not."""
+    if not shutil.which("iptables"):
+        return "iptables is not installed (apt-get install iptables): latency needs its REDIRECT target"
+    return None
+
+
 class Hosts:
-    def __init__(self, n: int, *, rate: str = "", log_dir: Path | None = None) -> None:
+    def __init__(self, n: int, *, rate: str = "", latency_ms: float = 0.0, log_dir: Path | None = None) -> None:
         self.n = n
         self.rate = rate
+        self.latency_ms = latency_ms
         self.tag = secrets.token_hex(2)
         self.switch = f"dilo-sw-{self.tag}"
         self.names = [f"dilo-h{i}-{self.tag}" for i in range(n)]
@@ -76,6 +98,12 @@ class Hosts:
                     shape = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", self.rate,
                              "burst", "64kb", "latency", "400ms"]  # fmt: skip
                     subprocess.run(["ip", "netns", "exec", name, *shape], check=True, capture_output=True)
+            if self.latency_ms > 0:
+                why = latency_available()
+                if why:
+                    raise RuntimeError(why)
+                for i, name in enumerate(self.names):
+                    self._delay_outgoing(i, name)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -103,9 +131,28 @@ class Hosts:
 
     def delay_proxy(self, host: int, *, listen_port: int, target_port: int, delay_ms: float) -> subprocess.Popen[Any]:
         """A TCP proxy in host's namespace: listen_port -> 127.0.0.1:target_port, each chunk delayed."""
-        cmd = [sys.executable, "-m", "tests.netns", "proxy", str(listen_port), "127.0.0.1", str(target_port),
+        cmd = [sys.executable, "-m", "dilo.netns", "proxy", str(listen_port), "127.0.0.1", str(target_port),
                str(delay_ms)]  # fmt: skip
         return self.spawn(host, cmd, name=f"proxy-h{host}")
+
+    def _delay_outgoing(self, host: int, name: str) -> None:
+        """Send host's TCP connections to the other hosts through its transparent delay proxy."""
+        rule = ["iptables", "-t", "nat", "-A", "OUTPUT", "-o", "eth0", "-p", "tcp", "-d", f"{SUBNET}.0/24",
+                "-m", "mark", "!", "--mark", str(_MARK), "-j", "REDIRECT", "--to-ports", str(PROXY_PORT)]  # fmt: skip
+        proc = subprocess.run(["ip", "netns", "exec", name, *rule], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"iptables REDIRECT in {name}: {proc.stderr.strip()}")
+        here = Path(__file__).resolve().parent.parent
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")]))}
+        cmd = [sys.executable, "-m", "dilo.netns", "delay", str(PROXY_PORT), str(self.latency_ms)]
+        self.spawn(host, cmd, env=env, name=f"delay-h{host}")
+        deadline = time.monotonic() + 30
+        connect = f"import socket; socket.create_connection(('127.0.0.1', {PROXY_PORT}), timeout=1).close()"
+        probe = ["ip", "netns", "exec", name, sys.executable, "-c", connect]
+        while subprocess.run(probe, capture_output=True).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the delay proxy of host {host} did not start listening")
+            time.sleep(0.2)
 
     def __exit__(self, *exc: Any) -> None:
         for p in self.procs:
@@ -162,5 +209,41 @@ async def _serve(listen_port: int, host: str, port: int, delay_s: float) -> None
         await server.serve_forever()
 
 
-if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "proxy":
-    asyncio.run(_serve(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5]) / 1e3))
+_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+
+
+async def _serve_transparent(port: int, delay_s: float) -> None:
+    """Accept the redirected connections, reach each one's original destination, delay both ways."""
+    loop = asyncio.get_running_loop()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        raw = client_w.get_extra_info("socket").getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
+        target = (socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big"))
+        out = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        out.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, _MARK)
+        out.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        out.setblocking(False)
+        try:
+            await loop.sock_connect(out, target)
+            server_r, server_w = await asyncio.open_connection(sock=out)
+        except OSError:
+            out.close()
+            client_w.close()
+            return
+        await asyncio.gather(
+            _pipe(client_r, server_w, delay_s), _pipe(server_r, client_w, delay_s), return_exceptions=True
+        )
+
+    server = await asyncio.start_server(handle, "0.0.0.0", port, backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "proxy":
+        asyncio.run(_serve(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5]) / 1e3))
+    elif len(sys.argv) == 4 and sys.argv[1] == "delay":
+        asyncio.run(_serve_transparent(int(sys.argv[2]), float(sys.argv[3]) / 1e3))
+    else:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
