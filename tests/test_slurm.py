@@ -142,11 +142,12 @@ def _env_for_jobs(env: dict[str, str]) -> dict[str, str]:
 
 
 def test_static_diloco_across_two_nodes(slurm: dict[str, str], tmp_path: Path, corpus_dir: Path) -> None:
+    """One torchrun per node with two ranks each: two islands (the nodes) of two ranks."""
     cfg = tiny_config(tmp_path / "run", corpus_dir, steps=12)
     toml = write_toml(cfg, tmp_path / "diloco.toml")
     out = tmp_path / "job.out"
     state = _submit(
-        _env_for_jobs(slurm),
+        {**_env_for_jobs(slurm), "DILO_RANKS_PER_NODE": "2", "DILO_PORT": str(_free_port())},
         [
             "--nodes=2",
             "--ntasks-per-node=1",
@@ -157,14 +158,16 @@ def test_static_diloco_across_two_nodes(slurm: dict[str, str], tmp_path: Path, c
     )
     text = out.read_text()
     assert state == "COMPLETED", text[-3000:]
-    assert "dilo: rank 0 on n1" in text and "dilo: rank 1 on n2" in text
+    assert "dilo: node 0 on n1 starts 2 ranks" in text and "dilo: node 1 on n2 starts 2 ranks" in text
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["rounds_committed"] == 3
     hashes = []
-    for r in range(2):
-        recs = [json.loads(x) for x in (tmp_path / "run" / "logs" / f"worker{r}.jsonl").read_text().splitlines()]
-        hashes.append([x["anchor_hash"] for x in recs if x["event"] == "round"])
-    assert hashes[0] == hashes[1] and len(hashes[0]) == 3
+    for name in ("worker0", "worker0.1", "worker1", "worker1.1"):
+        recs = [json.loads(x) for x in (tmp_path / "run" / "logs" / f"{name}.jsonl").read_text().splitlines()]
+        rounds = [x for x in recs if x["event"] == "round"]
+        assert all(x["participants"] == 2 for x in rounds)  # two islands, not four workers
+        hashes.append([x["anchor_hash"] for x in rounds])
+    assert len(hashes[0]) == 3 and all(h == hashes[0] for h in hashes)
 
 
 def test_elastic_coordinator_and_workers_across_two_nodes(
