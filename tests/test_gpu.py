@@ -19,8 +19,9 @@ pytestmark = [
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _hashes(run_dir: Path, rank: int) -> list[str]:
-    lines = (run_dir / "logs" / f"worker{rank}.jsonl").read_text().splitlines()
+def _hashes(run_dir: Path, rank: int | str) -> list[str]:
+    name = rank if isinstance(rank, str) else f"worker{rank}"
+    lines = (run_dir / "logs" / f"{name}.jsonl").read_text().splitlines()
     return [r["anchor_hash"] for r in map(json.loads, lines) if r["event"] == "round"]
 
 
@@ -100,3 +101,37 @@ def test_async_workers_train_on_cuda_through_the_coordinator(tmp_path: Path) -> 
         assert all(r["staleness"] >= 0 for r in recs if r["event"] == "round")
         ends.append(next(r for r in recs if r["event"] == "end"))
     assert sum(e["steps"] for e in ends) == 120  # the world's budget: steps * workers
+
+
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="an island of 2 NCCL ranks needs 2 GPUs (NCCL refuses two ranks on one)"
+)
+def test_nccl_island_of_two_ranks_under_torchrun(tmp_path: Path) -> None:
+    """One torchrun of 2 GPU ranks as one island (transport.island_ranks=node), 2 islands: the
+    second island is a second torchrun node on the same machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    n = torch.cuda.device_count() // 2
+    base = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc-per-node={min(n, 2)}",
+            "--master-addr=127.0.0.1", f"--master-port={port}"]  # fmt: skip
+    train = ["-m", "dilo.train", str(REPO / "configs" / "quickstart.toml"), "--steps=40", "--inner.warmup_steps=5",
+             "--outer.inner_steps=10", "--transport.backend=nccl", "--transport.island_ranks=node",
+             "--log.progress=false", "--log.plot=false", f"--out_dir={tmp_path}"]  # fmt: skip
+    procs = []
+    for node in range(2):
+        # each "node" sees its own GPUs, as two machines would
+        gpus = ",".join(str(g) for g in range(node * n, node * n + min(n, 2)))
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus)
+        procs.append(
+            subprocess.Popen([*base, f"--node-rank={node}", *train], env=env, stderr=subprocess.PIPE, text=True)
+        )
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["rounds_committed"] == 4
+    names = [f"worker{i}" + (f".{r}" if r else "") for i in range(2) for r in range(min(n, 2))]
+    hashes = {name: _hashes(tmp_path, name) for name in names}
+    assert all(h == hashes["worker0"] for h in hashes.values())
