@@ -147,9 +147,9 @@ class Hosts:
         cmd = [sys.executable, "-m", "dilo.netns", "delay", str(PROXY_PORT), str(self.latency_ms)]
         self.spawn(host, cmd, env=env, name=f"delay-h{host}")
         deadline = time.monotonic() + 30
-        connect = f"import socket; socket.create_connection(('127.0.0.1', {PROXY_PORT}), timeout=1).close()"
-        probe = ["ip", "netns", "exec", name, sys.executable, "-c", connect]
-        while subprocess.run(probe, capture_output=True).returncode != 0:
+        # ask the kernel whether it listens (a probe connection would be "redirected" to itself)
+        probe = ["ip", "netns", "exec", name, "ss", "-Hltn", f"sport = :{PROXY_PORT}"]
+        while not subprocess.run(probe, capture_output=True, text=True).stdout.strip():
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the delay proxy of host {host} did not start listening")
             time.sleep(0.2)
@@ -219,6 +219,9 @@ async def _serve_transparent(port: int, delay_s: float) -> None:
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         raw = client_w.get_extra_info("socket").getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
         target = (socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big"))
+        if target == client_w.get_extra_info("sockname")[:2]:  # not redirected: someone dialled us directly
+            client_w.close()
+            return
         out = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         out.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, _MARK)
         out.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
