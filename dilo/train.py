@@ -205,7 +205,8 @@ def train(
         if last or (cfg.log.eval_every and totals.round % cfg.log.eval_every == 0):
             val_loss = world.evaluate(model, val_batches)
             totals.val_loss = val_loss
-        totals.eval_s += clock.now() - eval_t0
+        eval_s = clock.now() - eval_t0
+        totals.eval_s += eval_s
         totals.bytes_sent, totals.bytes_recv = world.counter.sent, world.counter.recv
         totals.wall_s = clock.now() - wall_t0
         record = {
@@ -223,6 +224,7 @@ def train(
             "cum_bytes_recv": totals.bytes_recv,
             "inner_s": round_inner_s,
             "sync_s": sync_s + round_comm_s,
+            "eval_s": eval_s,
             "round_s": clock.now() - round_t0,
             "wall_s": totals.wall_s,
             "time": clock.now(),
@@ -345,8 +347,10 @@ def _load_state(
 
 def _summarize(cfg: RunConfig, totals: Totals, world: Any, param_bytes: int, stopped: bool) -> dict[str, Any]:
     """Static worlds agree on one summary; an elastic worker reports its own totals (tokens: the world's)."""
-    sums, ranks = world.total([totals.tokens, totals.bytes_sent, totals.bytes_recv, totals.inner_s, totals.wall_s])
-    tokens, sent, recv, inner_s, wall_s = sums
+    sums, ranks = world.total(
+        [totals.tokens, totals.bytes_sent, totals.bytes_recv, totals.inner_s, totals.wall_s, totals.eval_s]
+    )
+    tokens, sent, recv, inner_s, wall_s, eval_s = sums
     if world.elastic:
         tokens = totals.global_tokens
     workers = max(1, ranks // world.island_ranks)  # islands summed; only a lead rank talks to other islands
@@ -364,11 +368,14 @@ def _summarize(cfg: RunConfig, totals: Totals, world: Any, param_bytes: int, sto
         "tokens": int(tokens),
         "wall_s": wall_s / ranks,
         "inner_s": inner_s / ranks,
+        "eval_s": eval_s / ranks,
         "bytes_sent_per_worker": sent_per_worker,
         "bytes_recv_per_worker": recv / workers,
         "ddp_bytes_per_worker": ddp_per_worker,
         "comm_reduction": ddp_per_worker / sent_per_worker if sent_per_worker > 0 else float("inf"),
         "utilization": inner_s / wall_s if wall_s > 0 else 0.0,
+        # the share of training time (evaluations left out) spent computing rather than waiting
+        "train_utilization": inner_s / (wall_s - eval_s) if wall_s > eval_s else 0.0,
         "stopped": stopped,
     }
 
