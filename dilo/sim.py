@@ -510,6 +510,8 @@ def simulate(
 
     if cfg.checkpoint.resume:
         raise ConfigError("dilo sim starts from scratch: drop checkpoint.resume")
+    if cfg.transport.island_ranks != 1:
+        raise ConfigError("dilo sim runs one rank per virtual worker: drop transport.island_ranks")
     cfg = cfg.model_copy(update={"log": cfg.log.model_copy(update={"progress": False})})
     n = cfg.workers
     sched = Scheduler()

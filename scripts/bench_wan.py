@@ -329,15 +329,19 @@ def report(
             "arms": rows,
             "curves": {arm: res["curve"] for arm, res in results.items()},
         }
-        title = "no shaping, no added latency" if link == "lan" else f"{rate.replace('bit', 'bit/s')}, {latency:.0f} ms"
+        title = "no shaping, no added latency" if link == "lan" else f"{_rate(rate)} uplinks, {latency:.0f} ms one way"
         md += [f"### {link}: {title}; target val loss {target:.4f}", "", link_table(rows), ""]
     util = (links.get(TARGET_LINK) or {}).get("arms", [])
-    hit = next((r["utilization"] for r in util if r["arm"] == TARGET_ARM), None)
+    row = next((r for r in util if r["arm"] == TARGET_ARM), None)
+    hit = None if row is None else row["utilization"]
     met = None if hit is None else hit >= TARGET_UTIL
     verdict = f"Target ({TARGET_ARM} keeps >= {TARGET_UTIL:.0%} compute utilization at 100 Mbit/s): " + (
-        "not measured in this run." if hit is None else f"{'met' if met else 'NOT met'} ({hit:.1%})."
+        "not measured in this run."
+        if row is None
+        else f"{'met' if met else 'NOT met'} ({hit:.1%}; {row['utilization_with_eval']:.1%} with evaluations counted "
+        "as idle time)."
     )
-    md += [verdict]
+    md += [verdict, "", *readings(links)]
     payload = {"machine": machine(), "settings": settings, "links": links, "target_met": met}
     text = "\n".join(md)
     print(text)
@@ -354,6 +358,41 @@ def report(
         "wan",
         "## WAN emulation: DDP against DiLoCo over shaped links\n\n" + text + "\n\n![wan](scripts/results/wan.png)",
     )
+
+
+def _rate(rate: str) -> str:
+    m = re.fullmatch(r"(\d+)([kmg])bit", rate)
+    return f"{m.group(1)} {m.group(2).upper()}bit/s" if m else rate
+
+
+def readings(links: dict[str, Any]) -> list[str]:
+    """What the tables say, computed from them."""
+    out = []
+    wan = {k: {r["arm"]: r for r in v["arms"]} for k, v in links.items() if k != "lan"}
+    for link, arms in wan.items():
+        d = arms.get("ddp")
+        if d:
+            out.append(
+                f"- {link}: DDP waits {d['sync_ms_per_step']:.0f} ms per step for its all-reduce, "
+                f"{d['sync_ms_per_step'] / d['inner_ms_per_step']:.1f}x its {d['inner_ms_per_step']:.0f} ms of compute."
+            )
+        for arm in ("diloco", "diloco+int4"):
+            r = arms.get(arm)
+            if r and r["time_to_target_vs_ddp"]:
+                out.append(
+                    f"- {link}: {arm} reaches the target loss in {r['time_to_target_vs_ddp']:.2f}x DDP's time and "
+                    f"sends {r['bytes_fewer_than_ddp']:.0f}x fewer bytes; its sync costs "
+                    f"{r['sync_ms_per_step'] * r['steps'] / max(1, r['rounds']) / 1e3:.2f} s per round of "
+                    f"{r['inner_ms_per_step'] * r['steps'] / max(1, r['rounds']) / 1e3:.1f} s of compute."
+                )
+    if "1gbit" in wan and "100mbit" in wan and "ddp" in wan["1gbit"] and "ddp" in wan["100mbit"]:
+        fast, slow = wan["1gbit"]["ddp"]["sync_ms_per_step"], wan["100mbit"]["ddp"]["sync_ms_per_step"]
+        out.append(
+            f"- Ten times the bandwidth cuts DDP's per-step sync by only {100 * (1 - fast / slow):.0f}% "
+            f"({slow:.0f} -> {fast:.0f} ms): with this model the all-reduce is bound by latency (a ring all-reduce "
+            f"crosses the link 2(W-1) = {2 * (WORKERS - 1)} times) more than by bandwidth."
+        )
+    return out
 
 
 def plot(links: dict[str, Any], path: Path) -> None:
@@ -470,9 +509,14 @@ def main() -> int:
             "model": model,
             "num_params": any_res["num_params"],
             "bench_s": time.perf_counter() - t0,
+            "arms_s": sum(res["process_wall_s"] for arms_ in measured.values() for res in arms_.values()),
         }
         report(measured, settings, print_only, out if print_only else RESULTS)
-        print(f"[bench] {len(plan)} arms in {settings['bench_s']:.0f} s", file=sys.stderr)
+        print(
+            f"[bench] {len(plan)} arms in {settings['bench_s']:.0f} s "
+            f"({settings['arms_s']:.0f} s of measured runs, cached ones included)",
+            file=sys.stderr,
+        )
         ok = True
     finally:
         if ok and not print_only:

@@ -204,6 +204,8 @@ def test_sim_rejects_schedules_for_static_worlds_and_resume(tmp_path: Path, corp
         _async(tmp_path, corpus_dir, sim={"events": [{"at_s": 1, "worker": 5, "action": "crash"}]})
     with pytest.raises(ConfigError, match="resume"):
         simulate(tiny_config(tmp_path, corpus_dir, workers=2, checkpoint={"resume": True}))
+    with pytest.raises(ConfigError, match="one rank per virtual worker"):
+        simulate(tiny_config(tmp_path, corpus_dir, workers=2, transport={"island_ranks": 2}))
 
 
 @pytest.mark.slow
