@@ -396,13 +396,23 @@ class ElasticWorld(_OnItsOwn):
     def start(self, model: torch.nn.Module, outer: Any, *, resumed: bool = False) -> None:
         island, version, members = -1, -1, None
         lead = outer.outer if isinstance(outer, IslandSync) else outer
+        failure: BaseException | None = None
         if lead is not None:
-            welcome = lead.join(model)
-            if isinstance(welcome.body.get("island"), int):
-                island = int(welcome.body["island"])
-            version, members = int(welcome.body["version"]), list(welcome.body["members"])
+            try:
+                welcome = lead.join(model)
+                if isinstance(welcome.body.get("island"), int):
+                    island = int(welcome.body["island"])
+                version, members = int(welcome.body["version"]), list(welcome.body["members"])
+            except BaseException as e:  # an island's followers must hear of it, not wait for a timeout
+                if not isinstance(outer, IslandSync):
+                    raise
+                failure = e
         if isinstance(outer, IslandSync):  # the island starts from what its lead rank received
-            island, version = (int(v) for v in outer.share(model, [island, version]))
+            island, version, failed = (int(v) for v in outer.share(model, [island, version, failure is not None]))
+            if failure is not None:
+                raise failure
+            if failed:
+                raise DiloError("the island's lead rank could not join the coordinator (its log says why)")
         if self.auto_island and not resumed and island >= 0:
             self._set_island(island)  # train() loads that island's data
         # What this worker starts from, hashed from its own model after adopting the WELCOME (not

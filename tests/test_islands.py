@@ -279,3 +279,34 @@ def test_each_torchrun_launch_joins_the_coordinator_as_one_worker(tmp_path: Path
     assert len(hashes[0]) == 4 and all(h == hashes[0] for h in hashes), hashes
     assert all(r["participants"] == 2 for log in logs.values() for r in log)  # two workers, not four
     assert hashes[0][-1] == coord.anchor_hash()
+
+
+def test_followers_hear_when_the_lead_cannot_join(tmp_path: Path, corpus_dir: Path) -> None:
+    """With a coordinator, the lead rank joins for the island; if it cannot, its followers stop
+    with a clear error at once instead of waiting for a collective's timeout."""
+    from dilo.world import ElasticWorld
+
+    cfg = tiny_config(tmp_path, corpus_dir, workers=2, membership={"kind": "coordinator"})
+
+    class _Unreachable:
+        round_steps = 4
+
+        def join(self, model: torch.nn.Module) -> Any:
+            raise DiloError("no coordinator at tcp://127.0.0.1:1 after 3 tries")
+
+    def rank(p: Placement) -> Any:
+        world = ElasticWorld(cfg, "isl7" if p.rank == 0 else "ignored", island=p)
+        model = build_model(cfg.model, 0)
+        outer = IslandSync(model, world.group, _Unreachable() if p.rank == 0 else None)  # type: ignore[arg-type]
+        try:
+            world.start(model, outer)
+        except DiloError as e:
+            return world.worker_id, world.log_name, world.rank, str(e)
+        return None
+
+    (lead_id, lead_log, island, lead_err), (follower_id, follower_log, follower_island, follower_err) = run_workers(
+        rank, 2
+    )
+    assert lead_id == follower_id == "isl7" and island == follower_island == 7 % 2  # the island is one worker
+    assert (lead_log, follower_log) == ("worker-isl7", "worker-isl7.1")
+    assert "no coordinator" in lead_err and "lead rank could not join" in follower_err
