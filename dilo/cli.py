@@ -84,6 +84,8 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     if k > 1 and not elastic:
         rest = [*rest, f"--transport.island_ranks={k}"]
     cfg = load(args.config, rest)  # fails here, before any process or socket starts
+    if k > 1 and cfg.outer.kind == "gossip":
+        raise DiloError("--island-ranks: outer.kind='gossip' runs one rank per worker")
     n = args.workers or cfg.workers
     if n < 1:
         raise DiloError(f"--workers must be at least 1, got {n}")

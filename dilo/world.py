@@ -448,6 +448,11 @@ class GossipWorld(_OnItsOwn):
         self.tracked = cfg.membership.kind == "coordinator"
         self._secret = wire.load_secret(file=cfg.membership.secret_file or None)
         if self.tracked:
+            if Placement.from_env().size > 1:
+                raise DiloError(
+                    "outer.kind='gossip' runs one rank per worker: start each `dilo worker` on its own, not as "
+                    "several ranks of one torchrun"
+                )
             self.worker_id = worker_id or cfg.membership.worker_id or default_worker_id()
             self.rank = int(os.environ.get("DILO_ISLAND", str(_stable_slot(self.worker_id, max(1, cfg.workers)))))
         else:

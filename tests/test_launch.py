@@ -87,6 +87,14 @@ def test_dilo_run_rejects_a_bad_config_before_starting_workers(tmp_path: Path) -
     assert proc.returncode == 2
     assert "outer.lr: Input should be a valid number" in proc.stderr
     assert not (tmp_path / "logs").exists()
+    for args, why in (
+        (["--island-ranks", "2", "--outer.kind=gossip"], "runs one rank per worker"),
+        (["--island-ranks", "2", "--outer.kind=ddp"], "islands do not apply"),
+        (["--island-ranks", "0"], "--island-ranks must be at least 1"),
+    ):
+        proc = subprocess.run(_dilo_run(*args, f"--out_dir={tmp_path}"), env=_env(), capture_output=True, text=True)
+        assert proc.returncode == 2 and why in proc.stderr, proc.stderr
+        assert not (tmp_path / "logs").exists()
 
 
 def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path: Path, corpus_dir: Path) -> None:
