@@ -196,6 +196,22 @@ def test_island_layout_is_checked(tmp_path: Path, corpus_dir: Path, monkeypatch:
 # real processes
 
 
+def _run_all(cmds: list[list[str]]) -> None:
+    """Start every command at once, wait for all, and fail with their output if one failed."""
+    procs = [subprocess.Popen(c, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in cmds]
+    outs = [p.communicate(timeout=200)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+
+
+def _same_anchors_every_round(run_dir: Path, names: list[str], *, rounds: int, islands: int) -> str:
+    """Every rank logged the same anchor in every round, with `islands` participants; the last anchor."""
+    logs = {name: _rounds(run_dir, name) for name in names}
+    hashes = [[r["anchor_hash"] for r in log] for log in logs.values()]
+    assert len(hashes[0]) == rounds and all(h == hashes[0] for h in hashes), hashes
+    assert all(r["participants"] == islands for log in logs.values() for r in log)
+    return hashes[0][-1]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_torchrun_two_nodes_of_two_ranks(tmp_path: Path, corpus_dir: Path) -> None:
@@ -209,24 +225,10 @@ def test_torchrun_two_nodes_of_two_ranks(tmp_path: Path, corpus_dir: Path) -> No
     common = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2",
               "--master-addr=127.0.0.1", f"--master-port={port}"]  # fmt: skip
     train = ["-m", "dilo.train", str(REPO / "configs" / "quickstart.toml"), *_overrides(tmp_path, corpus_dir)]
-    nodes = [
-        subprocess.Popen(
-            [*common, f"--node-rank={n}", *train, "--transport.island_ranks=node"],
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for n in range(2)
-    ]
-    outs = [p.communicate(timeout=200)[0] for p in nodes]
-    assert all(p.returncode == 0 for p in nodes), "\n".join(o[-3000:] for o in outs)
+    _run_all([[*common, f"--node-rank={n}", *train, "--transport.island_ranks=node"] for n in range(2)])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["rounds_committed"] == 4
-    logs = {name: _rounds(tmp_path, name) for name in RANKS}
-    hashes = [[r["anchor_hash"] for r in log] for log in logs.values()]
-    assert len(hashes[0]) == 4 and all(h == hashes[0] for h in hashes), hashes
-    assert all(r["participants"] == 2 for log in logs.values() for r in log)
+    _same_anchors_every_round(tmp_path, RANKS, rounds=4, islands=2)
 
 
 @pytest.mark.slow
@@ -246,39 +248,14 @@ def test_each_torchrun_launch_joins_the_coordinator_as_one_worker(tmp_path: Path
     toml = write_toml(cfg, tmp_path / "elastic.toml")
     coord = Coordinator(cfg, bind="tcp://127.0.0.1:0")
     with _serving(coord):
-        launches = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--standalone",
-                    "--nproc-per-node=2",
-                    "-m",
-                    "dilo.cli",
-                    "worker",
-                    str(toml),
-                    "--id",
-                    f"isl{i}",
-                    f"--membership.address={coord.address}",
-                ],
-                env=_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )  # fmt: skip
-            for i in range(2)
-        ]
-        outs = [p.communicate(timeout=200)[0] for p in launches]
-        assert all(p.returncode == 0 for p in launches), "\n".join(o[-3000:] for o in outs)
+        worker = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                  "-m", "dilo.cli", "worker", str(toml), f"--membership.address={coord.address}"]  # fmt: skip
+        _run_all([[*worker, "--id", f"isl{i}"] for i in range(2)])
         final = status(coord.address, secret=None)
     assert final["version"] == 4
     names = ["worker-isl0", "worker-isl0.1", "worker-isl1", "worker-isl1.1"]
-    logs = {name: _rounds(tmp_path, name) for name in names}
-    hashes = [[r["anchor_hash"] for r in log] for log in logs.values()]
-    assert len(hashes[0]) == 4 and all(h == hashes[0] for h in hashes), hashes
-    assert all(r["participants"] == 2 for log in logs.values() for r in log)  # two workers, not four
-    assert hashes[0][-1] == coord.anchor_hash()
+    last = _same_anchors_every_round(tmp_path, names, rounds=4, islands=2)  # two workers, not four
+    assert last == coord.anchor_hash()
 
 
 def test_followers_hear_when_the_lead_cannot_join(tmp_path: Path, corpus_dir: Path) -> None:
