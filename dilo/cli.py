@@ -80,10 +80,11 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     k = args.island_ranks
     if k < 1:
         raise DiloError(f"--island-ranks must be at least 1, got {k}")
-    elastic = load(args.config, rest).membership.kind == "coordinator"
-    if k > 1 and not elastic:
-        rest = [*rest, f"--transport.island_ranks={k}"]
     cfg = load(args.config, rest)  # fails here, before any process or socket starts
+    elastic = cfg.membership.kind == "coordinator"
+    if k > 1 and not elastic:  # a static world of islands: checked with the rest of the config
+        rest = [*rest, f"--transport.island_ranks={k}"]
+        cfg = load(args.config, rest)
     if k > 1 and cfg.outer.kind == "gossip":
         raise DiloError("--island-ranks: outer.kind='gossip' runs one rank per worker")
     n = args.workers or cfg.workers

@@ -116,8 +116,6 @@ def island_ranks_of(cfg: RunConfig, placement: Placement) -> int:
             k = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         except ValueError:
             raise DiloError(f"LOCAL_WORLD_SIZE={os.environ['LOCAL_WORLD_SIZE']!r} is not a number") from None
-    if k > 1 and isinstance(cfg.outer, DDPConfig):
-        raise DiloError("outer.kind='ddp' averages over every rank: run it with transport.island_ranks=1")
     if placement.size % k:
         raise DiloError(
             f"transport.island_ranks={cfg.transport.island_ranks} ({k} ranks per island) does not divide the "

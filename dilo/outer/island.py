@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from dilo.errors import DiloError
-from dilo.outer.base import FlatLayout, SyncReport, Tail, broadcast_params, params_of, tensor_digest
+from dilo.outer.base import SyncReport, Tail, broadcast_params, params_of, tensor_digest
 from dilo.outer.ddp import DDP
 from dilo.transport.base import Transport
 
@@ -62,9 +62,10 @@ class IslandSync:
         self.group = group
         self.outer = outer
         self.lead = outer is not None
-        self.layout = FlatLayout.of(params_of(model), bucket_mb)
         self._grads = DDP(model, group, log_every=1, bucket_mb=bucket_mb)
-        self._round_steps = outer.round_steps if outer is not None else 0
+        self.layout = self._grads.layout
+        self._round_steps = 0
+        """A follower's copy of the lead's round length (the lead asks its strategy)."""
 
     # ------------------------------------------------------------------------------------------
     # inside the island
@@ -110,8 +111,7 @@ class IslandSync:
         if self.outer is not None:
             try:
                 report = self.outer.sync(model, tail=tail)
-                self._round_steps = self.outer.round_steps
-                _write_header(header, report, self._round_steps)
+                _write_header(header, report, self.outer.round_steps)
                 text = report.reason.encode()[:REASON_BYTES]
                 reason[: len(text)] = torch.tensor(list(text), dtype=torch.uint8)
             except BaseException as e:  # the followers must not wait for a round that never ends
@@ -131,7 +131,7 @@ class IslandSync:
 
     @property
     def round_steps(self) -> int:
-        return self._round_steps
+        return self.outer.round_steps if self.outer is not None else self._round_steps
 
     @property
     def exchange(self) -> Any:
