@@ -361,7 +361,12 @@ class MembershipConfig(Frozen):
     """The first round waits for this many pushes (or round_timeout_s), so a run does not start with
     whichever worker was up first; `dilo run` sets it to --workers."""
     request_timeout_s: float = Field(30.0, gt=0.0)
-    """A worker waits this long for any reply before reconnecting (with backoff)."""
+    """A worker waits this long for any reply before reconnecting (with backoff). A push waits for
+    its RESULT at most round_timeout_s + request_timeout_s (async: plus grace_s), then re-joins."""
+    rate_limit: float = Field(200.0, ge=0.0)
+    """Messages per second one connection may send to a coordinator or a gossip peer, in bursts of
+    up to twice that; the rest are dropped unread and unanswered, and counted (0: no limit). A
+    worker sends about one heartbeat per heartbeat_s and a few requests per round."""
     secret_file: str = ""
     """File holding the shared HMAC secret (else DILO_SECRET from the environment; else no
     authentication)."""

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import secrets
 import threading
@@ -54,15 +55,27 @@ import zmq
 from dilo import wire
 from dilo.config import AsyncConfig, GossipConfig, RunConfig
 from dilo.errors import ConfigError
+from dilo.guard import RateLimiter, RejectLog
 from dilo.model import build_model, param_names, params_of
 from dilo.outer.base import tensor_digest
 from dilo.outer.server import build_rule, dylu_steps
 from dilo.outer.star import StarCodec, load_outer_state, outer_optimizer, outer_state_tensors
+from dilo.session import Sessions, challenge_reply
 from dilo.state import load_worker_state, rounds_of, save_worker_state
 from dilo.transport.zmq_star import bind as zmq_bind
 from dilo.transport.zmq_star import frames_nbytes
 
 log = logging.getLogger("dilo.coordinator")
+
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in wire.DTYPES.items()}
+MAX_WEIGHT = float(2**40)
+"""The largest push weight (token counts of a round stay far below it); larger is refused."""
+MAX_COUNT = 2**40
+"""The largest tokens or steps one push may claim."""
+MAX_SECONDS = 1e7
+BATCH = 256
+"""Messages handled between two timer ticks: a flood cannot starve expiry and deadlines."""
+TICK_S = 0.05
 
 
 @dataclass
@@ -82,12 +95,15 @@ class Member:
     """The data island handed out to a worker that asked for one (JOIN with island = "auto")."""
     staleness: Counter[int] = field(default_factory=Counter)
     """async: how many of its applied pushes had each staleness."""
+    identity: bytes = b""
+    """The ZeroMQ routing id of the socket that joined: its PUSH, PULL and LEAVE must come from it."""
 
 
 @dataclass
 class Push:
     identity: bytes
     worker: str
+    sid: str
     seq: int
     weight: float
     contributes: bool
@@ -140,24 +156,34 @@ class Coordinator:
         self.staleness: Counter[int] = Counter()
         """async: how many applied pushes had each staleness."""
         self.snapshots: dict[int, list[torch.Tensor]] = {}
-        self.grace: list[tuple[bytes, str, int, dict[str, Any]]] = []
+        self.grace: list[tuple[bytes, str, wire.Message, dict[str, Any]]] = []
         self.grace_until: float | None = None
         self.started = not self.async_cfg or cfg.membership.start_quorum <= 1
-        self.waiting: dict[str, bytes] = {}
+        self.waiting: dict[str, tuple[bytes, wire.Message]] = {}
+        """async start: joiners whose WELCOME waits for start_quorum (their socket and JOIN)."""
         self.start_deadline: float | None = None
         self.star = StarCodec(self.names, [p.shape for p in self.params], cfg.codec, seed=cfg.seed)
         self.push_spec = self.star.push_spec()
         self.param_bytes = sum(p.numel() * 4 for p in self.params)
+        # What a worker may send: a push is the largest message, and its frames have known sizes.
+        frame_bytes = [math.prod(shape) * _ITEMSIZE[dtype] for shape, dtype in self.push_spec.values()]
         self.limits = wire.Limits(
-            max_total_bytes=4 * self.param_bytes + (1 << 20), max_frame_bytes=4 * self.param_bytes + (1 << 20)
+            max_frame_bytes=max(frame_bytes, default=0),
+            max_total_bytes=sum(frame_bytes) + wire.Limits.max_header_bytes,
+            max_frames=len(frame_bytes),
         )
         self.version = 0
         self.round_index = 0
         self.epoch = 0
         self.members: dict[str, Member] = {}
         self.round = Round(0, set())
-        self.rejected: Counter[str] = Counter()
+        self.rejects = RejectLog(log, clock=clock)
+        self.sessions = Sessions(clock=clock)
+        rate = cfg.membership.rate_limit
+        self.limiter = RateLimiter(rate, 2 * rate, clock=clock)
         self.late = 0
+        self.last_round: dict[str, Any] = {}
+        """The latest closed round: per-member update norms and cosines, who was left out and why."""
         self.bytes_in = 0
         self.bytes_out = 0
         self.global_tokens = 0
@@ -177,8 +203,10 @@ class Coordinator:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        # libzmq drops oversized frames before they are allocated here
-        self.sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
+        # libzmq drops a frame larger than any a worker sends (and the connection that sent it)
+        # before allocating it; a few queued messages per connection keep a flooder's memory small
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max(self.limits.max_frame_bytes, self.limits.max_header_bytes))
+        self.sock.setsockopt(zmq.RCVHWM, 64)
         if cfg.membership.curve_dir:
             from dilo import keys
 
@@ -187,9 +215,14 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------- plumbing
 
-    def _send(self, identity: bytes, msg: wire.Message, worker: str | None = None) -> None:
+    def _send(
+        self, identity: bytes, msg: wire.Message, worker: str | None = None, *, to: wire.Message | None = None
+    ) -> None:
+        """Send msg to identity; as the reply `to` a request, it carries that request's session and seq."""
         msg.run = self.run_id
         msg.fp = self.fingerprint
+        if to is not None:
+            msg.sid, msg.seq = to.sid, to.seq
         frames = wire.encode(msg, self.secret)
         n = frames_nbytes(frames)
         self.bytes_out += n
@@ -200,12 +233,17 @@ class Coordinator:
         else:
             self.sock.send_multipart([identity, *frames], copy=False)
 
-    def _error(self, identity: bytes, code: str, message: str) -> None:
-        self.rejected[code] += 1
-        log.warning("rejected a message (%s): %s", code, message)
+    @property
+    def rejected(self) -> Counter[str]:
+        """Rejected messages since start, by code."""
+        return self.rejects.total
+
+    def _error(self, identity: bytes, code: str, message: str, to: wire.Message | None = None) -> None:
+        self.rejects.reject(code, message)
         self._send(
             identity,
             wire.Message(type=wire.MsgType.ERROR, worker="coordinator", body={"code": code, "message": message}),
+            to=to,
         )
 
     def state_message(self, msg_type: wire.MsgType, body: dict[str, Any] | None = None) -> wire.Message:
@@ -235,27 +273,48 @@ class Coordinator:
     # ------------------------------------------------------------------------------- serving
 
     def serve(self, stop: threading.Event | None = None, poll_ms: int = 50) -> None:
-        """Serve until `stop` is set (or SIGTERM sets it); checkpoint on the way out."""
+        """Serve until `stop` is set (or SIGTERM sets it); checkpoint on the way out.
+
+        At most BATCH messages are handled between two ticks and a tick runs at least every
+        TICK_S, so membership expiry and round deadlines keep their time under any flood (ZeroMQ
+        queues each connection separately and serves them in turn, so honest workers keep their
+        share of the BATCH)."""
+        assert self.sock is not None
         stop = stop or threading.Event()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         try:
             while not stop.is_set():
                 if poller.poll(poll_ms):
-                    while True:
+                    until = time.monotonic() + TICK_S
+                    for _ in range(BATCH):
                         try:
                             frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self.handle(frames[0].bytes, frames[1:])
+                        if time.monotonic() >= until:
+                            break
                 self.tick()
         finally:
-            self.checkpoint()
-            self.sock.close(0)
-            self.ctx.term()
+            self.rejects.flush(force=True)
+            try:
+                self.checkpoint()
+            finally:
+                self.sock.close(0)
+                self.ctx.term()
 
     def tick(self, now: float | None = None) -> None:
-        """Expire silent workers, close a round whose deadline passed, end a grace period."""
+        """Expire silent workers, close a round whose deadline passed, end a grace period; a failure
+        in any of it is logged and the coordinator serves on."""
+        try:
+            self._tick(now)
+        except Exception:  # noqa: BLE001 - the timer must keep running whatever one round does
+            log.exception("unexpected error in the coordinator's timer; serving on")
+        self.rejects.flush()
+        self.sessions.prune()
+
+    def _tick(self, now: float | None) -> None:
         now = self.clock() if now is None else now
         for worker, m in list(self.members.items()):
             if now - m.last_seen >= self.mcfg.heartbeat_timeout_s and worker not in self.waiting:
@@ -281,6 +340,9 @@ class Coordinator:
         return min(times) if times else None
 
     def handle(self, identity: bytes, frames: list[Any]) -> None:
+        if not self.limiter.allow(identity):
+            self.rejects.count("rate")  # over its budget: dropped unread and unanswered
+            return
         try:
             self._handle(identity, frames)
         except Exception as e:  # noqa: BLE001 - a bug or an unforeseen payload must not stop the coordinator
@@ -305,57 +367,69 @@ class Coordinator:
         except wire.WireError as e:
             self._error(identity, e.code, str(e))
             return
-        member = self.members.get(msg.worker)
-        if member is not None:
-            member.last_seen = self.clock()
-            member.bytes_in += size
-        t = msg.type
         try:
-            if t == wire.MsgType.JOIN:
-                self._join(identity, msg)
-            elif t == wire.MsgType.HEARTBEAT:
-                if member is None:
-                    self._error(identity, "not_member", f"worker {msg.worker!r} is not a member: send JOIN first")
-                    return
-                self._send(
-                    identity,
-                    wire.Message(
-                        type=wire.MsgType.ACK,
-                        worker="coordinator",
-                        body={
-                            "epoch": self.epoch,
-                            "version": self.version,
-                            "round": self.round_index,
-                            "members": sorted(self.members),
-                            "boot": self.boot,
-                            **({"peers": self.peers()} if self.tracker else {}),
-                        },
-                    ),
-                    msg.worker,
-                )
-            elif t == wire.MsgType.PUSH and self.tracker:
-                self._error(identity, "bad_type", "a gossip run has no central state: peers exchange directly")
-            elif t == wire.MsgType.PUSH:
-                if self.async_cfg:
-                    self._push_async(identity, msg)
-                else:
-                    self._push(identity, msg)
-            elif t == wire.MsgType.PULL:
-                self._send(identity, self._handout(msg.worker, wire.MsgType.STATE), msg.worker)
-            elif t == wire.MsgType.LEAVE:
-                self._remove(msg.worker)
-                self._send(identity, wire.Message(type=wire.MsgType.BYE, worker="coordinator"))
-            elif t == wire.MsgType.STATUS:
-                self._send(
-                    identity, wire.Message(type=wire.MsgType.STATUS_REPLY, worker="coordinator", body=self.status())
-                )
-            else:
-                self._error(identity, "bad_type", f"a coordinator does not accept {t.value} messages")
+            self._dispatch(identity, msg, size)
         except wire.WireError as e:
-            self._error(identity, e.code, str(e))
+            self._error(identity, e.code, str(e), to=msg)
         except (ValueError, KeyError, IndexError, TypeError, RuntimeError, OverflowError) as e:
             # a message that passed the wire checks but not the codec's: reject it, keep serving
-            self._error(identity, "bad_payload", f"{type(e).__name__}: {e}")
+            self._error(identity, "bad_payload", f"{type(e).__name__}: {e}", to=msg)
+
+    def _dispatch(self, identity: bytes, msg: wire.Message, size: int) -> None:
+        """One valid, authenticated message: its session first, then its meaning."""
+        t = msg.type
+        if t == wire.MsgType.STATUS:
+            self._send(identity, wire.Message(type=wire.MsgType.STATUS_REPLY, worker="coordinator", body=self.status()))
+            return
+        if t == wire.MsgType.HELLO:  # costs nothing to keep: the challenge is checked, not stored
+            self._send(identity, challenge_reply(self.sessions, msg, "coordinator"), to=msg)
+            return
+        if t == wire.MsgType.JOIN:
+            self._join(identity, msg)
+            return
+        member = self.members.get(msg.worker)
+        if member is None:
+            raise wire.WireError("not_member", f"worker {msg.worker!r} is not a member: send JOIN first")
+        self.sessions.check(msg.worker, msg.sid, msg.seq)  # "session" / "replay": nothing below runs
+        if t in (wire.MsgType.PUSH, wire.MsgType.PULL, wire.MsgType.LEAVE) and identity != member.identity:
+            # heartbeats come from a socket of their own; requests only from the socket that joined
+            raise wire.WireError(
+                "identity", f"worker {msg.worker!r} joined from another connection: JOIN again from this one"
+            )
+        member.last_seen = self.clock()
+        member.bytes_in += size
+        if t == wire.MsgType.HEARTBEAT:
+            self._send(
+                identity,
+                wire.Message(
+                    type=wire.MsgType.ACK,
+                    worker="coordinator",
+                    body={
+                        "epoch": self.epoch,
+                        "version": self.version,
+                        "round": self.round_index,
+                        "members": sorted(self.members),
+                        "boot": self.boot,
+                        **({"peers": self.peers()} if self.tracker else {}),
+                    },
+                ),
+                msg.worker,
+                to=msg,
+            )
+        elif t == wire.MsgType.PUSH and self.tracker:
+            raise wire.WireError("bad_type", "a gossip run has no central state: peers exchange directly")
+        elif t == wire.MsgType.PUSH:
+            if self.async_cfg:
+                self._push_async(identity, msg)
+            else:
+                self._push(identity, msg)
+        elif t == wire.MsgType.PULL:
+            self._send(identity, self._handout(msg.worker, wire.MsgType.STATE), msg.worker, to=msg)
+        elif t == wire.MsgType.LEAVE:
+            self._remove(msg.worker)
+            self._send(identity, wire.Message(type=wire.MsgType.BYE, worker="coordinator"), to=msg)
+        else:
+            raise wire.WireError("bad_type", f"a coordinator does not accept {t.value} messages")
 
     def _join(self, identity: bytes, msg: wire.Message) -> None:
         now = self.clock()
@@ -364,7 +438,17 @@ class Coordinator:
             address = msg.body.get("p2p", "")
             if not isinstance(address, str) or not re.fullmatch(r"tcp://[^:\s]+:\d{1,5}", address):
                 raise wire.WireError("bad_body", f"a gossip JOIN carries p2p = tcp://HOST:PORT, got {address!r}")
-        if msg.worker not in self.members:
+        wants = msg.body.get("island")
+        if wants is not None and wants != "auto":
+            raise wire.WireError("bad_body", f"island must be 'auto' or absent, got {wants!r}")
+        # a fresh challenge, or "session" / "replay"; from now on this session is the worker's only one
+        self.sessions.open(msg.worker, msg.sid, msg.seq)
+        if msg.worker in self.members:
+            m = self.members[msg.worker]
+            if m.identity and m.identity != identity:
+                log.info("worker %s joined again from a new connection; its old session is closed", msg.worker)
+            m.last_seen = now
+        else:
             self.members[msg.worker] = Member(msg.worker, now, now, self.version, address=address)
             self.epoch += 1
             if self.rule is not None:
@@ -377,9 +461,7 @@ class Coordinator:
                 self.epoch,
                 len(self.members),
             )
-        wants = msg.body.get("island")
-        if wants is not None and wants != "auto":
-            raise wire.WireError("bad_body", f"island must be 'auto' or absent, got {wants!r}")
+        self.members[msg.worker].identity = identity
         if wants == "auto" and self.members[msg.worker].island < 0:
             self.members[msg.worker].island = self._free_island(msg.worker)
         if address and self.members[msg.worker].address != address:  # re-joined from another port
@@ -388,12 +470,12 @@ class Coordinator:
         if self.async_cfg and not self.started:
             # async runs start together: the WELCOMEs wait for start_quorum joiners (or the deadline),
             # so that the first worker up does not spend the budget alone
-            self.waiting[msg.worker] = identity  # a re-sent JOIN comes from a new socket
+            self.waiting[msg.worker] = (identity, msg)  # a re-sent JOIN comes from a new socket
             self.start_deadline = self.start_deadline or now + self.mcfg.round_timeout_s
             if len(self.members) >= self.mcfg.start_quorum:
                 self._start()
             return
-        self._send(identity, self._handout(msg.worker, wire.MsgType.WELCOME), msg.worker)
+        self._send(identity, self._handout(msg.worker, wire.MsgType.WELCOME), msg.worker, to=msg)
 
     def _free_island(self, worker: str) -> int:
         """The lowest island no other member holds; past `workers`, the least used one."""
@@ -408,9 +490,9 @@ class Coordinator:
         self.started = True
         waiting, self.waiting = self.waiting, {}
         log.info("starting with %d workers", len(waiting))
-        for worker, identity in sorted(waiting.items()):
+        for worker, (identity, join) in sorted(waiting.items()):
             if worker in self.members:
-                self._send(identity, self._handout(worker, wire.MsgType.WELCOME), worker)
+                self._send(identity, self._handout(worker, wire.MsgType.WELCOME), worker, to=join)
 
     def _inner_steps(self) -> int:
         return int(getattr(self.cfg.outer, "inner_steps", 1))
@@ -449,6 +531,7 @@ class Coordinator:
         )
 
     def _remove(self, worker: str) -> None:
+        self.sessions.close(worker)
         if self.members.pop(worker, None) is not None:
             self.epoch += 1
             self.round.members.discard(worker)
@@ -465,54 +548,45 @@ class Coordinator:
 
         Everything is checked before any state changes: a bad push is answered with ERROR whatever
         its base version (garbage is not "late"), and a rejected push leaves no trace (no deadline
-        started, no member list frozen, nothing applied)."""
+        started, no member list frozen, nothing applied). Every number has bounds: a weight of
+        1e39 overflowed float32 inside the next round's mean, and 3e38 turned a finite mean into inf."""
         body = msg.body
         contributes = _flag(body, "contributes", True)
         _flag(body, "stop", False)  # validated; a worker's stop concerns only itself
-        weight = body.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight < float("inf"):
-            raise wire.WireError("bad_body", f"weight must be a finite number >= 0, got {weight!r}")
-        tokens = body.get("tokens", 0)
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-            raise wire.WireError("bad_body", f"tokens must be an integer >= 0, got {tokens!r}")
+        weight = _number(body, "weight", 1.0, MAX_WEIGHT)
+        tokens = int(_number(body, "tokens", 0, MAX_COUNT, integer=True))
         loss = body.get("loss", float("nan"))
         if isinstance(loss, bool) or not isinstance(loss, (int, float)):
             raise wire.WireError("bad_body", f"loss must be a number, got {loss!r}")
+        if not -(2**63) < msg.base <= self.version:
+            raise wire.WireError("bad_base", f"base version {msg.base} is newer than this coordinator's {self.version}")
         if contributes:
             wire.check_shapes(msg, self.push_spec)
             wire.check_finite(msg)
         elif msg.tensors:
             wire.check_shapes(msg, self.push_spec)  # a non-contributing push may carry its (ignored) zeros
-        return contributes, float(weight), tokens, float(loss)
+        return contributes, weight, tokens, float(loss)
+
+    def _decode(self, msg: wire.Message) -> list[torch.Tensor]:
+        flats = self.star.decode_push(msg.tensors)
+        if not _finite(flats):
+            raise wire.WireError("nonfinite", "the decoded pseudo-gradient holds NaN or Inf")
+        return flats
 
     def _push(self, identity: bytes, msg: wire.Message) -> None:
-        if msg.worker not in self.members:
-            self._error(identity, "not_member", f"worker {msg.worker!r} is not a member: send JOIN first")
-            return
         contributes, weight, tokens, loss = self._check_push(msg)
         if msg.base != self.version:
             # a push for a round that already closed: the worker catches up from the current state
             self.late += 1
-            self._send(identity, self.state_message(wire.MsgType.STATE, {"reason": "late"}), msg.worker)
+            self._send(identity, self.state_message(wire.MsgType.STATE, {"reason": "late"}), msg.worker, to=msg)
             return
-        flats = None
-        if contributes:
-            flats = self.star.decode_push(msg.tensors)
-            if not all(bool(torch.isfinite(f).all()) for f in flats):
-                raise wire.WireError("nonfinite", "the decoded pseudo-gradient holds NaN or Inf")
+        flats = self._decode(msg) if contributes else None
         if not self.round.members:
             self.round.members = set(self.members)
         now = self.clock()
         self.round.first_push = self.round.first_push or now
         self.round.pushes[msg.worker] = Push(
-            identity,
-            msg.worker,
-            msg.seq,
-            weight,
-            contributes and weight > 0,
-            tokens,
-            loss,
-            flats,
+            identity, msg.worker, msg.sid, msg.seq, weight, contributes and weight > 0, tokens, loss, flats
         )
         self.members[msg.worker].pushes += 1
         self._maybe_close(now)
@@ -521,16 +595,12 @@ class Coordinator:
 
     def _push_async(self, identity: bytes, msg: wire.Message) -> None:
         """Apply one push at once; answer with the fresh parameters and the next step count."""
-        member = self.members.get(msg.worker)
-        if member is None:
-            self._error(identity, "not_member", f"worker {msg.worker!r} is not a member: send JOIN first")
-            return
+        member = self.members[msg.worker]
         contributes, weight, tokens, _ = self._check_push(msg)
-        steps, inner_s = msg.body.get("steps", 0), msg.body.get("inner_s", 0.0)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise wire.WireError("bad_body", f"steps must be an integer >= 0, got {steps!r}")
-        if isinstance(inner_s, bool) or not isinstance(inner_s, (int, float)) or not 0.0 <= inner_s < float("inf"):
-            raise wire.WireError("bad_body", f"inner_s must be a finite number >= 0, got {inner_s!r}")
+        # a push may claim the steps it was assigned (after a restart, one round's worth)
+        most = max(self.in_flight.get(msg.worker, 0), self.async_cfg.inner_steps)
+        steps = int(_number(msg.body, "steps", 0, most, integer=True))
+        inner_s = _number(msg.body, "inner_s", 0.0, MAX_SECONDS)
         if not 0 <= msg.base <= self.version:
             raise wire.WireError("bad_base", f"base version {msg.base} is not one this coordinator handed out")
         staleness = self.version - msg.base
@@ -539,9 +609,7 @@ class Coordinator:
             base = self.snapshots.get(msg.base)
             if base is None:  # a worker pushing on a version it never got from us (or a resumed run)
                 raise wire.WireError("bad_base", f"version {msg.base} is unknown here: pull the current state")
-        flats = self.star.decode_push(msg.tensors) if contributes else None
-        if flats is not None and not all(bool(torch.isfinite(f).all()) for f in flats):
-            raise wire.WireError("nonfinite", "the decoded pseudo-gradient holds NaN or Inf")
+        flats = self._decode(msg) if contributes else None
         # the work is done either way: it counts against the budget, and it measured the speed
         self.in_flight.pop(msg.worker, None)
         self.steps_done += steps
@@ -551,15 +619,26 @@ class Coordinator:
         member.pushes += 1
         limit = self.async_cfg.max_staleness
         applied = False
+        refused = ""
         if limit and staleness > limit:
             self.dropped += 1
             log.info("dropped a push of %s: staleness %d > %d", msg.worker, staleness, limit)
         elif flats is not None and weight > 0:
             g = [t.contiguous() for t in self.star.split(flats)]
+            saved = ([p.detach().clone() for p in self.params], self.rule.state_dict())
             applied = self.rule.push(g, staleness=staleness, weight=weight, base=base)
-            member.staleness[staleness] += 1
-            self.staleness[staleness] += 1
-            self.applied += 1
+            if not _finite([p.detach() for p in self.params]):
+                # the rule's arithmetic overflowed: nothing of this push may reach the global state
+                with torch.no_grad():
+                    for p, v in zip(self.params, saved[0]):
+                        p.copy_(v)
+                self.rule.load_state_dict(saved[1])
+                applied, refused = False, "the update would make the global parameters non-finite"
+                self.rejects.reject("nonfinite_update", f"push of {msg.worker!r}: {refused}; not applied")
+            else:
+                member.staleness[staleness] += 1
+                self.staleness[staleness] += 1
+                self.applied += 1
             if applied:
                 self.version += 1
                 every = self.cfg.coordinator.checkpoint_every
@@ -569,25 +648,25 @@ class Coordinator:
                     except OSError:
                         log.exception("checkpoint of version %d failed; serving on without it", self.version)
         reply = {"staleness": staleness, "applied": applied, "dropped": bool(limit and staleness > limit)}
+        if refused:
+            reply["refused"] = refused
         if self.async_cfg.grace_s > 0:
             # hold the reply: whoever else finishes within grace_s restarts from the same parameters
             now = self.clock()
             if self.grace_until is None:
                 self.grace_until = now + self.async_cfg.grace_s
-            self.grace.append((identity, msg.worker, msg.seq, reply))
+            self.grace.append((identity, msg.worker, _reply_to(msg), reply))
             return
-        self._result(identity, msg.worker, msg.seq, reply)
+        self._result(identity, msg.worker, msg, reply)
 
-    def _result(self, identity: bytes, worker: str, seq: int, body: dict[str, Any]) -> None:
-        out = self._handout(worker, wire.MsgType.RESULT, body)
-        out.seq = seq
-        self._send(identity, out, worker)
+    def _result(self, identity: bytes, worker: str, to: wire.Message, body: dict[str, Any]) -> None:
+        self._send(identity, self._handout(worker, wire.MsgType.RESULT, body), worker, to=to)
 
     def _release_grace(self) -> None:
         held, self.grace, self.grace_until = self.grace, [], None
-        for identity, worker, seq, body in held:
+        for identity, worker, to, body in held:
             if worker in self.members:
-                self._result(identity, worker, seq, body)
+                self._result(identity, worker, to, body)
 
     def _assign(self, worker: str) -> int:
         """Inner steps for the worker's next round: DyLU share of H, capped by the budget left (0: done)."""
@@ -631,32 +710,46 @@ class Coordinator:
         self._close()
 
     def _close(self) -> None:
+        """Close the round: the weighted mean of its contributions, one outer step, RESULT to every
+        pusher. No round can make the global state non-finite: a push that overflows the mean is
+        left out (and named in the log, the RESULT and STATUS), and an outer step that would still
+        produce NaN or Inf is undone and the round is not committed."""
         r = self.round
-        contributions = [(p.weight, p.flats) for w, p in sorted(r.pushes.items()) if p.contributes and p.flats]
+        contributors = [(w, p) for w, p in sorted(r.pushes.items()) if p.contributes and p.flats]
         tokens = sum(p.tokens for p in r.pushes.values())
         self.global_tokens += tokens
         tensors: dict[str, torch.Tensor] = {}
-        committed = bool(contributions)
+        committed, reason = False, ""
+        stats: dict[str, dict[str, float | None]] = {}
+        left_out: list[str] = []
+        try:
+            means, left_out = self._finite_mean(contributors)
+            if means is not None:
+                stats = _member_stats([(w, p.flats) for w, p in contributors if w not in left_out], means)
+                tensors, reason = self._outer_step(means, r.index)
+                committed = not reason
+            elif contributors:
+                reason = "every contribution overflowed the mean"
+        except Exception as e:  # noqa: BLE001 - a round that cannot close must still answer its workers
+            log.exception("round %d could not be closed; not committed", r.index)
+            tensors, committed, reason = {}, False, f"internal error closing the round: {type(e).__name__}"
         if committed:
-            means = self.star.weighted_mean(contributions)  # sorted by worker id: deterministic
-            tensors = self.star.encode_mean(means, r.index)
-            mean = self.star.decode_mean(tensors)
-            for p, g in zip(self.params, mean):
-                p.grad = g
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
             self.version += 1
+        self.last_round = {"round": r.index, "members": stats, "left_out": left_out, "reason": reason}
         body = {
             "version": self.version,
             "round": r.index,
             "committed": committed,
-            "participants": len(contributions),
+            "participants": len(contributors) - len(left_out) if committed else 0,
             "tokens": tokens,
             "anchor_hash": self.anchor_hash(),
             "inner_steps": self._inner_steps(),
             "members": sorted(self.members),
             "epoch": self.epoch,
             "boot": self.boot,
+            "member_stats": stats,
+            "left_out": left_out,
+            "reason": reason,
         }
         self.round_index += 1
         # the next round waits only for today's members: a worker joining later never blocks it
@@ -671,19 +764,62 @@ class Coordinator:
             except OSError:  # a full or failing disk must not strand the workers waiting for RESULT
                 log.exception("checkpoint of version %d failed; serving on without it", self.version)
         for w, p in sorted(r.pushes.items()):
-            self._send(
-                p.identity,
-                wire.Message(
-                    type=wire.MsgType.RESULT,
-                    worker="coordinator",
-                    seq=p.seq,
-                    base=self.version,
-                    body=body,
-                    tensors=tensors,
-                ),
-                w,
-            )
-        log.info("round %d closed: %d contributions, version %d", r.index, len(contributions), self.version)
+            reply = wire.Message(type=wire.MsgType.RESULT, worker="coordinator", base=self.version, body=body,
+                                 tensors=tensors, sid=p.sid, seq=p.seq)  # fmt: skip
+            self._send(p.identity, reply, w)
+        log.info("round %d closed: %d contributions, version %d", r.index, body["participants"], self.version)
+        if reason:
+            log.warning("round %d was not committed: %s", r.index, reason)
+        if stats:
+            log.info("round %d update norms %s", r.index, {w: s["norm"] for w, s in stats.items()})
+        for w in _outliers(stats):
+            log.warning(
+                "round %d: the update of %s stands out (norm %s, cosine to the mean %s): check that worker",
+                r.index, w, stats[w]["norm"], stats[w]["cos"],
+            )  # fmt: skip
+
+    def _finite_mean(self, contributors: list[tuple[str, Push]]) -> tuple[list[torch.Tensor] | None, list[str]]:
+        """The weighted mean of the contributions; while it is not finite, leave out the push with
+        the largest weighted magnitude (the one that overflows the sum) and try again."""
+        left: list[tuple[str, Push]] = list(contributors)
+        out: list[str] = []
+        while left:
+            means = self.star.weighted_mean([(p.weight, p.flats) for _, p in left if p.flats])
+            if _finite(means):
+                return means, out
+            worker, _ = max(left, key=lambda wp: _magnitude(wp[1]))
+            self.rejects.reject("overflow", f"round {self.round.index}: the push of {worker!r} overflows the mean")
+            log.error("round %d: the push of %s overflows the mean; it is left out", self.round.index, worker)
+            out.append(worker)
+            left = [(w, p) for w, p in left if w != worker]
+        return None, out
+
+    def _outer_step(self, means: list[torch.Tensor], round_idx: int) -> tuple[dict[str, torch.Tensor], str]:
+        """Encode the mean, apply it with the outer optimizer: (the RESULT tensors, "") or, when the
+        new state would not be finite, everything undone: ({}, why)."""
+        assert self.optimizer is not None
+        params = [p.detach().clone() for p in self.params]
+        momentum = {k: v.clone() for k, v in outer_state_tensors(self.optimizer, self.params).items()}
+        owners = [g.owner_residual for g in self.star.groups]  # encode_mean replaces, never mutates, them
+        tensors = self.star.encode_mean(means, round_idx)
+        for p, g in zip(self.params, self.star.decode_mean(tensors)):
+            p.grad = g
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if _finite([p.detach() for p in self.params]) and _finite(
+            list(outer_state_tensors(self.optimizer, self.params).values())
+        ):
+            return tensors, ""
+        with torch.no_grad():
+            for p, v in zip(self.params, params):
+                p.copy_(v)
+        load_outer_state(self.optimizer, self.params, momentum)
+        for g, owner in zip(self.star.groups, owners):
+            g.owner_residual = owner
+        why = "the outer step would make the global parameters non-finite"
+        self.rejects.reject("nonfinite_update", f"round {round_idx}: {why}; not committed")
+        log.error("round %d: %s; the round is not committed", round_idx, why)
+        return {}, why
 
     def status(self) -> dict[str, Any]:
         now = self.clock()
@@ -731,6 +867,7 @@ class Coordinator:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "rejected": dict(self.rejected),
+            "last_round": self.last_round,
             "late": self.late,
             "tokens": self.global_tokens,
             "boot": self.boot,
@@ -801,6 +938,74 @@ class Coordinator:
 def _mean_of(histogram: Counter[int]) -> float | None:
     n = sum(histogram.values())
     return round(sum(k * c for k, c in histogram.items()) / n, 3) if n else None
+
+
+def _number(body: dict[str, Any], key: str, default: float, most: float, *, integer: bool = False) -> float:
+    """body[key] as a number in [0, most] (an integer when asked), else WireError bad_body."""
+    value = body.get(key, default)
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 <= value <= most:
+        what = "an integer" if integer else "a number"
+        raise wire.WireError("bad_body", f"{key} must be {what} in [0, {most:g}], got {value!r}")
+    return float(value)
+
+
+def _finite(tensors: list[torch.Tensor]) -> bool:
+    """No NaN or Inf in any tensor (one aminmax per tensor: NaN and Inf reach the extremes)."""
+    for t in tensors:
+        if t.numel():
+            lo, hi = torch.aminmax(t)
+            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                return False
+    return True
+
+
+def _magnitude(p: Push) -> float:
+    """weight x the largest |value| of a push, in float64: what it can add to a float32 sum."""
+    return p.weight * max((float(f.abs().max()) for f in p.flats or [] if f.numel()), default=0.0)
+
+
+def _member_stats(
+    contributions: list[tuple[str, list[torch.Tensor] | None]], means: list[torch.Tensor]
+) -> dict[str, dict[str, float | None]]:
+    """Per member: the norm of its decoded pseudo-gradient and its cosine to the round's mean, so an
+    operator can see a scaled or sign-flipped update (robust aggregation would also act on it)."""
+
+    def norm(xs: list[torch.Tensor]) -> float:
+        return math.sqrt(sum(float(torch.linalg.vector_norm(x)) ** 2 for x in xs))
+
+    mean_norm = norm(means)
+    out: dict[str, dict[str, float | None]] = {}
+    for w, flats in contributions:
+        if not flats:
+            continue
+        n = norm(flats)
+        dot = sum(float(torch.dot(f, m)) for f, m in zip(flats, means))
+        cos = dot / (n * mean_norm) if n > 0 and mean_norm > 0 else float("nan")
+        out[w] = {
+            "norm": round(n, 6) if math.isfinite(n) else None,
+            "cos": round(cos, 4) if math.isfinite(cos) else None,
+        }
+    return out
+
+
+def _outliers(stats: dict[str, dict[str, float | None]]) -> list[str]:
+    """Members whose update points away from the mean, or is 4x longer or shorter than the median."""
+    norms = sorted(float(s["norm"] or 0.0) for s in stats.values())
+    if len(norms) < 3:
+        return []
+    median = norms[len(norms) // 2]
+    out = []
+    for w, s in stats.items():
+        n, cos = float(s["norm"] or 0.0), s["cos"]
+        if (cos is not None and cos < 0) or (median > 0 and not median / 4 <= n <= 4 * median):
+            out.append(w)
+    return out
+
+
+def _reply_to(msg: wire.Message) -> wire.Message:
+    """What a held reply needs of its request (session and seq), without the request's tensors."""
+    return wire.Message(type=msg.type, worker=msg.worker, sid=msg.sid, seq=msg.seq)
 
 
 def _flag(body: dict[str, Any], key: str, default: bool) -> bool:

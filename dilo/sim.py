@@ -45,6 +45,7 @@ from dilo import wire
 from dilo.config import RunConfig
 from dilo.coordinator import Coordinator
 from dilo.errors import ConfigError, DiloError, PeerLost
+from dilo.session import ClientSession
 from dilo.transport.base import ByteCounter, ring_all_reduce_bytes
 from dilo.world import ElasticWorld, StaticWorld
 
@@ -395,7 +396,7 @@ class LocalStarClient:
         self.fingerprint = fingerprint
         self.counter = ByteCounter()
         self.thread = thread
-        self.seq = 0
+        self.session = ClientSession()
         self.drop_replies = 0
         self._reply: list[bytes] | None = None
         post.clients[self.identity] = self
@@ -404,9 +405,10 @@ class LocalStarClient:
         self._reply = frames
         self.post.sched.wake(self.thread, t)
 
-    def request(self, msg: wire.Message) -> wire.Message:
-        self.seq += 1
-        msg.seq, msg.run, msg.fp = self.seq, self.run, self.fingerprint
+    def request(self, msg: wire.Message, *, stamped: bool = False) -> wire.Message:
+        if not stamped:
+            self.session.stamp(msg)
+        msg.run, msg.fp = self.run, self.fingerprint
         frames = [bytes(f) for f in wire.encode(msg, None)]
         self.counter.add(sum(len(f) for f in frames), 0)
         s = self.post.sched
@@ -418,15 +420,20 @@ class LocalStarClient:
         assert raw is not None
         self.counter.add(0, sum(len(f) for f in raw))
         reply = wire.decode(raw, secret=None, expect_run=self.run)
+        assert self.session.owns(reply, msg), "the simulated post delivers each reply to its request"
         if reply.type == wire.MsgType.ERROR:
             raise wire.WireError(str(reply.body.get("code", "error")), str(reply.body.get("message", "")))
         return reply
 
     def join(self, *, give_up_s: float | None = None) -> wire.Message:
         self.post.alive.add(self.worker_id)
-        welcome = self.request(wire.Message(type=wire.MsgType.JOIN, worker=self.worker_id))
+        if not self.session.accept_challenge(self.request(self.session.hello(self.worker_id), stamped=True)):
+            raise DiloError("expected CHALLENGE from the coordinator")
+        join = self.session.opening(wire.Message(type=wire.MsgType.JOIN, worker=self.worker_id))
+        welcome = self.request(join, stamped=True)
         if welcome.type != wire.MsgType.WELCOME:
             raise DiloError(f"expected WELCOME from the coordinator, got {welcome.type.value}")
+        self.session.established()
         return welcome
 
     def push(self, tensors: dict[str, Tensor], body: dict[str, Any], *, base: int) -> wire.Message:

@@ -50,7 +50,8 @@ from pydantic import (
 
 from dilo.errors import ConfigError, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: sessions (the `sid` header field, HELLO / CHALLENGE; dilo/session.py)."""
 
 _DTYPE_LIST = ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in _DTYPE_LIST}
@@ -65,6 +66,8 @@ FrameLike = bytes | bytearray | memoryview | zmq.Frame
 
 
 class MsgType(str, Enum):
+    HELLO = "hello"
+    CHALLENGE = "challenge"
     JOIN = "join"
     WELCOME = "welcome"
     HEARTBEAT = "heartbeat"
@@ -133,12 +136,15 @@ class Header(BaseModel):
 
     v: StrictInt
     type: MsgType
-    run: StrictStr
-    worker: StrictStr
-    seq: Annotated[StrictInt, Field(ge=0)]
-    base: Annotated[StrictInt, Field(ge=-1)]
+    run: Annotated[StrictStr, Field(max_length=256)]
+    worker: Annotated[StrictStr, Field(max_length=128)]
+    sid: Annotated[StrictStr, Field(max_length=128)] = ""
+    """The sender's session (dilo/session.py); empty in HELLO, STATUS and their replies."""
+    seq: Annotated[StrictInt, Field(ge=0, lt=2**63)]
+    """Unique within a session: a replayed message repeats one and is refused."""
+    base: Annotated[StrictInt, Field(ge=-1, lt=2**63)]
     """Version the sender's state is based on; -1 when it has none."""
-    fp: StrictStr
+    fp: Annotated[StrictStr, Field(max_length=128)]
     """Config fingerprint; may be empty."""
     body: dict[str, Any]
     tensors: list[TensorDesc]
@@ -191,6 +197,7 @@ class Message:
     base: int = -1
     run: str = ""
     fp: str = ""
+    sid: str = ""
 
     def __post_init__(self) -> None:
         self.type = MsgType(self.type)
@@ -221,6 +228,7 @@ def encode(msg: Message, secret: bytes | None = None) -> list[bytes | memoryview
         "type": MsgType(msg.type).value,
         "run": msg.run,
         "worker": msg.worker,
+        "sid": msg.sid,
         "seq": msg.seq,
         "base": msg.base,
         "fp": msg.fp,
@@ -331,7 +339,9 @@ def _decode(
         raise WireError("frames", f"{len(views) - 1} tensor frames for {len(header.tensors)} tensor descriptors")
 
     tensors = {d.name: _rebuild(d, mv) for d, mv in zip(header.tensors, views[1:])}
-    return Message(header.type, header.worker, header.body, tensors, header.seq, header.base, header.run, header.fp)
+    return Message(
+        header.type, header.worker, header.body, tensors, header.seq, header.base, header.run, header.fp, header.sid
+    )
 
 
 def _parse(envelope: memoryview) -> tuple[bytes, bytes | None, dict[str, Any]]:

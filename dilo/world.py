@@ -383,6 +383,7 @@ class ElasticWorld(_OnItsOwn):
             fingerprint=self.cfg.fingerprint(),
             secret=self._secret,
             max_message_bytes=4 * param_bytes + (1 << 20),
+            hold_s=self.cfg.outer.grace_s if isinstance(self.cfg.outer, AsyncConfig) else 0.0,
         )
         self.counter = self.client.counter
         if self.auto_island:

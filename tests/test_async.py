@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import statistics
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from dilo.outer.async_local import AsyncLocalSGD
 from dilo.outer.base import Tail, tensor_digest
 from dilo.outer.server import DelayedNesterov
 from dilo.outer.star import StarCodec
+from dilo.session import ClientSession
 from dilo.transport.base import ByteCounter
 from tests.conftest import tiny_config, write_toml
 from tests.test_elastic import FAST, _env, _log, _reaped, _records, _serving, _spawn, _tail, _wait_for, _wait_ok
@@ -46,6 +48,9 @@ def _cfg(tmp_path: Path, corpus: Path, outer: dict[str, Any] | None = None, **se
     )
 
 
+_SESSIONS: weakref.WeakKeyDictionary[Coordinator, dict[str, ClientSession]] = weakref.WeakKeyDictionary()
+
+
 class DirectClient:
     """StarClient's interface, handing encoded frames straight to an in-process coordinator.
     `drop` loses the reply to the next push after the coordinator handled it."""
@@ -55,13 +60,18 @@ class DirectClient:
         self.worker_id = worker_id
         self.cfg = coord.cfg.membership
         self.counter = ByteCounter()
-        self.seq = 0
+        # one session per worker and coordinator, however many clients a test makes for it
+        self.session = _SESSIONS.setdefault(coord, {}).setdefault(worker_id, ClientSession())
         self.drop = False
 
-    def request(self, msg: wire.Message) -> wire.Message:
-        self.seq += 1
-        msg.seq, msg.run, msg.fp = self.seq, self.coord.run_id, self.coord.fingerprint
+    def send(self, msg: wire.Message, *, stamped: bool = False) -> None:
+        if not stamped:
+            self.session.stamp(msg)
+        msg.run, msg.fp = self.coord.run_id, self.coord.fingerprint
         self.coord.handle(self.worker_id.encode(), [bytes(f) for f in wire.encode(msg)])
+
+    def request(self, msg: wire.Message, *, stamped: bool = False) -> wire.Message:
+        self.send(msg, stamped=stamped)
         (identity, frames), *rest = self.coord.outbox
         self.coord.outbox = rest
         assert identity == self.worker_id.encode()
@@ -71,7 +81,11 @@ class DirectClient:
         return reply
 
     def join(self) -> wire.Message:
-        return self.request(wire.Message(type=wire.MsgType.JOIN, worker=self.worker_id))
+        assert self.session.accept_challenge(self.request(self.session.hello(self.worker_id), stamped=True))
+        join = self.session.opening(wire.Message(type=wire.MsgType.JOIN, worker=self.worker_id))
+        welcome = self.request(join, stamped=True)
+        self.session.established()
+        return welcome
 
     def push(self, tensors: dict[str, torch.Tensor], body: dict[str, Any], *, base: int) -> wire.Message:
         reply = self.request(
@@ -202,10 +216,10 @@ def test_grace_period_restarts_close_finishers_from_the_same_parameters(tmp_path
 
     def send(w: str, seed: int) -> None:
         msg = wire.Message(
-            type=wire.MsgType.PUSH, worker=w, base=0, seq=1, run=coord.run_id, fp=coord.fingerprint,
-            body=body, tensors=star.encode_push(_deltas(coord, seed), 0, 1, contributes=True),
+            type=wire.MsgType.PUSH, worker=w, base=0, body=body,
+            tensors=star.encode_push(_deltas(coord, seed), 0, 1, contributes=True),
         )  # fmt: skip
-        coord.handle(w.encode(), [bytes(f) for f in wire.encode(msg)])
+        clients[w].send(msg)
 
     send("a", 0)
     now[0] = 0.5
@@ -255,6 +269,7 @@ def test_async_checkpoint_resume_keeps_rule_state_and_budget(tmp_path: Path, cor
     assert twin.speeds == coord.speeds
     d = _deltas(coord, 2)
     _push(coord, "a", d, base=2)
+    DirectClient(twin, "a").join()  # a restarted coordinator knows no session: workers re-join
     _push(twin, "a", d, base=2)  # the third push completes the buffer on both, identically
     assert tensor_digest(twin.params) == tensor_digest(coord.params)
 

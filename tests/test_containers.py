@@ -19,6 +19,7 @@ from dilo import wire
 from dilo.config import load
 from dilo.coordinator import Coordinator
 from tests.conftest import REPO, tiny_config, write_toml
+from tests.test_async import DirectClient
 from tests.test_elastic import FAST, _env, _reaped, _serving, _spawn, _wait_ok
 
 COMPOSE = REPO / "launch" / "docker-compose.yml"
@@ -99,10 +100,13 @@ def test_auto_islands_are_handed_out_lowest_free_first(tmp_path: Path, corpus_di
 
     def join(worker: str, island: Any = "auto") -> wire.Message:
         body = {} if island is None else {"island": island}
-        msg = wire.Message(type=wire.MsgType.JOIN, worker=worker, body=body, run=coord.run_id, fp=coord.fingerprint)
-        coord.handle(worker.encode(), [bytes(f) for f in wire.encode(msg)])
-        (_, frames), *coord.outbox = coord.outbox
-        return wire.decode([bytes(f) for f in frames])
+        client = DirectClient(coord, worker)
+        assert client.session.accept_challenge(client.request(client.session.hello(worker), stamped=True))
+        join = client.session.opening(wire.Message(type=wire.MsgType.JOIN, worker=worker, body=body))
+        try:
+            return client.request(join, stamped=True)
+        except wire.WireError as e:
+            return wire.Message(type=wire.MsgType.ERROR, worker="coordinator", body={"code": e.code})
 
     assert [join(w).body["island"] for w in ("a", "b", "c")] == [0, 1, 2]
     assert join("d").body["island"] == 0  # more workers than islands: the least used

@@ -10,6 +10,8 @@ Timings are short (heartbeat 0.2 s, silent-worker timeout 2 s, request timeout 3
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import json
 import os
 import signal
@@ -323,8 +325,10 @@ class _Fixture:
     """A coordinator with a secret and a top-k + int8 push format, one member ("m0"), and a valid
     push of m0 (never sent as is: it would close the round and move the parameters)."""
 
-    def __init__(self, coord: Coordinator, raw: _Raw) -> None:
+    def __init__(self, coord: Coordinator, raw: _Raw, sid: str = "") -> None:
         self.coord, self.raw = coord, raw
+        self.sid = sid
+        self.seqs = itertools.count(2)  # 1 opened the session
         self.sent = 0
         star = StarCodec(coord.names, [p.shape for p in coord.params], coord.cfg.codec, seed=0)
         deltas = [torch.randn(p.shape) * 1e-3 for p in coord.params]
@@ -337,7 +341,8 @@ class _Fixture:
             "type": "push",
             "run": self.coord.run_id,
             "worker": "m0",
-            "seq": 1,
+            "sid": self.sid,
+            "seq": next(self.seqs),
             "base": self.base,
             "fp": self.coord.fingerprint,
             "body": {"weight": 1.0, "contributes": True, "stop": False, "tokens": 128},
@@ -372,19 +377,32 @@ class _Fixture:
         return code
 
 
+def _open_session(raw: _Raw, coord: Coordinator, worker: str) -> str:
+    """HELLO, then JOIN with the challenge: the session id every later message of `worker` carries."""
+    fx = _Fixture(coord, raw)
+    hello = {**fx.header(type="hello", worker=worker, body={"nonce": "n" * 32}, seq=1), "tensors": []}
+    challenge = raw.ask(_sign(hello, [], SECRET))
+    assert challenge.type == wire.MsgType.CHALLENGE and challenge.body["nonce"] == "n" * 32, challenge.body
+    sid = challenge.body["challenge"]
+    join = {**fx.header(type="join", worker=worker, body={}, sid=sid, seq=1), "tensors": []}
+    welcome = raw.ask(_sign(join, [], SECRET))
+    assert welcome.type == wire.MsgType.WELCOME and welcome.sid == sid and welcome.seq == 1, welcome.body
+    return str(sid)
+
+
 @pytest.fixture
 def hostile(tmp_path: Path, corpus_dir: Path) -> Iterator[_Fixture]:
     codec = {"kind": "topk", "fraction": 0.1, "overrides": [{"pattern": "ln", "kind": "int8", "block": 32}]}
     # no heartbeats here: m0 must stay a member however long hypothesis takes
-    cfg = _elastic_cfg(tmp_path, corpus_dir, codec=codec, membership={"heartbeat_timeout_s": 3600.0})
+    # hypothesis sends hundreds of messages a second from one socket: no rate limit here
+    membership = {"heartbeat_timeout_s": 3600.0, "rate_limit": 0.0}
+    cfg = _elastic_cfg(tmp_path, corpus_dir, codec=codec, membership=membership)
     coord = Coordinator(cfg, bind="tcp://127.0.0.1:0", secret=SECRET)
     ctx: zmq.Context[Any] = zmq.Context()
     raw = _Raw(ctx, coord.address)
     try:
         with _serving(coord):
-            join = {**_Fixture(coord, raw).header(type="join", body={}), "tensors": []}
-            assert raw.ask(_sign(join, [], SECRET)).type == wire.MsgType.WELCOME
-            fx = _Fixture(coord, raw)
+            fx = _Fixture(coord, raw, _open_session(raw, coord, "m0"))
             digest0 = tensor_digest(coord.params)
             yield fx
             # still alive and serving, state untouched, every bad message counted
@@ -430,12 +448,13 @@ def test_hostile_semantic_mutations_get_specific_errors(hostile: _Fixture) -> No
         ("wrong config", fx.push(fp="0123456789abcdef"), {"config"}),
         ("nan values", fx.push(with_(val_name, nan)), {"nonfinite"}),
         ("inf scale", fx.push(inf_scale), {"nonfinite"}),
-        ("dtype", fx.push(with_(val_name, t[val_name].double())), {"shape", "dtype"}),
+        # twice the bytes: refused by the size cap (the largest frame a push has) or the spec
+        ("dtype", fx.push(with_(val_name, t[val_name].double())), {"shape", "dtype", "size"}),
         ("int dtype", fx.push(with_(q_name, t[q_name].to(torch.int16))), {"shape", "dtype"}),
         ("shape", fx.push(with_(val_name, t[val_name][:-1])), {"shape"}),
         ("2-d shape", fx.push(with_(val_name, t[val_name].reshape(1, -1))), {"shape"}),
         ("missing tensor", fx.push({k: v for k, v in t.items() if k != val_name}), {"shape"}),
-        ("extra tensor", fx.push({**t, "zzz": torch.zeros(3)}), {"shape"}),
+        ("extra tensor", fx.push({**t, "zzz": torch.zeros(3)}), {"shape", "size"}),  # size: more frames than a push has
         ("index past the end", fx.push(with_(idx_name, torch.full_like(t[idx_name], n_vec))), {"bad_payload"}),
         ("negative index", fx.push(with_(idx_name, torch.full_like(t[idx_name], -1))), {"bad_payload"}),
         ("nan weight", fx.push(body={"weight": float("nan"), "contributes": True}), {"bad_body"}),
@@ -443,9 +462,17 @@ def test_hostile_semantic_mutations_get_specific_errors(hostile: _Fixture) -> No
         ("string weight", fx.push(body={"weight": "1"}), {"bad_body"}),
         ("inf tokens", fx.push(body={"tokens": float("inf")}), {"bad_body"}),
         ("negative tokens", fx.push(body={"tokens": -5}), {"bad_body"}),
+        # once raised inside the next round's close and ended the coordinator
+        ("weight past float32", fx.push(body={"weight": 1e39, "contributes": True}), {"bad_body"}),
+        # once overflowed the mean to inf and wrote NaN into the global parameters
+        ("weight near float32's max", fx.push(body={"weight": 3e38, "contributes": True}), {"bad_body"}),
+        ("no session", fx.push(sid=""), {"session"}),
+        ("a session never issued", fx.push(sid="1.2.0123456789abcdef0123456789abcdef"), {"session"}),
+        ("seq 0", fx.push(seq=0), {"replay"}),
         ("contributes not a bool", fx.push(body={"contributes": "yes"}), {"bad_body"}),
         # garbage is refused as garbage even when it claims an old base version
-        ("late and malformed", fx.push(with_(val_name, nan), base=fx.base + 7), {"nonfinite"}),
+        ("late and malformed", fx.push(with_(val_name, nan), base=fx.base - 1), {"nonfinite"}),
+        ("base from the future", fx.push(base=fx.base + 7), {"bad_base"}),
         ("not for a coordinator", _sign(fx.header(type="result", body={}), [], SECRET), {"bad_type"}),
         ("unknown type", _sign(fx.header(type="teleport", body={}), [], SECRET), {"bad_header"}),
         (
@@ -469,7 +496,20 @@ def test_hostile_semantic_mutations_get_specific_errors(hostile: _Fixture) -> No
         code = fx.expect_error(frames, codes)
         assert code in codes, what
     rejected = fx.coord.rejected
-    assert rejected["not_member"] == 2 and rejected["bad_body"] == 6 and rejected["auth"] == 2
+    assert rejected["not_member"] == 2 and rejected["bad_body"] == 8 and rejected["auth"] == 2
+    # a replay, byte for byte, of a message the coordinator took (a heartbeat: it changes nothing)
+    beat = _sign(fx.header(type="heartbeat", body={}), [], SECRET)
+    assert fx.raw.ask(beat).type == wire.MsgType.ACK
+    assert fx.expect_error(beat, {"replay"}) == "replay"
+    # m0's session from another connection: heartbeats may come from a second socket, requests not
+    other = _Raw(fx.raw.sock.context, fx.coord.address)  # type: ignore[arg-type]
+    try:
+        assert other.ask(_sign(fx.header(type="heartbeat", body={}), [], SECRET)).type == wire.MsgType.ACK
+        reply = other.ask(fx.push(body={"weight": 0.0, "contributes": True, "stop": False, "tokens": 128}))
+        assert reply.type == wire.MsgType.ERROR and reply.body["code"] == "identity", reply.body
+        fx.sent += 1
+    finally:
+        other.sock.close(0)
     # control: the unmutated push passes every check (sent with weight 0, so that the round it
     # closes commits nothing and the parameters stay put)
     reply = fx.raw.ask(fx.push(body={"weight": 0.0, "contributes": True, "stop": False, "tokens": 128}))
@@ -480,7 +520,9 @@ def test_hostile_semantic_mutations_get_specific_errors(hostile: _Fixture) -> No
 @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def _fuzz_bytes(fx: _Fixture, data: st.DataObject) -> None:
-    valid = fx.push()
+    # one fixed seq: the frames must not change length between examples (every mutation breaks
+    # the HMAC, so the number is never spent)
+    valid = fx.push(seq=2**40)
     kind = data.draw(st.sampled_from(["random", "truncate", "flip", "drop", "splice"]))
     if kind == "random":
         frames = data.draw(st.lists(st.binary(max_size=300), min_size=1, max_size=6))
@@ -501,7 +543,7 @@ def _fuzz_bytes(fx: _Fixture, data: st.DataObject) -> None:
         i = data.draw(st.integers(0, len(valid) - 1))
         frames = valid[:i] + valid[i + 1 :] or [b""]
     else:  # the envelope of one message with the frames of a different, valid message
-        other = fx.push({k: v + 1 if v.is_floating_point() else v for k, v in fx.tensors.items()})
+        other = fx.push({k: v + 1 if v.is_floating_point() else v for k, v in fx.tensors.items()}, seq=2**40)
         frames = [valid[0], *other[1:]]
     fx.expect_error(frames)
 
@@ -526,11 +568,18 @@ def _valid_body(body: dict[str, Any]) -> bool:
     )
 
 
+def _fresh(fx: _Fixture, seq: int) -> bool:
+    """Whether m0's session would take this sequence number (asked of a copy of its window)."""
+    window = copy.deepcopy(fx.coord.sessions._active["m0"].window)
+    return window.accept(seq)
+
+
 def _still_valid(fx: _Fixture, field_: str, value: Any) -> bool:
     """Whether a push with this header value would be accepted (so the fuzzer must not send it)."""
     is_int = isinstance(value, int) and not isinstance(value, bool)
     return (
-        (field_ == "seq" and is_int and value >= 0)
+        (field_ == "seq" and is_int and 0 <= value < 2**63 and _fresh(fx, value))
+        or (field_ == "sid" and value == fx.sid)
         or (field_ == "base" and is_int and value >= -1)
         or (field_ == "v" and is_int and value == wire.PROTOCOL_VERSION)
         or (field_ == "worker" and value == "m0")
@@ -543,7 +592,7 @@ def _still_valid(fx: _Fixture, field_: str, value: Any) -> bool:
 
 @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(
-    field_=st.sampled_from(["v", "type", "run", "worker", "seq", "base", "fp", "body", "tensors"]),
+    field_=st.sampled_from(["v", "type", "run", "worker", "sid", "seq", "base", "fp", "body", "tensors"]),
     value=st.one_of(
         st.none(),
         st.booleans(),

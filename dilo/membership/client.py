@@ -36,6 +36,7 @@ class Heartbeat:
         timeout_s: float,
         make_message: Callable[[wire.Message], list],
         read_reply: Callable[[list], wire.Message],
+        owns: Callable[[wire.Message], bool] = lambda reply: True,
     ) -> None:
         self._connect = connect
         self.worker_id = worker_id
@@ -43,6 +44,9 @@ class Heartbeat:
         self.timeout_s = timeout_s
         self._make = make_message
         self._read = read_reply
+        self._owns = owns
+        """Whether a reply belongs to the current session: an ACK or refusal of an old session (or a
+        replayed one) must neither keep a dead coordinator alive nor make us re-join."""
         self.lost = threading.Event()
         self.not_member = threading.Event()
         self.view: View | None = None
@@ -65,12 +69,10 @@ class Heartbeat:
 
     def _run(self) -> None:
         sock = self._connect()
-        seq = 0
         try:
             while not self._stop.is_set():
-                seq += 1
                 sock.send_multipart(
-                    self._make(wire.Message(type=wire.MsgType.HEARTBEAT, worker=self.worker_id, seq=seq)), copy=False
+                    self._make(wire.Message(type=wire.MsgType.HEARTBEAT, worker=self.worker_id)), copy=False
                 )
                 deadline = time.monotonic() + self.period_s
                 while (left := deadline - time.monotonic()) > 0 and not self._stop.is_set():
@@ -81,6 +83,8 @@ class Heartbeat:
                     except wire.WireError as e:
                         log.warning("bad heartbeat reply: %s", e)
                         continue
+                    if not self._owns(reply):
+                        continue
                     if reply.type == wire.MsgType.ACK:
                         self.last_ack = time.monotonic()
                         self.lost.clear()
@@ -90,7 +94,7 @@ class Heartbeat:
                         self.boot = b.get("boot")
                         if isinstance(b.get("peers"), dict):
                             self.peers = {str(k): str(v) for k, v in b["peers"].items()}
-                    elif reply.type == wire.MsgType.ERROR and reply.body.get("code") == "not_member":
+                    elif reply.type == wire.MsgType.ERROR and reply.body.get("code") in ("not_member", "session"):
                         self.last_ack = time.monotonic()
                         self.not_member.set()
                 if time.monotonic() - self.last_ack > self.timeout_s and not self.lost.is_set():

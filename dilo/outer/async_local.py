@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from dilo import wire
-from dilo.errors import PeerLost, ProtocolError
+from dilo.errors import PeerLost, ProtocolError, SyncTimeout
 from dilo.model import param_names, params_of
 from dilo.outer.base import Anchor, SyncReport, Tail
-from dilo.outer.star import StarCodec, adopt_parameters, worker_key
+from dilo.outer.star import REJOIN_CODES, StarCodec, adopt_parameters, worker_key
 from dilo.transport.zmq_star import StarClient
 
 log = logging.getLogger("dilo.outer.async")
@@ -98,8 +98,8 @@ class AsyncLocalSGD:
         }
         try:
             reply = self.client.push(tensors, body, base=self.version)
-        except (PeerLost, wire.WireError) as e:
-            if isinstance(e, wire.WireError) and e.code not in ("not_member", "bad_base"):
+        except (PeerLost, SyncTimeout, wire.WireError) as e:
+            if isinstance(e, wire.WireError) and e.code not in (*REJOIN_CODES, "bad_base"):
                 raise
             # Whether the push was applied is unknown: start over from the coordinator's parameters.
             log.warning("push of worker %s got no answer (%s): re-pulling the parameters", self.client.worker_id, e)

@@ -29,7 +29,7 @@ from dilo.compress import Context, Encoded
 from dilo.compress.lowrank import PowerSGD
 from dilo.compress.sparse import TopK
 from dilo.config import DDPConfig
-from dilo.errors import ConfigError, PeerLost, ProtocolError
+from dilo.errors import ConfigError, PeerLost, ProtocolError, SyncTimeout
 from dilo.model import param_names, params_of
 from dilo.outer.base import Anchor, SyncReport, Tail
 from dilo.outer.exchange import SHARDS_PER_GROUP, Group, _plain, build_groups
@@ -38,6 +38,8 @@ from dilo.transport.zmq_star import StarClient
 log = logging.getLogger("dilo.outer.star")
 
 DOWNLINK_PART = SHARDS_PER_GROUP - 1
+REJOIN_CODES = ("not_member", "session", "identity")
+"""Refusals that a fresh JOIN cures: the coordinator forgot us, or our session is not its current one."""
 
 
 def worker_key(worker_id: str) -> int:
@@ -273,12 +275,13 @@ class StarDiLoCo:
         reason = ""
         try:
             reply = self.client.push(tensors, body, base=self.version)
-        except PeerLost as e:
+        except (PeerLost, SyncTimeout) as e:
             log.warning("%s; re-joining", e)
             reply = self._rejoin_and_repush(model, tensors, body)
         except wire.WireError as e:
-            if e.code != "not_member":
+            if e.code not in REJOIN_CODES:
                 raise
+            log.warning("the coordinator refused the push (%s: %s); re-joining", e.code, e)
             reply = self._rejoin_and_repush(model, tensors, body)
         if reply is None or reply.type == wire.MsgType.STATE:
             if reply is not None:
@@ -329,13 +332,15 @@ class StarDiLoCo:
             self.members = tuple(welcome.body.get("members", ()))
             try:
                 return self.client.push(tensors, body, base=base)
-            except PeerLost as e:
+            except (PeerLost, SyncTimeout) as e:
                 log.warning("push after re-joining failed (%s), try %d of 3", e, attempt)
             except wire.WireError as e:
-                if e.code != "not_member":
+                if e.code not in REJOIN_CODES:
                     raise
                 log.warning("push after re-joining refused (%s), try %d of 3", e, attempt)
-        raise PeerLost(f"the coordinator at {self.client.cfg.address} keeps losing worker {self.client.worker_id!r}")
+        # The round is lost for this worker; its next push is late and brings the current state.
+        log.warning("the coordinator at %s kept losing this worker's push: the round is lost", self.client.cfg.address)
+        return None
 
     def _report(
         self,

@@ -1,15 +1,18 @@
 """A worker's link to the coordinator: ZeroMQ DEALER, validated and authenticated messages.
 
     client = StarClient(cfg.membership, worker_id, run=cfg.name, fingerprint=cfg.fingerprint())
-    welcome = client.join()                       # retries with backoff until the coordinator answers
+    welcome = client.join()                       # HELLO + JOIN, with backoff until the coordinator answers
     reply = client.push(tensors, body, base=v)    # RESULT at the end of the round (or STATE if late)
     client.leave(); client.close()
 
-Requests are answered in order on one socket. While a push waits for its round to close, the
-heartbeat thread (dilo/membership/client.py) watches the coordinator: if it stops answering, or
-its ACKs come from another coordinator process (a restart, seen by the `boot` id), `push` raises
-`PeerLost` and the caller re-joins, keeping its local state. An ERROR reply is
-raised as `wire.WireError` with the coordinator's code and message.
+Every message belongs to a session opened by JOIN with the coordinator's challenge and carries a
+fresh sequence number (dilo/session.py); a reply counts only if it echoes both, so stale or
+replayed replies are dropped. While a push waits for its round to close, the heartbeat thread
+(dilo/membership/client.py) watches the coordinator: if it stops answering, or its ACKs come
+from another coordinator process (a restart, seen by the `boot` id), `push` raises `PeerLost`;
+if no RESULT comes within round_timeout_s + request_timeout_s it raises `SyncTimeout`. Either
+way the caller re-joins, keeping its local state. An ERROR reply is raised as `wire.WireError`
+with the coordinator's code and message.
 """
 
 from __future__ import annotations
@@ -25,15 +28,29 @@ import zmq
 from dilo import wire
 from dilo.errors import DiloError, PeerLost, SyncTimeout
 from dilo.membership.client import Heartbeat
+from dilo.session import ClientSession
 from dilo.transport.base import ByteCounter
 
 log = logging.getLogger("dilo.transport.zmq")
 
+RETRY_JOIN_CODES = ("session", "replay", "rate", "bad_header", "frames", "size", "bad_message")
+"""A JOIN refused for these (a challenge that expired or raced, or a reply damaged on the way) is
+tried again; any other refusal is a configuration to fix, reported at once."""
+
 
 class StarClient:
     def __init__(
-        self, mcfg: Any, worker_id: str, *, run: str, fingerprint: str, secret: bytes | None, max_message_bytes: int
+        self,
+        mcfg: Any,
+        worker_id: str,
+        *,
+        run: str,
+        fingerprint: str,
+        secret: bytes | None,
+        max_message_bytes: int,
+        hold_s: float = 0.0,
     ) -> None:
+        """hold_s: how long the coordinator may hold a RESULT beyond the round (async grace_s)."""
         self.cfg = mcfg
         self.worker_id = worker_id
         self.run = run
@@ -42,7 +59,9 @@ class StarClient:
         self.limits = wire.Limits(max_frame_bytes=max_message_bytes, max_total_bytes=max_message_bytes)
         self.counter = ByteCounter()
         self.ctx = zmq.Context()
-        self.seq = 0
+        self.session = ClientSession()
+        self.result_timeout_s = mcfg.round_timeout_s + mcfg.request_timeout_s + hold_s
+        """How long a push waits for its RESULT before it re-joins (a round closes by round_timeout_s)."""
         self.boot: str | None = None
         """The `boot` id of the coordinator process that welcomed us."""
         self.join_body: dict[str, Any] = {}
@@ -52,8 +71,9 @@ class StarClient:
             worker_id,
             period_s=mcfg.heartbeat_s,
             timeout_s=mcfg.request_timeout_s,
-            make_message=self._frames,
+            make_message=lambda m: self._frames(self.session.stamp(m)),
             read_reply=self._read,
+            owns=self.session.owns,
         )
         self._heartbeat_started = False
 
@@ -81,11 +101,12 @@ class StarClient:
         self.sock.close(0)
         self.sock = self._connect()
 
-    def request(self, msg: wire.Message, *, wait_s: float | None) -> wire.Message:
-        """Send and wait for the reply. wait_s=None waits as long as the heartbeats say the
-        coordinator is alive."""
-        self.seq += 1
-        msg.seq = self.seq
+    def request(self, msg: wire.Message, *, wait_s: float, watch: bool = False, stamped: bool = False) -> wire.Message:
+        """Send and wait up to wait_s for the reply of this session to this message (anything else
+        that arrives is stale and dropped). watch=True: also give up as soon as the heartbeats say
+        the coordinator is gone, restarted or no longer counts us (PeerLost)."""
+        if not stamped:
+            self.session.stamp(msg)
         frames = self._frames(msg)
         self.counter.add(frames_nbytes(frames), 0)
         self.sock.send_multipart(frames, copy=False)
@@ -94,25 +115,34 @@ class StarClient:
             if self.sock.poll(200):
                 raw = self.sock.recv_multipart(copy=False)
                 self.counter.add(0, frames_nbytes(raw))
-                reply = self._read(raw)
+                try:
+                    reply = self._read(raw)
+                except wire.WireError as e:
+                    if not watch:  # e.g. a reply signed with another secret or for another run: say so
+                        raise
+                    # mid-push, a corrupted reply is dropped: the RESULT deadline still holds
+                    log.warning("dropping an unreadable reply (%s): %s", e.code, e)
+                    continue
+                if not self.session.owns(reply, msg):
+                    log.debug("dropping a stale %s reply (seq %d, expected %d)", reply.type.value, reply.seq, msg.seq)
+                    continue
                 if reply.type == wire.MsgType.ERROR:
                     raise wire.WireError(str(reply.body.get("code", "error")), str(reply.body.get("message", "")))
-                if reply.seq not in (0, msg.seq) and reply.type != wire.MsgType.STATE:
-                    log.warning("dropping a stale %s reply (seq %d, expected %d)", reply.type.value, reply.seq, msg.seq)
-                    continue
                 return reply
-            if wait_s is not None and time.monotonic() - t0 > wait_s:
+            if time.monotonic() - t0 > wait_s:
                 self._reconnect()  # drop whatever is still queued for the old request
                 raise SyncTimeout(f"no reply to {msg.type.value} from {self.cfg.address} within {wait_s:.0f} s")
-            if wait_s is None and self._heartbeat_started and self.heartbeat.lost.is_set():
+            if not watch or not self._heartbeat_started:
+                continue
+            if self.heartbeat.lost.is_set():
                 self._reconnect()
                 raise PeerLost(f"the coordinator at {self.cfg.address} stopped answering")
-            if wait_s is None and self._restarted():
+            if self._restarted():
                 # A coordinator restarted faster than request_timeout_s never looks lost, but the
                 # request went to the old process and will never be answered.
                 self._reconnect()
                 raise PeerLost(f"the coordinator at {self.cfg.address} restarted")
-            if wait_s is None and self._heartbeat_started and self.heartbeat.not_member.is_set():
+            if self.heartbeat.not_member.is_set():
                 # The coordinator answers our heartbeats with not_member (it restarted without us,
                 # e.g. from no checkpoint, or dropped us): a push it never took will never be
                 # answered. If it did take it, re-joining and pushing again replaces it, or finds
@@ -127,30 +157,32 @@ class StarClient:
     # ------------------------------------------------------------------------------- requests
 
     def join(self, *, give_up_s: float | None = None) -> wire.Message:
-        """JOIN until WELCOME, with exponential backoff while the coordinator is unreachable.
-        `join_body` (e.g. a gossip worker's listening address) goes with every JOIN."""
+        """HELLO, then JOIN with the coordinator's challenge, until WELCOME; exponential backoff
+        while the coordinator is unreachable, a DiloError after give_up_s. `join_body` (e.g. a
+        gossip worker's listening address) goes with every JOIN."""
         give_up_s = give_up_s if give_up_s is not None else max(60.0, 6 * self.cfg.request_timeout_s)
+        wait_s = min(self.cfg.request_timeout_s, 5.0)
         t0, delay = time.monotonic(), 0.25
         log.info("worker %s joining the coordinator at %s", self.worker_id, self.cfg.address)
         while True:
             try:
-                welcome = self.request(
-                    wire.Message(type=wire.MsgType.JOIN, worker=self.worker_id, body=dict(self.join_body)),
-                    wait_s=min(self.cfg.request_timeout_s, 5.0),
-                )
-            except SyncTimeout:
+                challenge = self.request(self.session.hello(self.worker_id), wait_s=wait_s, stamped=True)
+                if not self.session.accept_challenge(challenge):
+                    raise wire.WireError("session", f"expected CHALLENGE, got {challenge.type.value}")
+                join = wire.Message(type=wire.MsgType.JOIN, worker=self.worker_id, body=dict(self.join_body))
+                welcome = self.request(self.session.opening(join), wait_s=wait_s, stamped=True)
+            except (SyncTimeout, wire.WireError) as e:
+                if isinstance(e, wire.WireError) and e.code not in RETRY_JOIN_CODES:
+                    raise DiloError(_join_refusal(self.worker_id, e, has_secret=self.secret is not None)) from e
+                # no answer, or a challenge that expired or lost a race with another JOIN: again
                 if time.monotonic() - t0 > give_up_s:
-                    raise DiloError(
-                        f"cannot reach the coordinator at {self.cfg.address} after {give_up_s:.0f} s; "
-                        "is `dilo coordinator` running, and is membership.address right?"
-                    ) from None
+                    raise DiloError(self._unreachable(give_up_s)) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            except wire.WireError as e:
-                raise DiloError(_join_refusal(self.worker_id, e, has_secret=self.secret is not None)) from e
             if welcome.type != wire.MsgType.WELCOME:
                 raise DiloError(f"expected WELCOME from the coordinator, got {welcome.type.value}")
+            self.session.established()
             self.boot = welcome.body.get("boot")
             if not self._heartbeat_started:
                 self.heartbeat.start()
@@ -160,10 +192,23 @@ class StarClient:
             self.heartbeat.boot = None  # an id seen before this WELCOME may be the old process's
             return welcome
 
+    def _unreachable(self, give_up_s: float) -> str:
+        hint = (
+            "is `dilo coordinator` running, and is membership.address right? If the coordinator encrypts "
+            "(membership.curve_dir), this worker needs the same key directory"
+            if not self.cfg.curve_dir
+            else "is `dilo coordinator` running, is membership.address right, and are membership.curve_dir's "
+            "keys the coordinator's (a wrong server.pub fails silently)?"
+        )
+        return f"cannot reach the coordinator at {self.cfg.address} after {give_up_s:.0f} s; {hint}"
+
     def push(self, tensors: dict[str, torch.Tensor], body: dict[str, Any], *, base: int) -> wire.Message:
+        """RESULT (or STATE when late); PeerLost when the coordinator is gone, SyncTimeout when no
+        RESULT came by result_timeout_s (a lost push or reply): either way the caller re-joins."""
         return self.request(
             wire.Message(type=wire.MsgType.PUSH, worker=self.worker_id, base=base, body=body, tensors=tensors),
-            wait_s=None,
+            wait_s=self.result_timeout_s,
+            watch=True,
         )
 
     def pull(self) -> wire.Message:
