@@ -95,26 +95,28 @@ class Sessions:
         n, t_ms = next(self._counter), int(self.clock() * 1000)
         return f"{n:x}.{t_ms:x}.{self._mac(peer, n, t_ms)}"
 
-    def open(self, peer: str, sid: str, seq: int) -> None:
+    def open(self, peer: str, sid: str, seq: int, channel: str = "") -> None:
         """Start `peer`'s session `sid` (from our challenge) with its first message; replaces any
-        session it had. Raises WireError "session" (not our challenge, or expired) or "replay"."""
+        session it had on that channel (a peer may keep one per kind of request, e.g. gossip and
+        pulls). Raises WireError "session" (not our challenge, or expired) or "replay"."""
         n, t_ms = self._parse(peer, sid)
+        key = f"{peer}\0{channel}"
         now = self.clock()
         if now * 1000 - t_ms > self.ttl_s * 1000:
             raise WireError("session", f"the challenge of {peer!r} expired ({self.ttl_s:.0f} s): say HELLO again")
-        floor = self._floor.get(peer)
+        floor = self._floor.get(key)
         if floor is not None and n <= floor[0]:
             raise WireError("replay", f"session {sid[:12]}... of {peer!r} was opened before: a replayed message")
         window = ReplayWindow()
         if not window.accept(seq):
             raise WireError("replay", f"sequence number {seq} of {peer!r} is not a fresh one")
-        self._remember(self._floor, peer, (n, now))
-        self._remember(self._active, peer, _Active(sid, window))
+        self._remember(self._floor, key, (n, now))
+        self._remember(self._active, key, _Active(sid, window))
 
-    def check(self, peer: str, sid: str, seq: int) -> None:
+    def check(self, peer: str, sid: str, seq: int, channel: str = "") -> None:
         """A message of `peer`'s open session. Raises WireError "session" (no session, or another
         one: say HELLO and open a new one) or "replay" (this sequence number was seen)."""
-        active = self._active.get(peer)
+        active = self._active.get(f"{peer}\0{channel}")
         if active is None or not sid or not hmac.compare_digest(active.sid, sid):
             raise WireError(
                 "session", f"{peer!r} has no open session {sid[:12] or '(none)'}: say HELLO and start a new one"
@@ -122,28 +124,24 @@ class Sessions:
         if not active.window.accept(seq):
             raise WireError("replay", f"sequence number {seq} of {peer!r} was seen before (or is too old)")
 
-    def accept(self, peer: str, sid: str, seq: int) -> None:
+    def accept(self, peer: str, sid: str, seq: int, channel: str = "") -> None:
         """check() a message of the open session, or open() a new one with it (gossip peers, which
         have no JOIN)."""
-        active = self._active.get(peer)
+        active = self._active.get(f"{peer}\0{channel}")
         if active is not None and sid and hmac.compare_digest(active.sid, sid):
-            self.check(peer, sid, seq)
+            self.check(peer, sid, seq, channel)
         else:
-            self.open(peer, sid, seq)
+            self.open(peer, sid, seq, channel)
 
-    def is_open(self, peer: str, sid: str) -> bool:
-        active = self._active.get(peer)
-        return active is not None and bool(sid) and hmac.compare_digest(active.sid, sid)
-
-    def close(self, peer: str) -> None:
+    def close(self, peer: str, channel: str = "") -> None:
         """End `peer`'s session (it left); its floor stays, so its old challenges stay spent."""
-        self._active.pop(peer, None)
+        self._active.pop(f"{peer}\0{channel}", None)
 
     def prune(self) -> None:
         """Forget floors older than the challenge lifetime: their challenges have expired anyway."""
         horizon = self.clock() - self.ttl_s
-        for peer in [p for p, (_, t) in self._floor.items() if t < horizon and p not in self._active]:
-            del self._floor[peer]
+        for key in [k for k, (_, t) in self._floor.items() if t < horizon and k not in self._active]:
+            del self._floor[key]
 
     def _parse(self, peer: str, sid: str) -> tuple[int, int]:
         try:

@@ -500,6 +500,8 @@ class GossipWorld(_OnItsOwn):
             state_spec=state_spec,
             max_message_bytes=3 * param_bytes + (1 << 20),
             curve_dir=m.curve_dir,
+            rate_limit=m.rate_limit,
+            hello_timeout_s=min(self.cfg.outer.peer_timeout_s, 5.0),
         )
         self.counter = self.node.counter
         if self.tracked:

@@ -570,7 +570,7 @@ def _valid_body(body: dict[str, Any]) -> bool:
 
 def _fresh(fx: _Fixture, seq: int) -> bool:
     """Whether m0's session would take this sequence number (asked of a copy of its window)."""
-    window = copy.deepcopy(fx.coord.sessions._active["m0"].window)
+    window = copy.deepcopy(fx.coord.sessions._active["m0\0"].window)
     return window.accept(seq)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+import zmq
 
 from dilo import wire
 from dilo.config import RunConfig, load
@@ -196,19 +197,39 @@ def test_peer_messages_are_validated(tmp_path: Path) -> None:
             time.sleep(0.02)  # one message per round is the norm: stay under the send queue's 4
         wrong_run = P2PNode(
             "x", bind="tcp://127.0.0.1:0", run="other", fingerprint="f", secret=SECRET, spec=spec,
-            max_message_bytes=1 << 16,
+            max_message_bytes=1 << 16, hello_timeout_s=0.5,
         )  # fmt: skip
         wrong_key = P2PNode(
             "y", bind="tcp://127.0.0.1:0", run="r", fingerprint="f", secret=b"another-secret-0123456789",
-            spec=spec, max_message_bytes=1 << 16,
+            spec=spec, max_message_bytes=1 << 16, hello_timeout_s=0.5,
         )  # fmt: skip
-        wrong_run.send("me", node.address, gossip({"p.0": good}, {"round": 1}))
-        wrong_key.send("me", node.address, gossip({"p.0": good}, {"round": 1}))
+        # their HELLO is refused already, so they never get a session to send with
+        assert not wrong_run.send("me", node.address, gossip({"p.0": good}, {"round": 1}))
+        assert not wrong_key.send("me", node.address, gossip({"p.0": good}, {"round": 1}))
         sender.send("me", node.address, gossip({"p.0": good * 2}, {"round": 1}))  # the one valid message
         got = node.collect({"you", "x", "y"}, timeout_s=2.0, round_idx=1)
         assert list(got) == ["you"] and len(got["you"]) == 1 and torch.equal(got["you"][0].tensors["p.0"], good * 2)
         expected = [c for _, c in cases] + ["run", "auth"]
         assert sorted(node.rejected.elements()) == sorted(expected)
+        # a captured message of the live session, replayed byte for byte by anyone on the path
+        link = sender._links[node.address].session
+        captured = sender._frames(link.stamp(gossip({"p.0": good * 5}, {"round": 2})))
+        tap = sender.ctx.socket(zmq.DEALER)
+        tap.setsockopt(zmq.LINGER, 0)
+        tap.connect(node.address)
+        try:
+            tap.send_multipart(captured)  # the original: taken
+            got = node.collect({"you"}, timeout_s=2.0, round_idx=2)
+            assert torch.equal(got["you"][0].tensors["p.0"], good * 5)
+            for _ in range(3):
+                tap.send_multipart(captured)  # replays: refused, never collected
+            assert tap.poll(2000)
+            refusal = wire.decode(tap.recv_multipart(), secret=SECRET)
+            assert refusal.type == wire.MsgType.ERROR and refusal.body["code"] == "replay", refusal.body
+            assert node.collect({"you"}, timeout_s=0.5, round_idx=2) == {}
+        finally:
+            tap.close(0)
+        assert node.rejected["replay"] == 3
         # a PULL before anything was published is refused; afterwards it returns the state
         assert sender.pull("me", node.address, 2.0) is None
         node.publish(lambda: wire.Message(type=wire.MsgType.STATE, worker="me", tensors={"p.0": good * 3}))

@@ -312,6 +312,8 @@ class StarDiLoCo:
             tail,
             stop=tail.stop,  # a worker's Ctrl+C makes it leave; the others go on
             tokens=int(b["tokens"]),
+            reason=str(b.get("reason", "")),
+            extra=_round_stats(b),
         )
 
     def _rejoin_and_repush(
@@ -353,6 +355,7 @@ class StarDiLoCo:
         reason: str = "",
         stop: bool | None = None,
         tokens: int | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> SyncReport:
         return SyncReport(
             committed=committed,
@@ -364,6 +367,7 @@ class StarDiLoCo:
             tokens=tail.tokens if tokens is None else tokens,
             reason=reason,
             anchor_hash=self.anchor.digest(),
+            extra=extra or {},
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -372,3 +376,18 @@ class StarDiLoCo:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.star.load_state_dict(state["star"])
+
+
+def _round_stats(body: dict[str, Any]) -> dict[str, Any]:
+    """What the round log keeps of the coordinator's per-member statistics: each member's update
+    norm and cosine to the mean, and who was left out for overflowing it."""
+    stats = body.get("member_stats")
+    if not isinstance(stats, dict) or not stats:
+        return {}
+    out: dict[str, Any] = {
+        "member_norms": {str(w): v.get("norm") for w, v in stats.items() if isinstance(v, dict)},
+        "member_cosines": {str(w): v.get("cos") for w, v in stats.items() if isinstance(v, dict)},
+    }
+    if body.get("left_out"):
+        out["left_out"] = list(body["left_out"])
+    return out

@@ -11,8 +11,14 @@ Every worker listens on one ROUTER socket, served by a thread of its own: GOSSIP
 sender until collected, PULL requests are answered with the published state. It sends through
 one DEALER per peer, from the training thread only (ZeroMQ sockets are not thread-safe). Messages
 use the wire format of dilo/wire.py: size caps before parsing, HMAC when a secret is set, run and
-config fingerprint, tensor names, shapes, dtypes and finite values. A bad message is logged,
-counted in `rejected` and dropped (a PULL gets an ERROR); it never reaches the mixing step.
+config fingerprint, tensor names, shapes, dtypes and finite values. A bad message is counted in
+`rejected` and dropped (a PULL gets an ERROR; the log summarises); it never reaches the mixing step.
+
+Each link is a session (dilo/session.py): before its first message to a peer, a worker says HELLO
+and gets the peer's challenge; every message then carries that session id and a fresh sequence
+number, so a captured message replayed to the peer is refused ("replay"). A peer that restarted
+answers with a "session" ERROR, and the sender opens a new session before its next message.
+Each connection may send `rate_limit` messages per second; the rest are dropped unread.
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
 
 from dilo import wire
+from dilo.guard import RateLimiter, RejectLog
+from dilo.session import ClientSession, Sessions, challenge_reply
 from dilo.transport.base import ByteCounter
 from dilo.transport.zmq_star import bind as bind_socket
 from dilo.transport.zmq_star import frames_nbytes
@@ -36,6 +45,16 @@ log = logging.getLogger("dilo.transport.p2p")
 
 MAX_QUEUED = 8
 """Uncollected messages kept per sender; older ones are dropped (and counted in `overflow`)."""
+
+
+@dataclass
+class _Link:
+    """Our side of the session with one peer address."""
+
+    session: ClientSession = field(default_factory=ClientSession)
+    hello_at: float = 0.0
+    silent: bool = False
+    """The peer did not answer our last HELLO in time: it is not waited for again."""
 
 
 class P2PNode:
@@ -52,6 +71,8 @@ class P2PNode:
         max_message_bytes: int,
         curve_dir: str = "",
         state_spec: dict[str, tuple[tuple[int, ...], str]] | None = None,
+        rate_limit: float = 200.0,
+        hello_timeout_s: float = 5.0,
     ) -> None:
         self.worker_id = worker_id
         self.run = run
@@ -64,12 +85,19 @@ class P2PNode:
         self.curve_dir = curve_dir
         self.limits = wire.Limits(max_frame_bytes=max_message_bytes, max_total_bytes=max_message_bytes)
         self.counter = ByteCounter()
-        self.rejected: Counter[str] = Counter()
+        self.rejects = RejectLog(log)
+        self.sessions = Sessions()
+        """Sessions peers opened with us (their GOSSIP and PULL)."""
+        self._limiter = RateLimiter(rate_limit, 2 * rate_limit)
+        self._links: dict[str, _Link] = {}
+        """Our sessions with each peer address (used from the training thread)."""
+        self.hello_timeout_s = hello_timeout_s
         self.overflow = 0
         self.ctx = zmq.Context()
         self._server = self.ctx.socket(zmq.ROUTER)
         self._server.setsockopt(zmq.LINGER, 0)
         self._server.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._server.setsockopt(zmq.RCVHWM, 64)
         if curve_dir:
             from dilo import keys
 
@@ -85,12 +113,18 @@ class P2PNode:
         self._thread = threading.Thread(target=self._serve, name=f"dilo-p2p-{worker_id}", daemon=True)
         self._thread.start()
 
+    @property
+    def rejected(self) -> Counter[str]:
+        """Refused peer messages since start, by code."""
+        return self.rejects.total
+
     # ------------------------------------------------------------------------------- server thread
 
     def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._server, zmq.POLLIN)
         while not self._stop.is_set():
+            self.rejects.flush()
             if not poller.poll(50):
                 continue
             while True:
@@ -109,12 +143,21 @@ class P2PNode:
     def _handle(self, identity: bytes, frames: list[Any]) -> None:
         with self._cv:
             self.counter.add(0, frames_nbytes(frames))
+        if not self._limiter.allow(identity):
+            self.rejects.count("rate")
+            return
+        msg: wire.Message | None = None
         try:
             msg = wire.decode(frames, secret=self.secret, limits=self.limits)
             if msg.run != self.run:
                 raise wire.WireError("run", f"message for run {msg.run!r}, this worker runs {self.run!r}")
             if msg.fp != self.fingerprint:
                 raise wire.WireError("config", f"config fingerprint {msg.fp!r} differs from ours {self.fingerprint!r}")
+            if msg.type == wire.MsgType.HELLO:
+                self._reply(identity, challenge_reply(self.sessions, msg, self.worker_id), to=msg)
+                return
+            if msg.type in (wire.MsgType.GOSSIP, wire.MsgType.PULL):
+                self.sessions.accept(msg.worker, msg.sid, msg.seq, channel=msg.type.value)  # "session" / "replay"
             if msg.type == wire.MsgType.GOSSIP:
                 wire.check_shapes(msg, self.spec)
                 wire.check_finite(msg)
@@ -128,21 +171,19 @@ class P2PNode:
             elif msg.type != wire.MsgType.PULL:
                 raise wire.WireError("bad_type", f"a gossip peer does not accept {msg.type.value} messages")
         except wire.WireError as e:
-            self.rejected[e.code] += 1
-            log.warning("rejected a peer message (%s): %s", e.code, e)
+            self.rejects.reject(e.code, str(e))
             if e.code not in ("size", "frames"):  # answer what looks like a request; the sender may wait
                 self._reply(identity, wire.Message(type=wire.MsgType.ERROR, worker=self.worker_id,
-                                                   body={"code": e.code, "message": str(e)}))  # fmt: skip
+                                                   body={"code": e.code, "message": str(e)}), to=msg)  # fmt: skip
             return
         if msg.type == wire.MsgType.PULL:
             publish = self._publish
             if publish is None:
-                self._reply(identity, wire.Message(type=wire.MsgType.ERROR, worker=self.worker_id,
-                                                   body={"code": "not_ready", "message": "no state yet"}))  # fmt: skip
+                refusal = wire.Message(type=wire.MsgType.ERROR, worker=self.worker_id,
+                                       body={"code": "not_ready", "message": "no state yet"})  # fmt: skip
+                self._reply(identity, refusal, to=msg)
             else:
-                reply = publish()
-                reply.seq = msg.seq
-                self._reply(identity, reply)
+                self._reply(identity, publish(), to=msg)
             return
         with self._cv:
             if msg.body.get("final", False):
@@ -156,8 +197,10 @@ class P2PNode:
                     log.warning("more than %d uncollected messages from %s: dropped the oldest", MAX_QUEUED, msg.worker)
             self._cv.notify_all()
 
-    def _reply(self, identity: bytes, msg: wire.Message) -> None:
+    def _reply(self, identity: bytes, msg: wire.Message, *, to: wire.Message | None = None) -> None:
         msg.run, msg.fp = self.run, self.fingerprint
+        if to is not None:  # a reply carries its request's session and seq
+            msg.sid, msg.seq = to.sid, to.seq
         frames = wire.encode(msg, self.secret)
         with self._cv:
             self.counter.add(frames_nbytes(frames), 0)
@@ -186,17 +229,84 @@ class P2PNode:
         return sock
 
     def send(self, peer: str, address: str, msg: wire.Message) -> bool:
-        """Queue msg for peer; False when its queue is full (a peer that stopped reading)."""
-        msg.worker, msg.run, msg.fp = self.worker_id, self.run, self.fingerprint
-        frames = wire.encode(msg, self.secret)
+        """Queue msg for peer; False when it was not sent (a peer that stopped reading, or with
+        which no session could be opened yet)."""
+        sock = self._socket(address)
+        link = self._links.setdefault(address, _Link())
+        self._read_replies(peer, sock, link)
+        opening = not link.session.sid
+        if opening and not link.session.pending and not self._hello(peer, sock, link):
+            return False
+        msg.worker = self.worker_id
+        link.session.opening(msg) if opening else link.session.stamp(msg)
+        frames = self._frames(msg)
         try:
-            self._socket(address).send_multipart(frames, copy=False)
+            sock.send_multipart(frames, copy=False)
         except zmq.Again:
             log.warning("peer %s at %s is not reading: message dropped", peer, address)
             return False
+        if opening:
+            link.session.established()  # the peer opens the session with this message; no reply comes
         with self._cv:
             self.counter.add(frames_nbytes(frames), 0)
         return True
+
+    def _frames(self, msg: wire.Message) -> list[Any]:
+        msg.run, msg.fp = self.run, self.fingerprint
+        return wire.encode(msg, self.secret)
+
+    def _hello(self, peer: str, sock: zmq.Socket, link: _Link) -> bool:
+        """Ask `peer` for a challenge: True once `link` holds one to open a session with.
+
+        The first time, wait up to hello_timeout_s for the answer. A peer that did not answer then
+        is not waited for again (every round would pay the timeout for a dead peer): a new HELLO
+        goes out at most once per hello_timeout_s, and its answer is picked up by a later send."""
+        now = time.monotonic()
+        if link.silent and now - link.hello_at < self.hello_timeout_s:
+            return False
+        hello = link.session.hello(self.worker_id)
+        frames = self._frames(hello)
+        try:
+            sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            return False
+        link.hello_at = now
+        with self._cv:
+            self.counter.add(frames_nbytes(frames), 0)
+        if link.silent:
+            return False
+        deadline = now + self.hello_timeout_s
+        while (left := deadline - time.monotonic()) > 0 and sock.poll(int(left * 1000) + 1):
+            self._read_replies(peer, sock, link)
+            if link.session.pending:
+                return True
+        link.silent = True
+        log.warning("peer %s did not answer HELLO within %.1f s: message dropped", peer, self.hello_timeout_s)
+        return False
+
+    def _read_replies(self, peer: str, sock: zmq.Socket, link: _Link) -> None:
+        """A peer answers only HELLO, and GOSSIP it refuses: take a challenge; a refusal of our
+        session (the peer restarted, or our session is not its current one) makes the next
+        message open a new one."""
+        while sock.poll(0):
+            raw = sock.recv_multipart(copy=False)
+            with self._cv:
+                self.counter.add(0, frames_nbytes(raw))
+            try:
+                reply = wire.decode(raw, secret=self.secret, limits=self.limits, expect_run=self.run)
+            except wire.WireError as e:
+                log.warning("bad reply from peer %s (%s): %s", peer, e.code, e)
+                continue
+            if reply.type == wire.MsgType.CHALLENGE:
+                if link.session.accept_challenge(reply):
+                    link.silent = False
+                continue
+            if reply.type != wire.MsgType.ERROR or not link.session.owns(reply):
+                continue
+            code = reply.body.get("code")
+            log.warning("peer %s refused a message (%s): %s", peer, code, reply.body.get("message"))
+            if code in ("session", "replay"):
+                link.session.reset()
 
     def collect(
         self,
@@ -248,10 +358,11 @@ class P2PNode:
                 d = Path(self.curve_dir)
                 keys.apply_client(sock, d / "client.key", d / "server.pub")
             sock.connect(address)
-            frames = wire.encode(
-                wire.Message(type=wire.MsgType.PULL, worker=self.worker_id, run=self.run, fp=self.fingerprint),
-                self.secret,
-            )
+            link = _Link()  # a session of its own: the pull is one request on one socket
+            if not self._hello(peer, sock, link):
+                return None
+            request = link.session.opening(wire.Message(type=wire.MsgType.PULL, worker=self.worker_id))
+            frames = self._frames(request)
             sock.send_multipart(frames, copy=False)
             with self._cv:
                 self.counter.add(frames_nbytes(frames), 0)
@@ -262,6 +373,9 @@ class P2PNode:
             with self._cv:
                 self.counter.add(0, frames_nbytes(raw))
             reply = wire.decode(raw, secret=self.secret, limits=self.limits, expect_run=self.run)
+            if not link.session.owns(reply, request):
+                log.warning("peer %s answered a pull with a reply of another request", peer)
+                return None
             if reply.type != wire.MsgType.STATE:
                 log.warning("peer %s refused a pull: %s", peer, reply.body)
                 return None
@@ -269,8 +383,7 @@ class P2PNode:
             wire.check_finite(reply)
             return reply
         except wire.WireError as e:
-            self.rejected[e.code] += 1
-            log.warning("bad state from peer %s (%s): %s", peer, e.code, e)
+            self.rejects.reject(e.code, f"bad state from peer {peer}: {e}")
             return None
         finally:
             sock.close(0)
