@@ -1,13 +1,14 @@
 """`dilo merge`: average independently trained checkpoints into one model, optionally variance-corrected.
 
 Each input is one worker's checkpoint pair written by dilo/state.py
-(`<run>/checkpoints/round_NNNNNN/worker<r>.json` + `.safetensors`; either file names the pair). The
+(`<run>/checkpoints/worker<r>/round_NNNNNN.json` + `.safetensors`, or `round_NNNNNN/worker<r>.*` of
+runs written before that layout; either file names the pair). The
 models' parameters are averaged tensor by tensor; with --variance-corrected each tensor is then
 rescaled around its mean to the inputs' mean variance (Tian et al., arXiv:2404.04616; see
 dilo/outer/mixing.py), which keeps the merge of uncorrelated models from shrinking its weights.
 Merging DiLoCo replicas that share an anchor does not need the correction.
 
-    dilo merge runs/a/checkpoints/round_000010/worker0.json runs/b/checkpoints/round_000010/worker0.json \\
+    dilo merge runs/a/checkpoints/worker0/round_000010.json runs/b/checkpoints/worker0/round_000010.json \\
         --out merged.safetensors --variance-corrected --config configs/quickstart.toml
 
 writes `merged.safetensors` (one tensor per parameter name) and `merged.json` (inputs and per-layer
@@ -29,24 +30,22 @@ from torch import Tensor
 
 from dilo.errors import DiloError
 from dilo.outer.mixing import layer_std, variance_corrected_merge
-from dilo.state import ROUND_DIR, load_worker_state
+from dilo.state import load_worker_state, locate
 
 
 def load_params(path: Path) -> list[Tensor]:
     """The `params` list of one checkpoint pair, named by either of its two files."""
     if path.suffix not in (".json", ".safetensors"):
-        raise ValueError(f"{path}: expected a checkpoint file worker<r>.json or worker<r>.safetensors")
-    who = path.stem
+        raise ValueError(f"{path}: expected a checkpoint file <who>/round_NNNNNN.json (or .safetensors)")
     for f in (path.with_suffix(".json"), path.with_suffix(".safetensors")):
         if not f.is_file():
             raise FileNotFoundError(
-                f"{f}: no such file (a checkpoint is the pair {who}.json + {who}.safetensors in a round_NNNNNN dir)"
+                f"{f}: no such file (a checkpoint is the pair round_NNNNNN.json + round_NNNNNN.safetensors "
+                "in its writer's directory)"
             )
-    m = ROUND_DIR.match(path.parent.name)
-    if m is None:
-        raise ValueError(f"{path}: its directory {path.parent.name!r} is not a checkpoint round dir round_NNNNNN")
+    ckpt_dir, round_idx, who = locate(path)
     try:
-        state = load_worker_state(path.parent.parent, int(m.group(1)), who)
+        state = load_worker_state(ckpt_dir, round_idx, who)
     except (SafetensorError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
     params = state.get("params")
@@ -142,7 +141,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="dilo merge", description="Average independently trained checkpoints into one model."
     )
-    parser.add_argument("ckpts", nargs="+", type=Path, help="checkpoint files worker<r>.json (or .safetensors)")
+    parser.add_argument(
+        "ckpts", nargs="+", type=Path, help="checkpoint files worker<r>/round_NNNNNN.json (or .safetensors)"
+    )
     parser.add_argument(
         "--out", required=True, type=Path, help="merged .safetensors file; a .json sidecar goes next to it"
     )

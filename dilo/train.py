@@ -33,7 +33,7 @@ from dilo.model import build_model, num_params
 from dilo.outer.async_local import AsyncLocalSGD
 from dilo.outer.base import Strategy, Tail, params_of
 from dilo.outer.ddp import DDP
-from dilo.state import load_worker_state, save_worker_state
+from dilo.state import load_worker_state, rounds_of, save_worker_state
 from dilo.transport.base import ring_all_reduce_bytes
 from dilo.world import ElasticWorld, GossipWorld, Placement, StaticWorld
 
@@ -209,6 +209,17 @@ def train(
         totals.eval_s += eval_s
         totals.bytes_sent, totals.bytes_recv = world.counter.sent, world.counter.recv
         totals.wall_s = clock.now() - wall_t0
+        # checkpoint before the round's record, which says whether it failed
+        stopping = report.stop or (max_rounds is not None and rounds_this_call >= max_rounds)
+        every = cfg.checkpoint.every
+        checkpoint_error = None
+        if last or stopping or (every and totals.round % every == 0):
+            try:
+                save_worker_state(ckpt_dir, totals.round, world.log_name, _state(model, inner, outer, island, totals))
+            except OSError as e:  # a full or failing disk costs this checkpoint, not the run
+                checkpoint_error = f"{e.filename or ckpt_dir}: {e.strerror or e}"
+                going_on = "" if last or stopping else "; training goes on"
+                log.error("round %d: checkpoint failed%s: %s", totals.round, going_on, checkpoint_error)
         record = {
             "event": "round",
             "round": totals.round,
@@ -238,6 +249,8 @@ def train(
             record["staleness"] = report.staleness
             record["next_steps"] = outer.round_steps
         record.update(report.extra)
+        if checkpoint_error is not None:
+            record["checkpoint_error"] = checkpoint_error
         sink.write(record)
         bar.show(
             round=totals.round,
@@ -249,13 +262,21 @@ def train(
         round_loss, round_steps, round_inner_s, round_comm_s = 0.0, 0, 0.0, 0.0
         round_t0 = clock.now()
 
-        stopping = report.stop or (max_rounds is not None and rounds_this_call >= max_rounds)
-        every = cfg.checkpoint.every
-        if last or stopping or (every and totals.round % every == 0):
-            save_worker_state(ckpt_dir, totals.round, world.log_name, _state(model, inner, outer, island, totals))
         if stopping and not last:
             stopped = True
-            if main:
+            if checkpoint_error is not None:  # this worker's own news: the others' checkpoints may be fine
+                prior = rounds_of(ckpt_dir, world.log_name)
+                bar.print(
+                    f"dilo: error: stopped after round {totals.round} (step {totals.step}) but its checkpoint "
+                    f"failed ({checkpoint_error}): "
+                    + (
+                        f"there is no checkpoint of round {totals.round} to resume from; --checkpoint.resume=true "
+                        f"would go back to round {prior[-1]}, the newest of {world.log_name} in {ckpt_dir}"
+                        if prior
+                        else f"there is no checkpoint to resume from ({ckpt_dir} holds none of {world.log_name})"
+                    )
+                )
+            elif main:
                 bar.print(
                     f"stopped after round {totals.round} (step {totals.step}); checkpoint in {ckpt_dir}, "
                     "continue with --checkpoint.resume=true"

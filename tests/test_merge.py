@@ -19,8 +19,7 @@ CFG = GPTConfig(n_layer=1, d_model=32, n_head=2, context=32)
 
 def _save(ckpt_dir: Path, round_idx: int, who: str, seed: int, cfg: GPTConfig = CFG) -> tuple[Path, list[torch.Tensor]]:
     params = [p.detach().clone() for p in params_of(build_model(cfg, seed))]
-    d = save_worker_state(ckpt_dir, round_idx, who, {"params": params, "inner": {"step": 7}})
-    return d / f"{who}.json", params
+    return save_worker_state(ckpt_dir, round_idx, who, {"params": params, "inner": {"step": 7}}), params
 
 
 @pytest.fixture
@@ -100,9 +99,9 @@ def test_main_reports_shape_mismatch_and_missing_file(
     assert str(wide) in err and "shape (256, 64)" in err and "(256, 32)" in err
     assert not out.exists()
 
-    missing = tmp_path / "run_a" / "checkpoints" / "round_000010" / "worker9.json"
+    missing = tmp_path / "run_a" / "checkpoints" / "worker9" / "round_000010.json"
     assert main([str(paths[0]), str(missing), "--out", str(out)]) == 2
-    assert "worker9.json: no such file" in capsys.readouterr().err
+    assert "worker9/round_000010.json: no such file" in capsys.readouterr().err
 
     stray = tmp_path / "loose" / "worker0.json"
     stray.parent.mkdir()
@@ -135,3 +134,18 @@ def test_main_with_config_names_tensors(
     config.write_text(config.read_text().replace("n_layer = 1", "n_layer = 2"))
     assert main(args) == 2
     assert "parameters but the checkpoints hold" in capsys.readouterr().err
+
+
+def test_merges_checkpoints_of_the_previous_layout(
+    ckpts: tuple[list[Path], list[list[torch.Tensor]]], tmp_path: Path
+) -> None:
+    """Runs written before per-writer directories (checkpoints/round_NNNNNN/<who>.*) still merge."""
+    paths, _ = ckpts
+    old = tmp_path / "old_run" / "checkpoints" / "round_000010" / "worker0.json"
+    old.parent.mkdir(parents=True)
+    for suffix in (".json", ".safetensors"):
+        old.with_suffix(suffix).write_bytes(paths[0].with_suffix(suffix).read_bytes())
+    merge([old.with_suffix(".safetensors"), paths[2]], tmp_path / "old.safetensors")
+    merge([paths[0], paths[2]], tmp_path / "new.safetensors")
+    a, b = load_file(str(tmp_path / "old.safetensors")), load_file(str(tmp_path / "new.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
