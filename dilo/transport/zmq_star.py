@@ -33,6 +33,9 @@ from dilo.transport.base import ByteCounter
 
 log = logging.getLogger("dilo.transport.zmq")
 
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 RETRY_JOIN_CODES = ("session", "replay", "rate", "bad_header", "frames", "size", "bad_message")
 """A JOIN refused for these (a challenge that expired or raced, or a reply damaged on the way) is
 tried again; any other refusal is a configuration to fix, reported at once."""
@@ -65,7 +68,10 @@ class StarClient:
         self.boot: str | None = None
         """The `boot` id of the coordinator process that welcomed us."""
         self.join_body: dict[str, Any] = {}
-        self.sock = self._connect()
+        self._monitor: zmq.Socket | None = None
+        self._handshake_refused = False
+        """A handshake failed since the latest join began (the monitor of a closed socket is gone)."""
+        self.sock = self._connect_watched()
         self.heartbeat = Heartbeat(
             self._connect,
             worker_id,
@@ -82,6 +88,9 @@ class StarClient:
     def _connect(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # A DEALER whose connection failed its handshake (e.g. no CURVE keys for a CURVE
+        # coordinator) has no peer, and a send without a timeout would wait for one forever.
+        sock.setsockopt(zmq.SNDTIMEO, int(self.cfg.request_timeout_s * 1000))
         if self.cfg.curve_dir:
             from dilo import keys
 
@@ -97,9 +106,28 @@ class StarClient:
     def _read(self, frames: list[Any]) -> wire.Message:
         return wire.decode(frames, secret=self.secret, limits=self.limits, expect_run=self.run)
 
+    def _connect_watched(self) -> zmq.Socket:
+        """The request socket, with a monitor that hears of failed handshakes (a wrong or missing
+        CURVE key never produces a reply, only this event)."""
+        sock = self._connect()
+        self._close_monitor()
+        self._monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+        return sock
+
+    def _close_monitor(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close(0)
+            self._monitor = None
+
+    def _handshake_failed(self) -> bool:
+        return self._monitor is not None and bool(self._monitor.poll(0))
+
     def _reconnect(self) -> None:
+        failed = self._handshake_failed()
+        self.sock.disable_monitor()
         self.sock.close(0)
-        self.sock = self._connect()
+        self.sock = self._connect_watched()
+        self._handshake_refused = self._handshake_refused or failed
 
     def request(self, msg: wire.Message, *, wait_s: float, watch: bool = False, stamped: bool = False) -> wire.Message:
         """Send and wait up to wait_s for the reply of this session to this message (anything else
@@ -108,8 +136,12 @@ class StarClient:
         if not stamped:
             self.session.stamp(msg)
         frames = self._frames(msg)
+        try:
+            self.sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            self._reconnect()
+            raise SyncTimeout(f"cannot send {msg.type.value} to {self.cfg.address}: no connection") from None
         self.counter.add(frames_nbytes(frames), 0)
-        self.sock.send_multipart(frames, copy=False)
         t0 = time.monotonic()
         while True:
             if self.sock.poll(200):
@@ -163,6 +195,7 @@ class StarClient:
         give_up_s = give_up_s if give_up_s is not None else max(60.0, 6 * self.cfg.request_timeout_s)
         wait_s = min(self.cfg.request_timeout_s, 5.0)
         t0, delay = time.monotonic(), 0.25
+        self._handshake_refused = False
         log.info("worker %s joining the coordinator at %s", self.worker_id, self.cfg.address)
         while True:
             try:
@@ -175,6 +208,8 @@ class StarClient:
                 if isinstance(e, wire.WireError) and e.code not in RETRY_JOIN_CODES:
                     raise DiloError(_join_refusal(self.worker_id, e, has_secret=self.secret is not None)) from e
                 # no answer, or a challenge that expired or lost a race with another JOIN: again
+                if self._handshake_refused or self._handshake_failed():
+                    raise DiloError(self._refused_handshake()) from None
                 if time.monotonic() - t0 > give_up_s:
                     raise DiloError(self._unreachable(give_up_s)) from None
                 time.sleep(delay)
@@ -191,6 +226,19 @@ class StarClient:
             self.heartbeat.not_member.clear()
             self.heartbeat.boot = None  # an id seen before this WELCOME may be the old process's
             return welcome
+
+    def _refused_handshake(self) -> str:
+        if self.cfg.curve_dir:
+            fix = (
+                f"the keys in membership.curve_dir={self.cfg.curve_dir!r} are not the coordinator's, or the "
+                "coordinator does not encrypt: use the server.pub and client.key made with its `dilo keys`"
+            )
+        else:
+            fix = (
+                "the coordinator encrypts its traffic (CURVE) and this worker has no keys: set membership.curve_dir "
+                "to a directory holding the coordinator's server.pub and a client.key (`dilo keys`)"
+            )
+        return f"worker {self.worker_id!r} cannot join {self.cfg.address}: the connection handshake failed; {fix}"
 
     def _unreachable(self, give_up_s: float) -> str:
         hint = (
@@ -227,6 +275,8 @@ class StarClient:
 
     def close(self) -> None:
         self.heartbeat.stop()
+        self.sock.disable_monitor()
+        self._close_monitor()
         self.sock.close(0)
         self.ctx.term()
 
