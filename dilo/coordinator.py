@@ -390,12 +390,14 @@ class Coordinator:
         member = self.members.get(msg.worker)
         if member is None:
             raise wire.WireError("not_member", f"worker {msg.worker!r} is not a member: send JOIN first")
-        self.sessions.check(msg.worker, msg.sid, msg.seq)  # "session" / "replay": nothing below runs
         if t in (wire.MsgType.PUSH, wire.MsgType.PULL, wire.MsgType.LEAVE) and identity != member.identity:
-            # heartbeats come from a socket of their own; requests only from the socket that joined
+            # Heartbeats come from a socket of their own; requests only from the socket that joined.
+            # Checked before the session spends the number: a copy that overtakes the original on
+            # another connection must not make the original look like the replay.
             raise wire.WireError(
                 "identity", f"worker {msg.worker!r} joined from another connection: JOIN again from this one"
             )
+        self.sessions.check(msg.worker, msg.sid, msg.seq)  # "session" / "replay": nothing below runs
         member.last_seen = self.clock()
         member.bytes_in += size
         if t == wire.MsgType.HEARTBEAT:

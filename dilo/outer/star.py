@@ -38,8 +38,9 @@ from dilo.transport.zmq_star import StarClient
 log = logging.getLogger("dilo.outer.star")
 
 DOWNLINK_PART = SHARDS_PER_GROUP - 1
-REJOIN_CODES = ("not_member", "session", "identity")
-"""Refusals that a fresh JOIN cures: the coordinator forgot us, or our session is not its current one."""
+REJOIN_CODES = ("not_member", "session", "identity", "replay")
+"""Refusals that a fresh JOIN cures: the coordinator forgot us, our session is not its current one,
+or a copy of our message reached it first (an attacker's replay that overtook the original)."""
 
 
 def worker_key(worker_id: str) -> int:
