@@ -34,6 +34,7 @@ from dilo.config import from_dict  # noqa: E402
 from dilo.coordinator import Coordinator  # noqa: E402
 from dilo.model import param_names, params_of  # noqa: E402
 from dilo.outer.star import StarCodec  # noqa: E402
+from dilo.session import ClientSession  # noqa: E402
 
 
 def gpt_config(name: str, d_model: int, n_layer: int, n_head: int, **extra: object):
@@ -69,29 +70,36 @@ class Served:
 class RawWorker:
     """The protocol from a worker's side, without training: join, push, wait."""
 
-    def __init__(self, ctx: zmq.Context, served: Served, cfg, worker: str, secret: bytes | None = None) -> None:
+    def __init__(
+        self, ctx: zmq.Context, served: Served, cfg, worker: str, secret: bytes | None = None, session=None
+    ) -> None:
+        """session: another RawWorker's (a heartbeat socket of the same worker), else a new one."""
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(served.address)
         self.cfg, self.worker, self.secret = cfg, worker, secret
-        self.seq = 0
+        self.session = session or ClientSession()
 
     def request(self, type_: wire.MsgType, *, tensors=None, body=None, base: int = -1) -> wire.Message:
         self.send(type_, tensors=tensors, body=body, base=base)
-        return self.recv()
+        reply = self.recv()
+        if type_ == wire.MsgType.JOIN:
+            self.session.established()
+        return reply
 
     def send(self, type_: wire.MsgType, *, tensors=None, body=None, base: int = -1) -> None:
-        self.seq += 1
-        msg = wire.Message(
-            type=type_,
-            worker=self.worker,
-            seq=self.seq,
-            base=base,
-            body=body or {},
-            tensors=tensors or {},
-            run=self.cfg.name,
-            fp=self.cfg.fingerprint(),
-        )
+        """Send one message; a JOIN first asks for its challenge (HELLO), as every worker does."""
+        msg = wire.Message(type=type_, worker=self.worker, base=base, body=body or {}, tensors=tensors or {})
+        if type_ == wire.MsgType.JOIN:
+            self._send(self.session.hello(self.worker))
+            assert self.session.accept_challenge(self.recv())
+            self.session.opening(msg)
+        else:
+            self.session.stamp(msg)
+        self._send(msg)
+
+    def _send(self, msg: wire.Message) -> None:
+        msg.run, msg.fp = self.cfg.name, self.cfg.fingerprint()
         self.sock.send_multipart(wire.encode(msg, self.secret), copy=False)
 
     def recv(self) -> wire.Message:
@@ -247,7 +255,7 @@ def bench_dead_worker() -> dict:
     stop = threading.Event()
 
     def heartbeats() -> None:
-        hb = RawWorker(ctx, served, cfg, "alive")
+        hb = RawWorker(ctx, served, cfg, "alive", session=alive.session)
         while not stop.is_set():
             hb.request(wire.MsgType.HEARTBEAT)
             time.sleep(0.2)
