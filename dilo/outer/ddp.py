@@ -77,7 +77,8 @@ class DDP:
             self.transport.all_reduce_([t])
             committed = True
         except TransportError as e:
-            committed, reason = False, repr(e)
+            # a collective that failed half way may have left partial sums in t: report our own
+            committed, reason, t = False, repr(e), tail.tensor()
         c = self.transport.counter
         self._bytes_mark = (c.sent, c.recv)
         return SyncReport(

@@ -37,6 +37,7 @@ from dilo.compress import Context, build_codec, pack, unpack
 from dilo.compress.base import Codec
 from dilo.compress.feedback import ErrorFeedback
 from dilo.compress.lowrank import PowerSGD
+from dilo.errors import TransportError
 from dilo.outer.base import TAIL_COUNT, TAIL_WEIGHT, FlatLayout
 from dilo.transport.base import Transport
 
@@ -133,6 +134,33 @@ class Exchange:
 
     @torch.no_grad()
     def mean(self, deltas: list[Tensor], tail: Tensor, round_idx: int) -> ExchangeResult:
+        """The weighted mean of every worker's pseudo-gradient. A failed collective raises its
+        TransportError with the error-feedback memory as it was before the call: the round left
+        no trace (encoding had already folded this round's delta into the residuals, and a shard
+        owner may have re-encoded its mean, for a payload nobody applied)."""
+        saved = self._feedback_snapshot()
+        try:
+            return self._mean(deltas, tail, round_idx)
+        except TransportError:
+            self._restore_feedback(saved)
+            raise
+
+    def _feedback_snapshot(self) -> list[tuple[dict[int, Tensor] | None, Tensor | None, list[Tensor]]]:
+        # References, not copies: every residual is replaced by a new tensor, never updated in place
+        # (ErrorFeedback.encode, the owner's and PowerSGD's residuals below).
+        snapshot = []
+        for g in self.groups:
+            residuals = dict(g.codec.residuals) if isinstance(g.codec, ErrorFeedback) else None
+            snapshot.append((residuals, g.owner_residual, list(g.lowrank_residual)))
+        return snapshot
+
+    def _restore_feedback(self, saved: list[tuple[dict[int, Tensor] | None, Tensor | None, list[Tensor]]]) -> None:
+        for g, (residuals, owner, lowrank) in zip(self.groups, saved):
+            if residuals is not None and isinstance(g.codec, ErrorFeedback):
+                g.codec.residuals = residuals
+            g.owner_residual, g.lowrank_residual = owner, lowrank
+
+    def _mean(self, deltas: list[Tensor], tail: Tensor, round_idx: int) -> ExchangeResult:
         t = self.transport
         tails = torch.stack(t.all_gather(tail.reshape(1, -1).to(torch.float64))).reshape(t.size, -1)
         weights = [float(w) if c > 0 else 0.0 for w, c in zip(tails[:, TAIL_WEIGHT], tails[:, TAIL_COUNT])]
