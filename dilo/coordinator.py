@@ -382,7 +382,7 @@ class Coordinator:
             self._send(identity, wire.Message(type=wire.MsgType.STATUS_REPLY, worker="coordinator", body=self.status()))
             return
         if t == wire.MsgType.HELLO:  # costs nothing to keep: the challenge is checked, not stored
-            self._send(identity, challenge_reply(self.sessions, msg, "coordinator"), to=msg)
+            self._send(identity, challenge_reply(self.sessions, msg, "coordinator", identity), to=msg)
             return
         if t == wire.MsgType.JOIN:
             self._join(identity, msg)
@@ -390,14 +390,14 @@ class Coordinator:
         member = self.members.get(msg.worker)
         if member is None:
             raise wire.WireError("not_member", f"worker {msg.worker!r} is not a member: send JOIN first")
-        if t in (wire.MsgType.PUSH, wire.MsgType.PULL, wire.MsgType.LEAVE) and identity != member.identity:
-            # Heartbeats come from a socket of their own; requests only from the socket that joined.
-            # Checked before the session spends the number: a copy that overtakes the original on
-            # another connection must not make the original look like the replay.
-            raise wire.WireError(
-                "identity", f"worker {msg.worker!r} joined from another connection: JOIN again from this one"
-            )
-        self.sessions.check(msg.worker, msg.sid, msg.seq)  # "session" / "replay": nothing below runs
+        # Each session belongs to the connection that opened it: requests to the one that joined,
+        # heartbeats (a socket of their own, a session opened by its first heartbeat) to theirs.
+        # A copy from any other connection is refused ("identity") before its number is spent,
+        # a repeated number is refused ("replay"): nothing below runs for either.
+        if t == wire.MsgType.HEARTBEAT:
+            self.sessions.accept(msg.worker, msg.sid, msg.seq, channel="heartbeat", identity=identity)
+        else:
+            self.sessions.check(msg.worker, msg.sid, msg.seq, identity=identity)
         member.last_seen = self.clock()
         member.bytes_in += size
         if t == wire.MsgType.HEARTBEAT:
@@ -444,7 +444,7 @@ class Coordinator:
         if wants is not None and wants != "auto":
             raise wire.WireError("bad_body", f"island must be 'auto' or absent, got {wants!r}")
         # a fresh challenge, or "session" / "replay"; from now on this session is the worker's only one
-        self.sessions.open(msg.worker, msg.sid, msg.seq)
+        self.sessions.open(msg.worker, msg.sid, msg.seq, identity=identity)
         if msg.worker in self.members:
             m = self.members[msg.worker]
             if m.identity and m.identity != identity:
@@ -534,6 +534,7 @@ class Coordinator:
 
     def _remove(self, worker: str) -> None:
         self.sessions.close(worker)
+        self.sessions.close(worker, channel="heartbeat")
         if self.members.pop(worker, None) is not None:
             self.epoch += 1
             self.round.members.discard(worker)

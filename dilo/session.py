@@ -74,6 +74,8 @@ class ReplayWindow:
 class _Active:
     sid: str
     window: ReplayWindow
+    identity: bytes
+    """The connection that opened the session: copies sent from any other are refused."""
 
 
 class Sessions:
@@ -88,18 +90,22 @@ class Sessions:
         self._floor: OrderedDict[str, tuple[int, float]] = OrderedDict()
         """peer -> (counter of the newest session it opened, when): older challenges are spent."""
 
-    def _mac(self, peer: str, n: int, t_ms: int) -> str:
-        return hmac.new(self._key, f"{peer}|{n}|{t_ms}".encode(), sha256).hexdigest()[:32]
+    def _mac(self, peer: str, identity: bytes, n: int, t_ms: int) -> str:
+        msg = f"{peer}|{n}|{t_ms}|".encode() + identity
+        return hmac.new(self._key, msg, sha256).hexdigest()[:32]
 
-    def challenge(self, peer: str) -> str:
+    def challenge(self, peer: str, identity: bytes = b"") -> str:
+        """A challenge for `peer` on the connection `identity` (a ZeroMQ routing id, which never
+        travels on the wire): only a message from that connection can open a session with it."""
         n, t_ms = next(self._counter), int(self.clock() * 1000)
-        return f"{n:x}.{t_ms:x}.{self._mac(peer, n, t_ms)}"
+        return f"{n:x}.{t_ms:x}.{self._mac(peer, identity, n, t_ms)}"
 
-    def open(self, peer: str, sid: str, seq: int, channel: str = "") -> None:
+    def open(self, peer: str, sid: str, seq: int, channel: str = "", identity: bytes = b"") -> None:
         """Start `peer`'s session `sid` (from our challenge) with its first message; replaces any
         session it had on that channel (a peer may keep one per kind of request, e.g. gossip and
-        pulls). Raises WireError "session" (not our challenge, or expired) or "replay"."""
-        n, t_ms = self._parse(peer, sid)
+        pulls). Raises WireError "session" (not our challenge, not for this connection, or
+        expired) or "replay"."""
+        n, t_ms = self._parse(peer, sid, identity)
         key = f"{peer}\0{channel}"
         now = self.clock()
         if now * 1000 - t_ms > self.ttl_s * 1000:
@@ -111,27 +117,32 @@ class Sessions:
         if not window.accept(seq):
             raise WireError("replay", f"sequence number {seq} of {peer!r} is not a fresh one")
         self._remember(self._floor, key, (n, now))
-        self._remember(self._active, key, _Active(sid, window))
+        self._remember(self._active, key, _Active(sid, window, identity))
 
-    def check(self, peer: str, sid: str, seq: int, channel: str = "") -> None:
+    def check(self, peer: str, sid: str, seq: int, channel: str = "", identity: bytes = b"") -> None:
         """A message of `peer`'s open session. Raises WireError "session" (no session, or another
-        one: say HELLO and open a new one) or "replay" (this sequence number was seen)."""
+        one: say HELLO and open a new one), "identity" (sent from another connection than the one
+        that opened it: a copy, checked before the number is spent so that a copy overtaking the
+        original does not make the original look like the replay) or "replay" (this sequence
+        number was seen)."""
         active = self._active.get(f"{peer}\0{channel}")
         if active is None or not sid or not hmac.compare_digest(active.sid, sid):
             raise WireError(
                 "session", f"{peer!r} has no open session {sid[:12] or '(none)'}: say HELLO and start a new one"
             )
+        if active.identity != identity:
+            raise WireError("identity", f"{peer!r} opened this session from another connection: open a new one here")
         if not active.window.accept(seq):
             raise WireError("replay", f"sequence number {seq} of {peer!r} was seen before (or is too old)")
 
-    def accept(self, peer: str, sid: str, seq: int, channel: str = "") -> None:
-        """check() a message of the open session, or open() a new one with it (gossip peers, which
-        have no JOIN)."""
+    def accept(self, peer: str, sid: str, seq: int, channel: str = "", identity: bytes = b"") -> None:
+        """check() a message of the open session, or open() a new one with it (gossip peers and
+        heartbeat sockets, which have no JOIN)."""
         active = self._active.get(f"{peer}\0{channel}")
         if active is not None and sid and hmac.compare_digest(active.sid, sid):
-            self.check(peer, sid, seq, channel)
+            self.check(peer, sid, seq, channel, identity)
         else:
-            self.open(peer, sid, seq, channel)
+            self.open(peer, sid, seq, channel, identity)
 
     def close(self, peer: str, channel: str = "") -> None:
         """End `peer`'s session (it left); its floor stays, so its old challenges stay spent."""
@@ -143,15 +154,16 @@ class Sessions:
         for key in [k for k, (_, t) in self._floor.items() if t < horizon and k not in self._active]:
             del self._floor[key]
 
-    def _parse(self, peer: str, sid: str) -> tuple[int, int]:
+    def _parse(self, peer: str, sid: str, identity: bytes) -> tuple[int, int]:
         try:
             n_hex, t_hex, mac = sid.split(".")
             n, t_ms = int(n_hex, 16), int(t_hex, 16)
         except ValueError:
             raise WireError("session", f"{sid[:40]!r} is not a session this receiver issued: say HELLO") from None
-        if not hmac.compare_digest(self._mac(peer, n, t_ms), mac):
+        if not hmac.compare_digest(self._mac(peer, identity, n, t_ms), mac):
             raise WireError(
-                "session", f"session {sid[:12]}... was not issued to {peer!r} by this process: say HELLO again"
+                "session",
+                f"session {sid[:12]}... was not issued to {peer!r} on this connection by this process: say HELLO again",
             )
         return n, t_ms
 
@@ -220,11 +232,10 @@ class ClientSession:
             self.sid = self.pending = ""
 
 
-def challenge_reply(sessions: Sessions, msg: Message, me: str) -> Message:
-    """The CHALLENGE answering a HELLO (raises WireError for a malformed one)."""
+def challenge_reply(sessions: Sessions, msg: Message, me: str, identity: bytes) -> Message:
+    """The CHALLENGE answering a HELLO from connection `identity` (WireError for a malformed one)."""
     nonce = msg.body.get("nonce")
     if not isinstance(nonce, str) or not 16 <= len(nonce) <= 64:
         raise WireError("bad_body", "HELLO carries nonce = a string of 16 to 64 characters")
-    return Message(
-        type=MsgType.CHALLENGE, worker=me, body={"nonce": nonce, "challenge": sessions.challenge(msg.worker)}
-    )
+    challenge = sessions.challenge(msg.worker, identity)
+    return Message(type=MsgType.CHALLENGE, worker=me, body={"nonce": nonce, "challenge": challenge})

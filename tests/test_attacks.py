@@ -146,7 +146,11 @@ def test_replayed_heartbeats_do_not_keep_a_dead_worker(tmp_path: Path, corpus_di
         alive.send(wire.Message(type=wire.MsgType.HEARTBEAT, worker="alive"))
         coord.tick()
     assert sorted(coord.members) == ["alive"]  # heartbeat_timeout_s = 2 passed without a fresh one
-    assert coord.rejected["replay"] >= 4  # the replays before it left; later ones are from a non-member
+    # copies from another connection are refused before they count; once it left, as a non-member's
+    assert coord.rejected["identity"] >= 3 and coord.rejected["not_member"] >= 1
+    _replies(coord)
+    coord.handle(b"dead", beat)  # even on its own connection, the copy is refused
+    assert [m.body["code"] for _, m in _replies(coord)] == ["not_member"]
 
 
 def test_a_replayed_join_does_not_bring_back_a_departed_worker(tmp_path: Path, corpus_dir: Path) -> None:

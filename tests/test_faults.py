@@ -49,14 +49,6 @@ from tests.conftest import run_workers, tiny_config, write_toml
 from tests.test_elastic import FAST, _env, _log, _reaped, _records, _serving, _spawn, _tail
 
 SECRET = b"faults-secret-0123456789abcdef"
-REPLAY_ANSWERED = (
-    "the coordinator answers the duplicate of a pending PUSH with ERROR(replay) echoing its sid and seq; the "
-    "worker takes it for the answer to its push, re-joins and pushes again (duplicated again): rounds are lost"
-)
-AUTH_ENDS_WORKER = (
-    "a PUSH damaged on the way is answered with a session-less ERROR(auth), which the client takes for the "
-    "answer to its push (session.owns), and StarDiLoCo.sync re-raises that code: the worker dies"
-)
 
 
 # ==========================================================================================
@@ -628,9 +620,7 @@ def test_star_and_async_shrug_off_harmless_faults(tmp_path: Path, corpus_dir: Pa
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize(
-    "strategy", [pytest.param("diloco", marks=pytest.mark.xfail(reason=REPLAY_ANSWERED, strict=False)), "async"]
-)
+@pytest.mark.parametrize("strategy", ["diloco", "async"])
 def test_duplicated_pushes_are_rejected_as_replays_never_applied_twice(
     tmp_path: Path, corpus_dir: Path, strategy: str
 ) -> None:
@@ -667,8 +657,7 @@ def test_a_lost_result_makes_the_worker_rejoin(tmp_path: Path, corpus_dir: Path,
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(
     "direction",
-    [pytest.param("to_server", id="push", marks=pytest.mark.xfail(reason=AUTH_ENDS_WORKER, strict=False)),
-     pytest.param("to_client", id="result")],
+    [pytest.param("to_server", id="push"), pytest.param("to_client", id="result")],
 )  # fmt: skip
 def test_a_corrupted_push_or_result_costs_one_round(tmp_path: Path, corpus_dir: Path, direction: str) -> None:
     """A byte of the 2nd push's (or RESULT's) last tensor frame flipped on the way: the HMAC fails,

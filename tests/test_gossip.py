@@ -214,22 +214,24 @@ def test_peer_messages_are_validated(tmp_path: Path) -> None:
         # a captured message of the live session, replayed byte for byte by anyone on the path
         link = sender._links[node.address].session
         captured = sender._frames(link.stamp(gossip({"p.0": good * 5}, {"round": 2})))
+        own = sender._socket(node.address)
         tap = sender.ctx.socket(zmq.DEALER)
         tap.setsockopt(zmq.LINGER, 0)
         tap.connect(node.address)
         try:
-            tap.send_multipart(captured)  # the original: taken
+            own.send_multipart(captured)  # the original: taken
             got = node.collect({"you"}, timeout_s=2.0, round_idx=2)
             assert torch.equal(got["you"][0].tensors["p.0"], good * 5)
             for _ in range(3):
-                tap.send_multipart(captured)  # replays: refused, never collected
+                tap.send_multipart(captured)  # copies from another connection: refused, never collected
             assert tap.poll(2000)
             refusal = wire.decode(tap.recv_multipart(), secret=SECRET)
-            assert refusal.type == wire.MsgType.ERROR and refusal.body["code"] == "replay", refusal.body
+            assert refusal.type == wire.MsgType.ERROR and refusal.body["code"] == "identity", refusal.body
+            own.send_multipart(captured)  # and on the sender's own connection, a repeat
             assert node.collect({"you"}, timeout_s=0.5, round_idx=2) == {}
         finally:
             tap.close(0)
-        assert node.rejected["replay"] == 3
+        assert node.rejected["identity"] == 3 and node.rejected["replay"] == 1
         # a PULL before anything was published is refused; afterwards it returns the state
         assert sender.pull("me", node.address, 2.0) is None
         node.publish(lambda: wire.Message(type=wire.MsgType.STATE, worker="me", tensors={"p.0": good * 3}))

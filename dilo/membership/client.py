@@ -22,8 +22,12 @@ import zmq
 
 from dilo import wire
 from dilo.membership.base import View
+from dilo.session import ClientSession
 
 log = logging.getLogger("dilo.membership")
+
+_NEW_SESSION = ("session", "identity", "replay")
+"""Refusals of our heartbeat session that a new one cures."""
 
 
 class Heartbeat:
@@ -36,7 +40,6 @@ class Heartbeat:
         timeout_s: float,
         make_message: Callable[[wire.Message], list],
         read_reply: Callable[[list], wire.Message],
-        owns: Callable[[wire.Message], bool] = lambda reply: True,
     ) -> None:
         self._connect = connect
         self.worker_id = worker_id
@@ -44,9 +47,10 @@ class Heartbeat:
         self.timeout_s = timeout_s
         self._make = make_message
         self._read = read_reply
-        self._owns = owns
-        """Whether a reply belongs to the current session: an ACK or refusal of an old session (or a
-        replayed one) must neither keep a dead coordinator alive nor make us re-join."""
+        self.session = ClientSession()
+        """The heartbeat socket's own session (dilo/session.py), opened by its first HEARTBEAT with
+        a challenge asked on this socket: copies of our heartbeats sent from anywhere else, or
+        replayed, are refused, and ACKs of an old session are ignored."""
         self.lost = threading.Event()
         self.not_member = threading.Event()
         self.view: View | None = None
@@ -67,13 +71,24 @@ class Heartbeat:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
+    def _beat(self, sock: zmq.Socket) -> None:
+        """A HEARTBEAT of our session, the one that opens it, or, with no session, a HELLO for one."""
+        s = self.session
+        if s.sid or s.pending:
+            msg = wire.Message(type=wire.MsgType.HEARTBEAT, worker=self.worker_id)
+            opening = not s.sid
+            s.opening(msg) if opening else s.stamp(msg)
+            if opening:
+                s.established()  # the coordinator opens the session with this heartbeat
+        else:
+            msg = s.hello(self.worker_id)
+        sock.send_multipart(self._make(msg), copy=False)
+
     def _run(self) -> None:
         sock = self._connect()
         try:
             while not self._stop.is_set():
-                sock.send_multipart(
-                    self._make(wire.Message(type=wire.MsgType.HEARTBEAT, worker=self.worker_id)), copy=False
-                )
+                self._beat(sock)
                 deadline = time.monotonic() + self.period_s
                 while (left := deadline - time.monotonic()) > 0 and not self._stop.is_set():
                     if not sock.poll(int(left * 1000) + 1):
@@ -83,7 +98,11 @@ class Heartbeat:
                     except wire.WireError as e:
                         log.warning("bad heartbeat reply: %s", e)
                         continue
-                    if not self._owns(reply):
+                    if reply.type == wire.MsgType.CHALLENGE:
+                        if self.session.accept_challenge(reply):
+                            deadline = 0.0  # beat at once with the new session
+                        continue
+                    if not self.session.owns(reply):
                         continue
                     if reply.type == wire.MsgType.ACK:
                         self.last_ack = time.monotonic()
@@ -94,14 +113,21 @@ class Heartbeat:
                         self.boot = b.get("boot")
                         if isinstance(b.get("peers"), dict):
                             self.peers = {str(k): str(v) for k, v in b["peers"].items()}
-                    elif reply.type == wire.MsgType.ERROR and reply.body.get("code") in ("not_member", "session"):
+                    elif reply.type == wire.MsgType.ERROR and reply.body.get("code") == "not_member":
                         self.last_ack = time.monotonic()
                         self.not_member.set()
+                    elif reply.type == wire.MsgType.ERROR and reply.body.get("code") in (
+                        "session",
+                        "identity",
+                        "replay",
+                    ):
+                        self.session.reset()  # e.g. a restarted coordinator: ask for a new challenge
                 if time.monotonic() - self.last_ack > self.timeout_s and not self.lost.is_set():
                     log.warning("no heartbeat reply for %.1f s: coordinator lost", self.timeout_s)
                     self.lost.set()
-                    # a fresh socket drops heartbeats queued for the dead peer
+                    # a fresh socket (and session) drops heartbeats queued for the dead peer
                     sock.close(0)
                     sock = self._connect()
+                    self.session.reset()
         finally:
             sock.close(0)

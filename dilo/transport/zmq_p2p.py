@@ -154,10 +154,12 @@ class P2PNode:
             if msg.fp != self.fingerprint:
                 raise wire.WireError("config", f"config fingerprint {msg.fp!r} differs from ours {self.fingerprint!r}")
             if msg.type == wire.MsgType.HELLO:
-                self._reply(identity, challenge_reply(self.sessions, msg, self.worker_id), to=msg)
+                self._reply(identity, challenge_reply(self.sessions, msg, self.worker_id, identity), to=msg)
                 return
             if msg.type in (wire.MsgType.GOSSIP, wire.MsgType.PULL):
-                self.sessions.accept(msg.worker, msg.sid, msg.seq, channel=msg.type.value)  # "session" / "replay"
+                self.sessions.accept(
+                    msg.worker, msg.sid, msg.seq, msg.type.value, identity
+                )  # session / identity / replay
             if msg.type == wire.MsgType.GOSSIP:
                 wire.check_shapes(msg, self.spec)
                 wire.check_finite(msg)
@@ -343,7 +345,8 @@ class P2PNode:
                 if not queue:
                     continue
                 take = [m for m in queue if int(m.body["round"]) <= round_idx] or queue[:1]
-                self._inbox[p] = [m for m in queue if m not in take]
+                # by identity: == on Messages would compare their tensors
+                self._inbox[p] = [m for m in queue if not any(m is t for t in take)]
                 out[p] = take
             return out
 

@@ -77,9 +77,8 @@ class StarClient:
             worker_id,
             period_s=mcfg.heartbeat_s,
             timeout_s=mcfg.request_timeout_s,
-            make_message=lambda m: self._frames(self.session.stamp(m)),
+            make_message=self._frames,
             read_reply=self._read,
-            owns=self.session.owns,
         )
         self._heartbeat_started = False
 
@@ -159,7 +158,18 @@ class StarClient:
                     log.debug("dropping a stale %s reply (seq %d, expected %d)", reply.type.value, reply.seq, msg.seq)
                     continue
                 if reply.type == wire.MsgType.ERROR:
-                    raise wire.WireError(str(reply.body.get("code", "error")), str(reply.body.get("message", "")))
+                    code = str(reply.body.get("code", "error"))
+                    if code == "replay" and reply.sid:
+                        # a copy of this request reached the coordinator after the original, which
+                        # it took: the answer to the original is still to come
+                        log.warning("a copy of our %s was refused as a replay; waiting for the answer", msg.type.value)
+                        continue
+                    if watch and not reply.sid:
+                        # an established session's request was unreadable on arrival (damaged in
+                        # transit): as good as lost, so re-join and push again
+                        self._reconnect()
+                        raise SyncTimeout(f"the coordinator could not read our {msg.type.value} ({code})")
+                    raise wire.WireError(code, str(reply.body.get("message", "")))
                 return reply
             if time.monotonic() - t0 > wait_s:
                 self._reconnect()  # drop whatever is still queued for the old request
