@@ -57,6 +57,7 @@ from dilo.config import AsyncConfig, GossipConfig, RunConfig
 from dilo.errors import ConfigError
 from dilo.guard import RateLimiter, RejectLog
 from dilo.model import build_model, param_names, params_of
+from dilo.outer.aggregate import finite, member_stats, outliers
 from dilo.outer.base import tensor_digest
 from dilo.outer.server import build_rule, dylu_steps
 from dilo.outer.star import StarCodec, load_outer_state, outer_optimizer, outer_state_tensors
@@ -572,7 +573,7 @@ class Coordinator:
 
     def _decode(self, msg: wire.Message) -> list[torch.Tensor]:
         flats = self.star.decode_push(msg.tensors)
-        if not _finite(flats):
+        if not finite(flats):
             raise wire.WireError("nonfinite", "the decoded pseudo-gradient holds NaN or Inf")
         return flats
 
@@ -630,7 +631,7 @@ class Coordinator:
             g = [t.contiguous() for t in self.star.split(flats)]
             saved = ([p.detach().clone() for p in self.params], self.rule.state_dict())
             applied = self.rule.push(g, staleness=staleness, weight=weight, base=base)
-            if not _finite([p.detach() for p in self.params]):
+            if not finite([p.detach() for p in self.params]):
                 # the rule's arithmetic overflowed: nothing of this push may reach the global state
                 with torch.no_grad():
                     for p, v in zip(self.params, saved[0]):
@@ -728,7 +729,7 @@ class Coordinator:
         try:
             means, left_out = self._finite_mean(contributors)
             if means is not None:
-                stats = _member_stats([(w, p.flats) for w, p in contributors if w not in left_out], means)
+                stats = member_stats([(w, p.flats) for w, p in contributors if w not in left_out], means)
                 tensors, reason = self._outer_step(means, r.index)
                 committed = not reason
             elif contributors:
@@ -775,7 +776,7 @@ class Coordinator:
             log.warning("round %d was not committed: %s", r.index, reason)
         if stats:
             log.info("round %d update norms %s", r.index, {w: s["norm"] for w, s in stats.items()})
-        for w in _outliers(stats):
+        for w in outliers(stats):
             log.warning(
                 "round %d: the update of %s stands out (norm %s, cosine to the mean %s): check that worker",
                 r.index, w, stats[w]["norm"], stats[w]["cos"],
@@ -788,7 +789,7 @@ class Coordinator:
         out: list[str] = []
         while left:
             means = self.star.weighted_mean([(p.weight, p.flats) for _, p in left if p.flats])
-            if _finite(means):
+            if finite(means):
                 return means, out
             worker, _ = max(left, key=lambda wp: _magnitude(wp[1]))
             self.rejects.reject("overflow", f"round {self.round.index}: the push of {worker!r} overflows the mean")
@@ -809,7 +810,7 @@ class Coordinator:
             p.grad = g
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if _finite([p.detach() for p in self.params]) and _finite(
+        if finite([p.detach() for p in self.params]) and finite(
             list(outer_state_tensors(self.optimizer, self.params).values())
         ):
             return tensors, ""
@@ -953,57 +954,9 @@ def _number(body: dict[str, Any], key: str, default: float, most: float, *, inte
     return float(value)
 
 
-def _finite(tensors: list[torch.Tensor]) -> bool:
-    """No NaN or Inf in any tensor (one aminmax per tensor: NaN and Inf reach the extremes)."""
-    for t in tensors:
-        if t.numel():
-            lo, hi = torch.aminmax(t)
-            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-                return False
-    return True
-
-
 def _magnitude(p: Push) -> float:
     """weight x the largest |value| of a push, in float64: what it can add to a float32 sum."""
     return p.weight * max((float(f.abs().max()) for f in p.flats or [] if f.numel()), default=0.0)
-
-
-def _member_stats(
-    contributions: list[tuple[str, list[torch.Tensor] | None]], means: list[torch.Tensor]
-) -> dict[str, dict[str, float | None]]:
-    """Per member: the norm of its decoded pseudo-gradient and its cosine to the round's mean, so an
-    operator can see a scaled or sign-flipped update (robust aggregation would also act on it)."""
-
-    def norm(xs: list[torch.Tensor]) -> float:
-        return math.sqrt(sum(float(torch.linalg.vector_norm(x)) ** 2 for x in xs))
-
-    mean_norm = norm(means)
-    out: dict[str, dict[str, float | None]] = {}
-    for w, flats in contributions:
-        if not flats:
-            continue
-        n = norm(flats)
-        dot = sum(float(torch.dot(f, m)) for f, m in zip(flats, means))
-        cos = dot / (n * mean_norm) if n > 0 and mean_norm > 0 else float("nan")
-        out[w] = {
-            "norm": round(n, 6) if math.isfinite(n) else None,
-            "cos": round(cos, 4) if math.isfinite(cos) else None,
-        }
-    return out
-
-
-def _outliers(stats: dict[str, dict[str, float | None]]) -> list[str]:
-    """Members whose update points away from the mean, or is 4x longer or shorter than the median."""
-    norms = sorted(float(s["norm"] or 0.0) for s in stats.values())
-    if len(norms) < 3:
-        return []
-    median = norms[len(norms) // 2]
-    out = []
-    for w, s in stats.items():
-        n, cos = float(s["norm"] or 0.0), s["cos"]
-        if (cos is not None and cos < 0) or (median > 0 and not median / 4 <= n <= 4 * median):
-            out.append(w)
-    return out
 
 
 def _reply_to(msg: wire.Message) -> wire.Message:
