@@ -66,7 +66,7 @@ class _TorchSGD:
 def _naive_alg3(
     theta: list[Tensor], pushes: list[list[Tensor]], *, lr: float, beta: float, n: int, c: float
 ) -> list[list[Tensor]]:
-    """Liu et al. Alg. 3 as written in ALGORITHMS.md §3.1 (global t, float64); params after each push."""
+    """Liu et al. Alg. 3 as written in docs/ALGORITHMS.md §3.1 (global t, float64); params after each push."""
     theta = [x.double() for x in theta]
     m = [torch.zeros_like(x) for x in theta]
     delta = [torch.zeros_like(x) for x in theta]

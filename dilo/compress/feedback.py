@@ -1,7 +1,7 @@
 """Error feedback: keep what a lossy codec did not send and add it to the next round's input.
 
 The generic EF scheme (Seide et al. 2014, "1-bit SGD"; Karimireddy et al. 2019, "Error Feedback
-Fixes SignSGD"; ALGORITHMS.md 5.4). Per slice of the pseudo-gradient (ctx.part):
+Fixes SignSGD"; docs/ALGORITHMS.md 5.4). Per slice of the pseudo-gradient (ctx.part):
 
     y = x + r;  e = codec.encode(y);  r = y - codec.decode(e);  send e
 

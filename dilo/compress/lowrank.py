@@ -1,7 +1,7 @@
 """PowerSGD: rank-r factors of each weight matrix, summed by two all-reduces.
 
 Vogels, Karimireddy, Jaggi, "PowerSGD: Practical Low-Rank Gradient Compression for Distributed
-Optimization", NeurIPS 2019 (ALGORITHMS.md 5.7; the math follows the paper and torch's
+Optimization", NeurIPS 2019 (docs/ALGORITHMS.md 5.7; the math follows the paper and torch's
 powerSGD_hook). One power-iteration step per round, with a fresh random Q each round:
 
     ps = PowerSGD(rank=4)

@@ -1,6 +1,6 @@
 """Blockwise quantizers: absmax int8 / int4, and 1-bit sign with a mean-magnitude scale.
 
-BlockQuant is the generic linear absmax scheme (ALGORITHMS.md 5.2); stochastic rounding is 5.3;
+BlockQuant is the generic linear absmax scheme (docs/ALGORITHMS.md 5.2); stochastic rounding is 5.3;
 Sign is the 1-bit scaled-sign compressor used with error feedback (signSGD / EF-sign, 5.8).
 
     codec = BlockQuant(bits=8, block=128)

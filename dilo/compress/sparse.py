@@ -1,7 +1,7 @@
 """Sparsifiers: top-k by magnitude and random-k with a mask shared by all workers.
 
 Both send a fixed number k of values, so the payload size depends only on the length. Both are
-meant to run under error feedback (ALGORITHMS.md 5.4, 5.6): what is not sent this round is kept
+meant to run under error feedback (docs/ALGORITHMS.md 5.4, 5.6): what is not sent this round is kept
 and sent later.
 
     codec = ErrorFeedback(TopK(fraction=0.01))

@@ -1,6 +1,6 @@
 """Gossip averaging math: mixing graphs, Metropolis-Hastings weights, push-sum, variance correction.
 
-Pure functions on tensors, no I/O (ALGORITHMS.md section 4). Workers are string ids; a round's graph
+Pure functions on tensors, no I/O (docs/ALGORITHMS.md section 4). Workers are string ids; a round's graph
 is built over the sorted ids, so every worker derives the same weights from (kind, members, round,
 seed) without talking:
 
@@ -199,7 +199,7 @@ def mix(own: list[Tensor], received: dict[str, list[Tensor]], weights: dict[str,
 
 
 class PushSum:
-    """Push-sum state for directed, time-varying or asynchronous graphs (ALGORITHMS.md 4.3).
+    """Push-sum state for directed, time-varying or asynchronous graphs (docs/ALGORITHMS.md 4.3).
 
     Holds the biased numerator x (fp32 tensors) and the scalar weight w; the model is z = x / w.
     Each round a node keeps a = 1/(k+1) of (x, w) and sends the same share to each of its k out-peers;

@@ -1,6 +1,6 @@
 """Naive loop-over-workers versions of the outer steps. Used only by tests.
 
-They are written from the update rules in ALGORITHMS.md, without torch.optim, buckets or
+They are written from the update rules in docs/ALGORITHMS.md, without torch.optim, buckets or
 collectives, so the fast paths can be checked against them.
 """
 

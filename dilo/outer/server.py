@@ -1,6 +1,6 @@
 """Server-side update rules of asynchronous local SGD: one worker push at a time, in arrival order.
 
-A push carries a pseudo-gradient `g = old - new` (fp32, points like a gradient, ALGORITHMS.md §0)
+A push carries a pseudo-gradient `g = old - new` (fp32, points like a gradient, docs/ALGORITHMS.md §0)
 computed from the parameters the worker pulled, and its staleness: how many server versions were
 applied since that pull. Each rule scales the push by a staleness weight `s(t)` (constant 1;
 poly `(1 + t)^-a`; hinge `1` if `t <= b` else `1 / (a (t - b) + 1)`) and updates the
