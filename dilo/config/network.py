@@ -1,0 +1,92 @@
+"""How workers reach each other: the transport, the membership (static or a coordinator, gossip
+peers) and the coordinator's own addresses."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from dilo.config.base import Frozen
+
+
+class TransportConfig(Frozen):
+    kind: Literal["torch"] = "torch"
+    """torch.distributed collectives between workers."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """auto picks nccl when CUDA is available, gloo otherwise."""
+    bucket_mb: float = Field(32.0, gt=0.0)
+    """Size of the flat fp32 buckets that are all-reduced together."""
+    timeout_s: float = Field(300.0, gt=0.0)
+    """A collective that has not finished after this many seconds fails the round."""
+    island_ranks: Annotated[int, Field(ge=1)] | Literal["node"] = 1
+    """Ranks per island (static worlds). 1: every rank is a worker. N > 1: each N consecutive ranks
+    (torchrun numbers a node's ranks consecutively) train one replica with data parallelism inside
+    and count as one worker in the outer step; "node": one island per node (LOCAL_WORLD_SIZE
+    ranks). With membership.kind = "coordinator" the ranks of one torchrun launch always form one
+    island, which joins as one worker."""
+
+
+class MembershipConfig(Frozen):
+    kind: Literal["static", "coordinator"] = "static"
+    """static: the world is fixed by the launcher (torchrun, Slurm, dilo run: RANK, WORLD_SIZE);
+    coordinator: workers join and leave a `dilo coordinator` over ZeroMQ (elastic)."""
+    address: str = "tcp://127.0.0.1:29600"
+    """coordinator: where workers connect (tcp://HOST:PORT)."""
+    worker_id: str = ""
+    """coordinator: this worker's stable id (re-joins after a restart keep it); empty: DILO_WORKER_ID
+    from the environment, else host-pid."""
+    heartbeat_s: float = Field(1.0, gt=0.0)
+    """Seconds between two heartbeats of a worker."""
+    heartbeat_timeout_s: float = Field(10.0, gt=0.0)
+    """A worker silent for this long leaves the view."""
+    round_timeout_s: float = Field(120.0, gt=0.0)
+    """A synchronous round closes at this deadline with whoever pushed (at least min_workers)."""
+    min_workers: int = Field(1, gt=0)
+    """Fewest pushes that may close a round at its deadline."""
+    start_quorum: int = Field(0, ge=0)
+    """The first round waits for this many pushes (or round_timeout_s), so a run does not start with
+    whichever worker was up first; `dilo run` sets it to --workers."""
+    request_timeout_s: float = Field(30.0, gt=0.0)
+    """A worker waits this long for any reply before reconnecting (with backoff). A push waits for
+    its RESULT at most round_timeout_s + request_timeout_s (async: plus grace_s), then re-joins."""
+    rate_limit: float = Field(200.0, ge=0.0)
+    """Messages per second one connection may send to a coordinator or a gossip peer, in bursts of
+    up to twice that; the rest are dropped unread and unanswered, and counted (0: no limit). A
+    worker sends about one heartbeat per heartbeat_s and a few requests per round."""
+    secret_file: str = ""
+    """File holding the shared HMAC secret (else DILO_SECRET from the environment; else no
+    authentication)."""
+    curve_dir: str = ""
+    """Directory with CURVE keys from `dilo keys` (server.key / server.pub / client.key): encrypts
+    the ZeroMQ traffic. Empty: no encryption."""
+    p2p_bind: str = "tcp://127.0.0.1:0"
+    """gossip: where this worker listens for its peers (tcp://HOST:PORT; port 0 picks a free one)."""
+    p2p_advertise: str = ""
+    """gossip: the address peers reach this worker at; empty: derived from p2p_bind."""
+    peers: list[str] = Field(default_factory=list)
+    """gossip with membership.kind = "static": every worker's listening address, by rank (the
+    coordinator is then not needed; worker `rank` binds peers[rank])."""
+
+    @model_validator(mode="after")
+    def _address(self) -> MembershipConfig:
+        if not re.fullmatch(r"tcp://[^:\s]+:\d{1,5}", self.address):
+            raise ValueError(f"address={self.address!r} must look like tcp://HOST:PORT")
+        for key, value in (("p2p_bind", self.p2p_bind), ("p2p_advertise", self.p2p_advertise), ("peers", None)):
+            values = self.peers if key == "peers" else [value] if value else []
+            for v in values:
+                if not re.fullmatch(r"tcp://[^:\s]+:\d{1,5}", v):
+                    raise ValueError(f"{key}: {v!r} must look like tcp://HOST:PORT")
+        if self.heartbeat_timeout_s <= self.heartbeat_s:
+            raise ValueError("heartbeat_timeout_s must exceed heartbeat_s")
+        return self
+
+
+class CoordinatorConfig(Frozen):
+    bind: str = "tcp://0.0.0.0:29600"
+    """Where `dilo coordinator` listens (tcp://HOST:PORT; port 0 picks a free one)."""
+    advertise: str = ""
+    """The address printed for workers to connect to; empty: derived from bind."""
+    checkpoint_every: int = Field(1, ge=0)
+    """Checkpoint the global state every this many versions (0: only on SIGTERM)."""

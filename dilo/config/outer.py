@@ -1,0 +1,137 @@
+"""The outer strategies, one config per `outer.kind`, and their discriminated union `OuterConfig`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from dilo.config.base import Frozen
+
+
+class DiLoCoConfig(Frozen):
+    kind: Literal["diloco"] = "diloco"
+    """Synchronous DiLoCo (Douillard et al., arXiv:2311.08105): mean pseudo-gradient, then
+    outer Nesterov SGD on the fp32 anchor."""
+    inner_steps: int = Field(50, gt=0)
+    """H: inner steps between two outer steps."""
+    lr: float = Field(0.7, gt=0.0)
+    """Outer learning rate."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """Outer momentum."""
+    nesterov: bool = True
+    """Nesterov momentum (torch.optim.SGD semantics)."""
+    weighting: Literal["uniform", "tokens"] = "uniform"
+    """uniform: plain mean over contributors; tokens: weight each pseudo-gradient by the
+    tokens its worker trained on this round."""
+
+
+class FedAvgConfig(Frozen):
+    kind: Literal["fedavg"] = "fedavg"
+    """FedAvg: average the workers' parameters every H steps (outer SGD, lr 1, no momentum)."""
+    inner_steps: int = Field(50, gt=0)
+    """H: inner steps between two averages."""
+    lr: float = Field(1.0, gt=0.0)
+    """Outer learning rate; 1 is plain parameter averaging."""
+    weighting: Literal["uniform", "tokens"] = "uniform"
+    """uniform or token-weighted mean."""
+
+
+class DDPConfig(Frozen):
+    kind: Literal["ddp"] = "ddp"
+    """Data-parallel baseline: gradients are averaged over all workers after every step."""
+
+
+class AsyncConfig(Frozen):
+    kind: Literal["async"] = "async"
+    """Asynchronous local SGD through a coordinator (Liu et al., arXiv:2401.09135): every push is
+    applied on arrival and the worker goes on at once from the fresh parameters. Needs
+    membership.kind = "coordinator" (or `dilo sim`)."""
+    inner_steps: int = Field(50, gt=0)
+    """H: inner steps per round of the fastest worker (DyLU gives slower workers fewer)."""
+    update: Literal["delayed_nesterov", "nesterov", "fedbuff", "fedasync"] = "delayed_nesterov"
+    """Server rule. delayed_nesterov: momentum updated once per `buffer` pushes, plain SGD steps of
+    lr/buffer in between; nesterov: each push straight into outer Nesterov ("naive async");
+    fedbuff: buffer pushes, apply their staleness-weighted mean with SGD (momentum optional);
+    fedasync: mix the worker's parameters in, x <- (1 - a) x + a x_worker, a = alpha * s(staleness)."""
+    lr: float = Field(0.7, gt=0.0)
+    """Outer learning rate (delayed_nesterov divides each push by the buffer size, so over a full
+    buffer the step equals one Nesterov step of this lr on the buffer's mean)."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """Outer momentum (nesterov, delayed_nesterov, fedbuff)."""
+    buffer: int = Field(0, ge=0)
+    """N for delayed_nesterov, K for fedbuff: pushes per momentum update / per applied mean. 0: the
+    number of members, recomputed whenever the view changes."""
+    activation: float = Field(0.0, ge=0.0, le=1.0)
+    """c in delayed Nesterov: the share of momentum applied on pushes between two momentum updates
+    (0 to 1/N; the paper's default 0)."""
+    alpha: float = Field(0.6, gt=0.0, le=1.0)
+    """fedasync: mixing weight of a fresh push."""
+    staleness: Literal["constant", "poly", "hinge"] = "constant"
+    """Staleness weight s(t): constant 1; poly (1 + t)^-a; hinge 1 if t <= b else 1 / (a (t - b) + 1).
+    Scales each push (nesterov, delayed_nesterov), its weight in the mean (fedbuff) or alpha (fedasync)."""
+    staleness_a: float = Field(0.5, ge=0.0)
+    """a of the poly and hinge staleness weights."""
+    staleness_b: int = Field(4, ge=0)
+    """b of the hinge staleness weight."""
+    max_staleness: int = Field(0, ge=0)
+    """Drop pushes more than this many versions old (the worker restarts from the current
+    parameters); 0 accepts every push."""
+    dylu: bool = True
+    """Dynamic local updates: the coordinator measures each worker's steps per second and gives it
+    floor(v / v_max * inner_steps) steps (at least 1) for its next round."""
+    grace_s: float = Field(0.0, ge=0.0)
+    """Grace period: pushes arriving within grace_s of the first one are applied one by one and
+    all those workers restart from the same parameters; 0 answers every push at once."""
+
+    @model_validator(mode="after")
+    def _activation_in_range(self) -> AsyncConfig:
+        if self.buffer and self.activation * self.buffer > 1.0:
+            raise ValueError(f"activation={self.activation} must not exceed 1/buffer = {1.0 / self.buffer:.4g}")
+        return self
+
+
+class GossipConfig(Frozen):
+    kind: Literal["gossip"] = "gossip"
+    """Decentralised gossip averaging: every H steps each worker mixes its parameters with a few
+    peers' over direct ZeroMQ links (dilo/transport/zmq_p2p.py); no central parameter state."""
+    inner_steps: int = Field(50, gt=0)
+    """H: inner steps between two gossip rounds."""
+    topology: Literal[
+        "ring", "exponential", "one_peer_exponential", "random_pairs", "random_graph", "fully_connected"
+    ] = "ring"
+    """Who mixes with whom, rebuilt from the sorted member list every round: ring (1/3 self, left,
+    right), exponential (peers 2^j away), one_peer_exponential (one peer 2^(k mod log n) away at round
+    k), random_pairs (a random matching per round), random_graph (each node links to a random peer each
+    round; irregular degrees, Metropolis-Hastings weights), fully_connected (1/n)."""
+    push_sum: bool = False
+    """Push-sum: send (x, w) shares to out-peers and train the de-biased x / w; survives directed and
+    time-varying graphs (a lost message loses its share of the mass)."""
+    peer_timeout_s: float = Field(10.0, gt=0.0)
+    """A peer whose message has not arrived after this long is skipped for the round, and the
+    current parameters of another live member are pulled in its place."""
+    variance_correction: bool = False
+    """Rescale each merged layer around its mean to the (weighted) mean of the inputs' variances,
+    so averaging uncorrelated models does not shrink the weights (Tian et al., arXiv:2404.04616)."""
+    conservative: float = Field(0.0, ge=0.0, lt=1.0)
+    """Blend c of the worker's own layer (and its variance) into the corrected merge."""
+    final_merge: bool = False
+    """After the last round, average the parameters of all live workers once (fully connected)."""
+    consensus_step: float = Field(1.0, gt=0.0, le=1.0)
+    """Compressed gossip (codec.kind != "none", CHOCO-gossip): x <- x + step * sum_j w_j (x^_j - x^_self),
+    where x^ are the public estimates that the compressed differences build up; lower it for
+    aggressive codecs."""
+    independent_init: bool = False
+    """Initialise each worker's model from its own seed (seed + 1000 * island), as in independently
+    trained models; otherwise every worker starts from the same parameters."""
+
+    @model_validator(mode="after")
+    def _push_sum_plain(self) -> GossipConfig:
+        if self.push_sum and self.variance_correction:
+            raise ValueError("variance_correction rescales parameters, which breaks push-sum's mass; use one")
+        return self
+
+
+OuterConfig = Annotated[
+    DiLoCoConfig | FedAvgConfig | DDPConfig | AsyncConfig | GossipConfig, Field(discriminator="kind")
+]

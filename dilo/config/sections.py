@@ -1,0 +1,237 @@
+"""The plain sections of a run: model, data, inner loop, codec, heterogeneity, simulation,
+logging and checkpoints (the outer strategies are in `outer.py`, the network in `network.py`)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from dilo.config.base import Frozen
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+class GPTConfig(Frozen):
+    kind: Literal["gpt"] = "gpt"
+    """The built-in small GPT (dilo/model.py)."""
+    vocab_size: int = Field(256, gt=1)
+    """Vocabulary size; 256 for the byte-level corpora."""
+    n_layer: int = Field(4, gt=0)
+    """Number of transformer blocks."""
+    n_head: int = Field(4, gt=0)
+    """Attention heads per block; must divide d_model."""
+    d_model: int = Field(128, gt=0)
+    """Width of the residual stream."""
+    context: int = Field(128, gt=0)
+    """Longest sequence the position embedding covers; data.seq_len must not exceed it."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout probability inside the blocks (0 keeps runs deterministic and fast)."""
+    tie_weights: bool = True
+    """Share the token embedding with the output projection."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> GPTConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head={self.n_head} must divide d_model={self.d_model}")
+        return self
+
+
+class ImportModelConfig(Frozen):
+    kind: Literal["import"] = "import"
+    """Any nn.Module, built by a function named by import path."""
+    builder: str = Field(pattern=r"^[\w.]+:[\w.]+$")
+    """"package.module:function"; called as function(**kwargs) and must return an nn.Module
+    whose forward(x, y) returns the scalar loss of the batch."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to the builder."""
+
+
+ModelConfig = Annotated[GPTConfig | ImportModelConfig, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+class DataConfig(Frozen):
+    corpus: Literal["stdlib", "text", "tokens"] = "stdlib"
+    """stdlib: the .py sources of the running Python's standard library (no download);
+    text: UTF-8 files, directories or globs in `paths`, read as bytes;
+    tokens: .bin files of uint16 token ids in `paths`, read by memmap."""
+    paths: list[str] = Field(default_factory=list)
+    """Files, directories or glob patterns for the text and tokens corpora."""
+    islands: Literal["iid", "by_source"] = "iid"
+    """iid: every worker sees the same distribution; by_source: whole files (stdlib: whole
+    top-level packages) per worker, the non-IID case."""
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    """Share held out for validation: whole files, chosen by a stable hash of their path
+    (tokens: the tail of each file)."""
+    batch_size: int = Field(16, gt=0)
+    """Sequences per micro-batch on each worker."""
+    seq_len: int = Field(128, gt=0)
+    """Tokens per sequence."""
+
+
+# ---------------------------------------------------------------------------------------------
+# inner loop
+
+
+class InnerConfig(Frozen):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """Inner optimizer; AdamW in DiLoCo, SGD for exactness tests against DDP."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Peak inner learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    weight_decay: float = Field(0.1, ge=0.0)
+    """AdamW decoupled weight decay (ignored by SGD)."""
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    """SGD momentum (ignored by AdamW)."""
+    warmup_steps: int = Field(100, ge=0)
+    """Linear warmup from 0 to lr, then cosine decay over the rest of the run."""
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """The cosine decays to lr * min_lr_ratio at the last step."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Clip the global gradient norm to this value; 0 turns clipping off."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches accumulated per optimizer step."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 runs forward and backward under bf16 autocast; parameters, optimizer state,
+    anchors and pseudo-gradients stay fp32."""
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> InnerConfig:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={self.betas} must both lie in [0, 1)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# codec
+
+
+CodecKind = Literal["none", "fp16", "bf16", "int8", "int4", "topk", "randomk", "sign", "powersgd"]
+
+
+class CodecSpec(Frozen):
+    kind: CodecKind = "none"
+    """How pseudo-gradients are encoded on the wire: none (fp32), fp16, bf16, int8 / int4
+    (blockwise absmax), topk, randomk (shared mask per round), sign (1 bit + a scale per block),
+    powersgd (rank-r factors)."""
+    block: int = Field(128, gt=0)
+    """int8 / int4 / sign: values per scale."""
+    stochastic: bool = False
+    """int8 / int4: stochastic rounding (unbiased) with a per-worker random stream."""
+    fraction: float = Field(0.01, gt=0.0, le=1.0)
+    """topk / randomk: share of the values sent."""
+    chunk: int = Field(0, ge=0, le=65536)
+    """topk: 0 picks the top values of the whole vector (int32 indices); > 0 picks them per chunk of
+    this many values (16-bit indices within the chunk)."""
+    rank: int = Field(4, gt=0)
+    """powersgd: rank r of the factors."""
+    min_compression: float = Field(2.0, ge=1.0)
+    """powersgd: a matrix is factorised only if (n + m) * r * min_compression < n * m; smaller
+    tensors go uncompressed."""
+    error_feedback: bool | None = None
+    """Keep what was not sent and add it to the next round's pseudo-gradient. Default: on for
+    topk, randomk, sign and powersgd, off otherwise."""
+
+    @property
+    def feedback(self) -> bool:
+        if self.error_feedback is not None:
+            return self.error_feedback
+        return self.kind in ("topk", "randomk", "sign", "powersgd")
+
+
+class CodecOverride(CodecSpec):
+    pattern: str
+    """Regular expression matched (re.search) against parameter names, e.g. "emb|ln|norm"; the
+    first matching override decides a parameter's codec."""
+
+    @model_validator(mode="after")
+    def _valid_regex(self) -> CodecOverride:
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression: {e}") from None
+        if self.kind == "powersgd":
+            raise ValueError("powersgd cannot be a per-parameter override; set it as codec.kind")
+        return self
+
+
+class CodecConfig(CodecSpec):
+    overrides: list[CodecOverride] = Field(default_factory=list)
+    """Per-parameter codecs, e.g. [[codec.overrides]] pattern = "emb|ln" kind = "fp16"."""
+
+
+# ---------------------------------------------------------------------------------------------
+# heterogeneity, simulation, logging, checkpoints
+
+
+class HeterogeneityConfig(Frozen):
+    slowdown: list[float] = Field(default_factory=list)
+    """Per island (worker rank or DILO_ISLAND): make that worker this many times slower, by
+    sleeping (factor - 1) times each measured inner step (`dilo sim`: scales its virtual step
+    time). Islands past the end of the list run at full speed. E.g. [1, 1, 2, 4]."""
+    max_steps: list[int] = Field(default_factory=list)
+    """Per island: the most inner steps that worker runs before it leaves (0 or past the end of
+    the list: no limit of its own)."""
+
+    @model_validator(mode="after")
+    def _positive(self) -> HeterogeneityConfig:
+        if any(not f >= 1.0 for f in self.slowdown):
+            raise ValueError(f"slowdown={self.slowdown}: every factor must be >= 1 (1 = full speed)")
+        if any(n < 0 for n in self.max_steps):
+            raise ValueError(f"max_steps={self.max_steps}: every budget must be >= 0 (0 = no limit)")
+        return self
+
+    def slowdown_of(self, island: int) -> float:
+        return self.slowdown[island] if island < len(self.slowdown) else 1.0
+
+    def max_steps_of(self, island: int) -> int:
+        return self.max_steps[island] if island < len(self.max_steps) else 0
+
+
+class SimEvent(Frozen):
+    at_s: float = Field(ge=0.0)
+    """Virtual time of the event, in seconds."""
+    worker: int = Field(ge=0)
+    """Virtual worker index (0 .. workers-1)."""
+    action: Literal["join", "leave", "crash"]
+    """join: the worker starts here (it is absent before); leave: it finishes its round and leaves;
+    crash: it stops dead, without a word (the coordinator drops it after heartbeat_timeout_s)."""
+
+
+class SimConfig(Frozen):
+    step_s: float = Field(0.1, gt=0.0)
+    """Virtual seconds of one inner step of a full-speed worker."""
+    jitter: float = Field(0.0, ge=0.0, le=2.0)
+    """Log-normal sigma of per-step time noise (0: every step takes exactly step_s * slowdown)."""
+    bandwidth_mbps: float = Field(1000.0, gt=0.0)
+    """Link speed of every worker, megabits per second, for the virtual cost of messages."""
+    latency_ms: float = Field(0.0, ge=0.0)
+    """One-way latency added to every exchange."""
+    events: list[SimEvent] = Field(default_factory=list)
+    """Join, leave and crash schedule; needs membership.kind = "coordinator"."""
+
+
+class LogConfig(Frozen):
+    eval_every: int = Field(1, ge=0)
+    """Evaluate validation loss every this many rounds (DDP: every inner_steps-equivalent of
+    50 steps); 0 evaluates only at the end."""
+    eval_batches: int = Field(16, gt=0)
+    """Validation batches, split across the workers."""
+    progress: bool = True
+    """Show a live progress bar on worker 0."""
+    plot: bool = True
+    """Write loss plots (PNG) next to the logs at the end of the run."""
+
+
+class CheckpointConfig(Frozen):
+    every: int = Field(0, ge=0)
+    """Save a checkpoint every this many rounds; 0 saves only at the end and on Ctrl+C."""
+    resume: bool = False
+    """Continue from the newest checkpoint in out_dir/checkpoints."""
