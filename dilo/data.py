@@ -299,8 +299,12 @@ def _pieces_in(offsets: list[int], a: int, b: int) -> range:
     return range(bisect.bisect_right(offsets, a) - 1, bisect.bisect_left(offsets, b))
 
 
-def _read(corpus: _Corpus, pieces: list[_Piece], ranges: list[tuple[int, int]]) -> list[np.ndarray]:
-    """The tokens of `ranges` of the stream `pieces`, reading only the files they touch."""
+def _read(
+    corpus: _Corpus, pieces: list[_Piece], ranges: list[tuple[int, int]], vocab_size: int | None = None
+) -> list[np.ndarray]:
+    """The tokens of `ranges` of the stream `pieces`, reading only the files they touch.
+
+    With `vocab_size`, every id read is checked to lie below it (see `_check_ids`)."""
     offsets = list(itertools.accumulate((p.size for p in pieces), initial=0))
     maps: dict[str, np.ndarray] = {}
     out = []
@@ -316,9 +320,36 @@ def _read(corpus: _Corpus, pieces: list[_Piece], ranges: list[tuple[int, int]]) 
                 with open(p.path, "rb") as f:
                     f.seek(lo)
                     out.append(np.frombuffer(f.read(hi - lo), dtype=np.uint8))
+            if vocab_size is not None:
+                _check_ids(out[-1], p.path, lo, vocab_size)
     if corpus.dtype == np.uint8 and len(out) > 1:
         out = [np.concatenate(out)]  # byte islands are small: one array makes windows one slice
     return out
+
+
+_CHECK_CHUNK = 1 << 24
+"""Token ids checked per step by `_check_ids` (32 MB of uint16): bounds the memory of the scan."""
+
+
+def _check_ids(tokens: np.ndarray, path: str, offset: int, vocab_size: int) -> None:
+    """Raise DataError when an id in `tokens` (ids offset.. of file `path`) is >= vocab_size.
+
+    Without this, a file tokenized with a larger vocabulary than the model's fails much later with
+    an index error inside the embedding. Reads the slice once, in chunks."""
+    if vocab_size > int(np.iinfo(tokens.dtype).max):
+        return  # every value of the dtype is a valid id
+    for lo in range(0, len(tokens), _CHECK_CHUNK):
+        chunk = np.asarray(tokens[lo : lo + _CHECK_CHUNK])
+        if chunk.size and int(chunk.max()) >= vocab_size:
+            where = offset + lo + int(np.argmax(chunk >= vocab_size))
+            top = int(np.max(tokens))
+            unit = "token id" if tokens.dtype == np.uint16 else "byte value"
+            raise DataError(
+                f"{path}: {unit} {top} (the largest in the part this worker reads; the first id >= "
+                f"{vocab_size} is at token {where}) does not fit the model's vocab_size={vocab_size}; "
+                f"the data was tokenized with a larger vocabulary: set model.vocab_size to at least "
+                f"{top + 1}, or re-tokenize the data with the model's vocabulary"
+            )
 
 
 def _generator(*parts: object) -> torch.Generator:
@@ -426,27 +457,32 @@ def _gather(segments: list[np.ndarray], starts: list[int], start: int, length: i
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def load_island(cfg: DataConfig, index: int, count: int, seed: int) -> Island:
-    """Island `index` of `count`, reading only the files (or memmap ranges) it holds."""
+def load_island(cfg: DataConfig, index: int, count: int, seed: int, *, vocab_size: int | None = None) -> Island:
+    """Island `index` of `count`, reading only the files (or memmap ranges) it holds.
+
+    With `vocab_size` (the model's, see `model_vocab_size`), a token id >= vocab_size in the
+    island raises DataError naming the file, the largest id and vocab_size."""
     if not 0 <= index < count:
         raise ValueError(f"island index {index} is outside 0..{count - 1}")
     corpus = _list_corpus(cfg)
     plan = _plan(corpus, cfg, count, seed)[index]
-    segments = _read(corpus, corpus.train, list(plan.ranges))
+    segments = _read(corpus, corpus.train, list(plan.ranges), vocab_size)
     return Island(
         segments, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=seed, index=index, sources=plan.sources
     )
 
 
-def load_validation(cfg: DataConfig, seed: int, num_batches: int) -> list[tuple[Tensor, Tensor]]:
+def load_validation(
+    cfg: DataConfig, seed: int, num_batches: int, *, vocab_size: int | None = None
+) -> list[tuple[Tensor, Tensor]]:
     """A fixed list of `num_batches` (x, y) batches from the held-out data, identical on every worker.
 
     Windows of seq_len + 1 tokens are drawn without repeats in a seeded order; a validation split
-    with fewer windows than needed is cycled.
+    with fewer windows than needed is cycled. `vocab_size` checks the ids as in `load_island`.
     """
     corpus = _list_corpus(cfg)
     total = sum(p.size for p in corpus.val)
-    segments = _read(corpus, corpus.val, [(0, total)])
+    segments = _read(corpus, corpus.val, [(0, total)], vocab_size)
     starts = list(itertools.accumulate((len(s) for s in segments), initial=0))
     window = cfg.seq_len + 1
     num_windows = total // window
@@ -462,3 +498,12 @@ def load_validation(cfg: DataConfig, seed: int, num_batches: int) -> list[tuple[
         rows = [_gather(segments, starts, k * window, window) for k in picks[b * cfg.batch_size :][: cfg.batch_size]]
         out.append(_to_batch(rows))
     return out
+
+
+def model_vocab_size(model: torch.nn.Module) -> int | None:
+    """The number of token ids `model` accepts: the size of its first nn.Embedding (the token
+    embedding of dilo's GPT and of most imported language models), or None if it has none."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding):
+            return int(m.num_embeddings)
+    return None

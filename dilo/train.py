@@ -26,7 +26,7 @@ import torch
 
 from dilo import metrics
 from dilo.config import GossipConfig, RunConfig, load
-from dilo.data import load_island, load_validation
+from dilo.data import load_island, load_validation, model_vocab_size
 from dilo.errors import DiloError, TransportError
 from dilo.inner import InnerLoop
 from dilo.model import build_model, num_params
@@ -92,10 +92,10 @@ def train(
     # the model, this worker's island, the strategy
     device = world.device
     model = build_model(cfg.model, cfg.seed).to(device)
-    island = _island_data(cfg, world, rank, size)
-    val_batches = [
-        _to(b, device) for b in world.validation_share(load_validation(cfg.data, cfg.seed, cfg.log.eval_batches))
-    ]
+    vocab = model_vocab_size(model)  # ids >= vocab fail at load time, naming the file (dilo/data.py)
+    island = _island_data(cfg, world, rank, size, vocab)
+    val = load_validation(cfg.data, cfg.seed, cfg.log.eval_batches, vocab_size=vocab)
+    val_batches = [_to(b, device) for b in world.validation_share(val)]
     inner = InnerLoop(model, cfg.inner, total_steps=cfg.steps)
     outer: Strategy = world.strategy(model)
     n_params = num_params(model)
@@ -112,7 +112,7 @@ def train(
         world.start(model, outer, resumed=resume_round >= 0)
         if world.rank != rank and resume_round < 0:  # the coordinator handed out another island
             rank = world.rank
-            island = _island_data(cfg, world, rank, size)
+            island = _island_data(cfg, world, rank, size, vocab)
     world.counter.sent, world.counter.recv = totals.bytes_sent, totals.bytes_recv
     if isinstance(outer, DDP):
         outer.mark_bytes()
@@ -305,9 +305,10 @@ def train(
     return summary
 
 
-def _island_data(cfg: RunConfig, world: Any, island: int, islands: int) -> Any:
+def _island_data(cfg: RunConfig, world: Any, island: int, islands: int, vocab: int | None = None) -> Any:
     """This rank's share of its island's data (the whole island when the island is one rank)."""
-    return load_island(cfg.data, island, islands, cfg.seed).split(world.local_rank, world.island_ranks)
+    data = load_island(cfg.data, island, islands, cfg.seed, vocab_size=vocab)
+    return data.split(world.local_rank, world.island_ranks)
 
 
 def _to(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
