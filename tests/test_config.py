@@ -94,3 +94,58 @@ def test_cli_config_show_and_schema(capsys: pytest.CaptureFixture[str]) -> None:
     assert "H: inner steps between two outer steps." in json.dumps(sch)
     assert cli.main(["config", "show", str(REPO / "configs" / "quickstart.toml"), "--outer.lrr=1"]) == 2
     assert "unknown key 'outer.lrr'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("--membership.address=tcp://127.0.0.1:70000", "membership.address: Value error, port 70000 is out of range"),
+        ("--membership.address=tcp://127.0.0.1:0", "membership.address: Value error, port 0 (a free port"),
+        ("--membership.address=tcp://127.0.0.1:-1", "membership.address: Value error, port -1 is out of range"),
+        ("--membership.address=127.0.0.1:29600", "membership.address: Value error, expected tcp://HOST:PORT"),
+        ("--membership.p2p_bind=tcp://127.0.0.1:65536", "membership.p2p_bind: Value error, port 65536 is out of range"),
+        ("--membership.p2p_advertise=tcp://10.0.0.2:0", "membership.p2p_advertise: Value error, port 0 (a free port"),
+        ("--coordinator.bind=tcp://0.0.0.0:99999", "coordinator.bind: Value error, port 99999 is out of range"),
+        ("--coordinator.advertise=tcp://c:123456", "coordinator.advertise: Value error, port 123456 is out of range"),
+        ('--membership.peers=["tcp://a:1", "tcp://b:70000"]', "membership.peers[1]: Value error, port 70000 is out"),
+        ('--membership.peers=["tcp://a:0", "tcp://b:2"]', "membership.peers[0]: Value error, port 0 (a free port"),
+    ],
+)
+def test_ports_out_of_range_are_refused_with_key_and_value(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(None, ["--workers=2", override])
+    assert expected in str(e.value)
+    value = override.partition("=")[2]
+    if not value.startswith("["):
+        assert f"(got {value!r})" in str(e.value)
+
+
+def test_ports_in_range_are_accepted() -> None:
+    cfg = load(
+        None,
+        [
+            "--workers=2",
+            "--membership.address=tcp://10.0.0.1:65535",
+            "--membership.p2p_bind=tcp://0.0.0.0:0",  # binding may pick a free port
+            "--membership.p2p_advertise=tcp://10.0.0.2:1",
+            '--membership.peers=["tcp://a:1", "tcp://b:65535"]',
+            "--coordinator.bind=tcp://*:0",
+            "--coordinator.advertise=tcp://coordinator:29600",
+        ],
+    )
+    assert cfg.membership.peers == ["tcp://a:1", "tcp://b:65535"] and cfg.coordinator.bind == "tcp://*:0"
+
+
+def test_cli_names_the_bad_port(capsys: pytest.CaptureFixture[str]) -> None:
+    quick = str(REPO / "configs" / "quickstart.toml")
+    assert cli.main(["config", "show", quick, "--coordinator.bind=tcp://0.0.0.0:70000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dilo: error: ") and "coordinator.bind" in err and "'tcp://0.0.0.0:70000'" in err
+
+
+def test_errors_inside_lists_name_the_item() -> None:
+    with pytest.raises(ConfigError) as e:
+        load(None, ['--codec.overrides=[{pattern = "emb", kind = "fp16", bogus = 1}]'])
+    assert "unknown key 'codec.overrides[0].bogus'; allowed keys here: block, chunk" in str(e.value)
+    with pytest.raises(ConfigError, match=r"codec\.overrides\[0\]: Value error, pattern '\(' is not a valid"):
+        load(None, ['--codec.overrides=[{pattern = "(", kind = "fp16"}]'])

@@ -4,6 +4,7 @@ pydantic's errors to messages that name the dotted key as the user writes it."""
 from __future__ import annotations
 
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any
@@ -102,10 +103,10 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def _describe(err: Any) -> str:
-    cls, parts = _resolve([str(x) for x in err["loc"]])
-    key = ".".join(parts)
+    cls, parts = _resolve(list(err["loc"]))
+    key = _dotted(parts)
     if err["type"] == "extra_forbidden":
-        parent, _ = _resolve([str(x) for x in err["loc"]][:-1])
+        parent, _ = _resolve(list(err["loc"])[:-1])
         hint = f"; allowed keys here: {', '.join(sorted(parent.model_fields))}" if parent else ""
         return f"unknown key {key!r}{hint}"
     shown = err.get("input")
@@ -118,34 +119,47 @@ def _union_members(annotation: Any) -> dict[str, type[BaseModel]]:
     members: dict[str, type[BaseModel]] = {}
     args = typing.get_args(annotation)
     inner = args[0] if args and typing.get_origin(annotation) is Annotated else annotation
+    if typing.get_origin(inner) not in (typing.Union, types.UnionType):
+        return members  # e.g. list[CodecOverride]: its items are not union members
     for cls in typing.get_args(inner):
         if isinstance(cls, type) and issubclass(cls, BaseModel) and "kind" in cls.model_fields:
             members[cls.model_fields["kind"].default] = cls
     return members
 
 
-def _resolve(loc: list[str]) -> tuple[type[BaseModel] | None, list[str]]:
+def _dotted(parts: list[str | int]) -> str:
+    """["membership", "peers", 2] -> "membership.peers[2]"."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
+
+
+def _resolve(loc: list[str | int]) -> tuple[type[BaseModel] | None, list[str | int]]:
     """Follow a pydantic error location through the config tree.
 
     Returns the model class the location ends in (None for a leaf) and the location as the
-    user writes it, without the union tags pydantic inserts ("outer.diloco.lr" -> "outer.lr").
+    user writes it, without the union tags pydantic inserts ("outer.diloco.lr" -> "outer.lr");
+    list indices stay ints.
     """
     cls: type[BaseModel] | None = RunConfig
-    parts: list[str] = []
+    parts: list[str | int] = []
     i = 0
     while i < len(loc):
         parts.append(loc[i])
-        field = cls.model_fields.get(loc[i]) if cls is not None else None
+        field = cls.model_fields.get(str(loc[i])) if cls is not None else None
         if field is None:
             cls = None
             i += 1
             continue
         members = _union_members(field.annotation)
         if members:
-            cls = members.get(loc[i + 1]) if i + 1 < len(loc) else None
+            cls = members.get(str(loc[i + 1])) if i + 1 < len(loc) else None
             i += 2
             continue
         ann = field.annotation
+        if typing.get_origin(ann) is list and i + 1 < len(loc):
+            # a list of sections ([[codec.overrides]]): the index, then the item's own keys
+            parts.append(loc[i + 1])
+            (ann,) = typing.get_args(ann)
+            i += 1
         cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
         i += 1
     return cls, parts

@@ -6,9 +6,48 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from dilo.config.base import Frozen
+
+_TCP = re.compile(r"tcp://[^:\s]+:(-?\d+)")
+
+
+def _tcp(value: str, *, free_port: bool) -> str:
+    """Check a tcp://HOST:PORT address; port 0 (bind to a free port) only where `free_port`."""
+    m = _TCP.fullmatch(value)
+    if m is None:
+        raise ValueError("expected tcp://HOST:PORT")
+    port = int(m.group(1))
+    lowest = 0 if free_port else 1
+    if not lowest <= port <= 65535:
+        if port == 0:
+            raise ValueError(
+                "port 0 (a free port, chosen at bind time) cannot be known by whoever connects here: "
+                "give a fixed port from 1 to 65535"
+            )
+        raise ValueError(f"port {port} is out of range: ports go from {lowest} to 65535")
+    return value
+
+
+def _connect(value: str) -> str:
+    return _tcp(value, free_port=False)
+
+
+def _bind(value: str) -> str:
+    return _tcp(value, free_port=True)
+
+
+def _advertise(value: str) -> str:
+    return value and _connect(value)
+
+
+Address = Annotated[str, AfterValidator(_connect)]
+"""An address others connect to: tcp://HOST:PORT with a fixed port 1..65535."""
+BindAddress = Annotated[str, AfterValidator(_bind)]
+"""An address to listen on: tcp://HOST:PORT, port 0..65535 (0 picks a free one)."""
+AdvertiseAddress = Annotated[str, AfterValidator(_advertise)]
+"""Empty (derive it from the bind address) or an `Address`."""
 
 
 class TransportConfig(Frozen):
@@ -32,7 +71,7 @@ class MembershipConfig(Frozen):
     kind: Literal["static", "coordinator"] = "static"
     """static: the world is fixed by the launcher (torchrun, Slurm, dilo run: RANK, WORLD_SIZE);
     coordinator: workers join and leave a `dilo coordinator` over ZeroMQ (elastic)."""
-    address: str = "tcp://127.0.0.1:29600"
+    address: Address = "tcp://127.0.0.1:29600"
     """coordinator: where workers connect (tcp://HOST:PORT)."""
     worker_id: str = ""
     """coordinator: this worker's stable id (re-joins after a restart keep it); empty: DILO_WORKER_ID
@@ -61,32 +100,25 @@ class MembershipConfig(Frozen):
     curve_dir: str = ""
     """Directory with CURVE keys from `dilo keys` (server.key / server.pub / client.key): encrypts
     the ZeroMQ traffic. Empty: no encryption."""
-    p2p_bind: str = "tcp://127.0.0.1:0"
+    p2p_bind: BindAddress = "tcp://127.0.0.1:0"
     """gossip: where this worker listens for its peers (tcp://HOST:PORT; port 0 picks a free one)."""
-    p2p_advertise: str = ""
+    p2p_advertise: AdvertiseAddress = ""
     """gossip: the address peers reach this worker at; empty: derived from p2p_bind."""
-    peers: list[str] = Field(default_factory=list)
+    peers: list[Address] = Field(default_factory=list)
     """gossip with membership.kind = "static": every worker's listening address, by rank (the
     coordinator is then not needed; worker `rank` binds peers[rank])."""
 
     @model_validator(mode="after")
-    def _address(self) -> MembershipConfig:
-        if not re.fullmatch(r"tcp://[^:\s]+:\d{1,5}", self.address):
-            raise ValueError(f"address={self.address!r} must look like tcp://HOST:PORT")
-        for key, value in (("p2p_bind", self.p2p_bind), ("p2p_advertise", self.p2p_advertise), ("peers", None)):
-            values = self.peers if key == "peers" else [value] if value else []
-            for v in values:
-                if not re.fullmatch(r"tcp://[^:\s]+:\d{1,5}", v):
-                    raise ValueError(f"{key}: {v!r} must look like tcp://HOST:PORT")
+    def _heartbeats(self) -> MembershipConfig:
         if self.heartbeat_timeout_s <= self.heartbeat_s:
             raise ValueError("heartbeat_timeout_s must exceed heartbeat_s")
         return self
 
 
 class CoordinatorConfig(Frozen):
-    bind: str = "tcp://0.0.0.0:29600"
+    bind: BindAddress = "tcp://0.0.0.0:29600"
     """Where `dilo coordinator` listens (tcp://HOST:PORT; port 0 picks a free one)."""
-    advertise: str = ""
+    advertise: AdvertiseAddress = ""
     """The address printed for workers to connect to; empty: derived from bind."""
     checkpoint_every: int = Field(1, ge=0)
     """Checkpoint the global state every this many versions (0: only on SIGTERM)."""
