@@ -5,7 +5,7 @@
                                                [--print-only] [--model.d_model=256 ...]
 
 Four workers, each a real `python -m dilo.train` process in its own network namespace
-(dilo/netns.py: hosts on a bridge, every host's uplink shaped with `tc tbf`, 50 ms one-way
+(dilo/testing/netns.py: hosts on a bridge, every host's uplink shaped with `tc tbf`, 50 ms one-way
 latency added to every TCP connection between hosts, so a round trip takes 100 ms more), a
 static torch.distributed world over Gloo. Links:
 
@@ -62,7 +62,7 @@ from benchlib import REPO, RESULTS, machine, markdown_table, update_benchmarks_m
 
 sys.path.insert(0, str(REPO))
 
-from dilo import netns  # noqa: E402
+from dilo.testing import netns  # noqa: E402
 
 CONFIG = REPO / "configs" / "quickstart.toml"
 WORKERS = 4
@@ -306,7 +306,7 @@ def report(
 ) -> None:
     links: dict[str, Any] = {}
     md = [
-        f"{WORKERS} workers, one network namespace each (dilo/netns.py: `tc tbf` on every uplink, "
+        f"{WORKERS} workers, one network namespace each (dilo/testing/netns.py: `tc tbf` on every uplink, "
         f"{LATENCY_MS:.0f} ms one-way latency added to every TCP connection), a static Gloo world. "
         f"{settings['steps']} steps per worker, H = {settings['inner_steps']}, "
         f"{settings['num_params']:,} parameters ({settings['model']}), validation every {settings['inner_steps']} "

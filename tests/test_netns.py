@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dilo import netns
+from dilo.testing import netns
 from tests.conftest import REPO, tiny_config, write_toml
 from tests.test_elastic import _env, _tail, _wait_for
 

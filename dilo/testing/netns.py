@@ -14,8 +14,8 @@ does the same job in the kernel.
 
 Everything is torn down on exit (processes killed, namespaces deleted).
 
-    python -m dilo.netns proxy LISTEN_PORT TARGET_HOST TARGET_PORT DELAY_MS   # a fixed-target proxy
-    python -m dilo.netns delay PORT DELAY_MS                                  # the transparent one
+    python -m dilo.testing.netns proxy LISTEN_PORT TARGET_HOST TARGET_PORT DELAY_MS   # a fixed-target proxy
+    python -m dilo.testing.netns delay PORT DELAY_MS                                  # the transparent one
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class Hosts:
 
     def delay_proxy(self, host: int, *, listen_port: int, target_port: int, delay_ms: float) -> subprocess.Popen[Any]:
         """A TCP proxy in host's namespace: listen_port -> 127.0.0.1:target_port, each chunk delayed."""
-        cmd = [sys.executable, "-m", "dilo.netns", "proxy", str(listen_port), "127.0.0.1", str(target_port),
+        cmd = [sys.executable, "-m", "dilo.testing.netns", "proxy", str(listen_port), "127.0.0.1", str(target_port),
                str(delay_ms)]  # fmt: skip
         return self.spawn(host, cmd, name=f"proxy-h{host}")
 
@@ -144,7 +144,7 @@ class Hosts:
             raise RuntimeError(f"iptables REDIRECT in {name}: {proc.stderr.strip()}")
         here = Path(__file__).resolve().parent.parent
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")]))}
-        cmd = [sys.executable, "-m", "dilo.netns", "delay", str(PROXY_PORT), str(self.latency_ms)]
+        cmd = [sys.executable, "-m", "dilo.testing.netns", "delay", str(PROXY_PORT), str(self.latency_ms)]
         self.spawn(host, cmd, env=env, name=f"delay-h{host}")
         deadline = time.monotonic() + 30
         # ask the kernel whether it listens (a probe connection would be "redirected" to itself)
