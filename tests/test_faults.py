@@ -1,4 +1,4 @@
-"""Every strategy under injected faults (dilo/faults.py), over real parts: Gloo groups of threads,
+"""Every strategy under injected faults (dilo/testing/faults/), over real parts: Gloo groups of threads,
 ZeroMQ sockets on loopback, a `dilo worker` process where a kill must be real.
 
 1. The link itself: a deterministic plan, non-blocking delays, reordering, partitions, kills,
@@ -37,11 +37,11 @@ from dilo import wire
 from dilo.config import CodecConfig, RunConfig
 from dilo.coordinator import Coordinator
 from dilo.errors import PeerLost, SyncTimeout
-from dilo.faults import CollectiveFault, FaultyLink, FaultyTransport, Rule, peek
 from dilo.model import params_of
 from dilo.outer.base import Tail, tensor_digest
 from dilo.outer.ddp import DDP
 from dilo.outer.diloco import DiLoCo
+from dilo.testing.faults import CollectiveFault, FaultyLink, FaultyTransport, Rule, peek
 from dilo.train import train
 from dilo.transport.torch_dist import TorchDistTransport, connect_store
 from dilo.world import ElasticWorld, GossipWorld, Placement

@@ -1,11 +1,11 @@
-"""Fault injection for chaos tests: a ZeroMQ link that mangles messages, a transport that fails collectives.
+"""A ZeroMQ proxy that mangles messages by a seeded plan.
 
 `FaultyLink` is a message-level proxy between DEALER clients and a ROUTER server (a `dilo
 coordinator`, a gossip peer's listener). Clients connect to `link.address` instead of the
 server; the link opens one DEALER to the server per client connection and forwards whole
 multipart messages both ways on a thread of its own, applying a fault plan on the way:
 
-    from dilo.faults import FaultyLink, Rule
+    from dilo.testing.faults import FaultyLink, Rule
 
     with FaultyLink(coordinator.address, [
         Rule("drop", types="result", nth=2),                        # the 2nd RESULT never arrives
@@ -37,14 +37,6 @@ plan is deterministic for a given order of arrival; the order in which concurren
 messages arrive is up to the operating system, so tests should select by type and count, not
 by timing. Messages that a partition swallows reach no rule; a partition drops them (a cut
 cable), it does not queue them for later. `counts()["forwarded"]` counts every copy sent on.
-
-`FaultyTransport` wraps a transport of dilo/transport/base.py (a `TorchDistTransport` over
-Gloo, say) and fails its n-th collective of a kind: it raises `PeerLost` or `SyncTimeout` on
-this rank only, really breaks the group (`abort`: the peers get Gloo's own "connection closed"
-error), stops taking part (`hang`: the peers time out), or calls a kill callback:
-
-    t = FaultyTransport(TorchDistTransport(store, rank, size), [CollectiveFault("abort", op="all_to_all", at=2)])
-    t.inject(CollectiveFault("hang", op="any", at=1, hang_s=5.0))   # counted from now on
 """
 
 from __future__ import annotations
@@ -55,113 +47,19 @@ import random
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 import zmq
-from torch import Tensor
 
-from dilo.errors import PeerLost, SyncTimeout
-from dilo.transport.base import ByteCounter, Transport
+from dilo.testing.faults.plan import Event, Rule
 
-log = logging.getLogger("dilo.faults")
+log = logging.getLogger("dilo.testing.faults")
 
-Action = Literal["drop", "delay", "duplicate", "reorder", "corrupt", "partition", "kill"]
-_ACTIONS = ("drop", "delay", "duplicate", "reorder", "corrupt", "partition", "kill")
-_DIRECTIONS = ("to_server", "to_client", "any")
 _MAX_PEEK_BYTES = 1 << 20
 """Envelopes larger than this are not parsed (dilo's own cap is 64 KiB)."""
-
-__all__ = ["Rule", "Event", "FaultyLink", "peek", "CollectiveFault", "FaultyTransport"]
-
-
-# ------------------------------------------------------------------------------------------------
-# the message link
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One line of a fault plan: which messages, and what happens to them."""
-
-    action: Action
-    """drop: lost. delay: forwarded after delay_s + U(0, jitter_s), other messages flow meanwhile.
-    duplicate: forwarded `copies` times. reorder: held until the next message in the same direction
-    has passed (or hold_s). corrupt: one byte of frame `frame` flipped. partition: nothing passes
-    either way for duration_s (None: until heal()), this message included. kill: `callback(event)`
-    runs, on the link's thread, after the message was forwarded (deliver=True) or instead."""
-    types: str | Iterable[str] | None = None
-    """Message types ("push", "result", "heartbeat", "ack", "join", "gossip", ...); None: any."""
-    direction: Literal["to_server", "to_client", "any"] = "any"
-    worker: str | None = None
-    """Only messages whose header names this worker (the coordinator's replies name "coordinator")."""
-    nth: int | None = None
-    """Act on the nth match only (1-based); shorthand for skip=nth-1, times=1."""
-    skip: int = 0
-    """Matches that pass untouched before the rule acts."""
-    times: int | None = 1
-    """Matches acted on after the skipped ones; None: every one."""
-    probability: float = 1.0
-    delay_s: float = 0.0
-    jitter_s: float = 0.0
-    copies: int = 2
-    frame: int = -1
-    """corrupt: index of the frame among the message's frames (0: the envelope, -1: the last)."""
-    offset: int | None = None
-    """corrupt: byte to flip within the frame; None: drawn from the seeded generator."""
-    hold_s: float = 1.0
-    """reorder: release a held message after this long even if nothing followed it (a client
-    waiting for the reply to its only request sends nothing else)."""
-    duration_s: float | None = None
-    callback: Callable[[Event], None] | None = None
-    deliver: bool = True
-
-    def __post_init__(self) -> None:
-        if self.action not in _ACTIONS:
-            raise ValueError(f"action {self.action!r} is not one of {', '.join(_ACTIONS)}")
-        if self.direction not in _DIRECTIONS:
-            raise ValueError(f"direction {self.direction!r} is not one of {', '.join(_DIRECTIONS)}")
-        types = self.types
-        if types is not None:
-            raw = [types] if isinstance(types, str) else list(types)
-            # plain strings: str() of a str Enum member (wire.MsgType.PUSH) is its qualified name
-            object.__setattr__(self, "types", frozenset(str(getattr(t, "value", t)) for t in raw))
-        if self.nth is not None:
-            if self.nth < 1:
-                raise ValueError(f"nth={self.nth} counts from 1")
-            object.__setattr__(self, "skip", self.nth - 1)
-            object.__setattr__(self, "times", 1)
-        if self.skip < 0 or (self.times is not None and self.times < 0):
-            raise ValueError(f"skip={self.skip} and times={self.times} must be >= 0")
-        if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"probability={self.probability} must lie in [0, 1]")
-        if self.delay_s < 0 or self.jitter_s < 0 or self.hold_s < 0:
-            raise ValueError("delay_s, jitter_s and hold_s must be >= 0")
-        if self.copies < 1:
-            raise ValueError(f"copies={self.copies} must be >= 1")
-        if self.action == "kill" and self.callback is None:
-            raise ValueError("a kill rule needs a callback (e.g. lambda ev: os.kill(pid, signal.SIGKILL))")
-
-    def selects(self, direction: str, msg_type: str, worker: str) -> bool:
-        return (
-            (self.direction == "any" or self.direction == direction)
-            and (self.types is None or msg_type in self.types)  # type: ignore[operator]
-            and (self.worker is None or self.worker == worker)
-        )
-
-
-@dataclass(frozen=True)
-class Event:
-    """What the link did with one message."""
-
-    time: float
-    direction: str
-    type: str
-    worker: str
-    action: str
-    """forwarded, dropped, delayed, duplicated, reordered, corrupted, partitioned, killed."""
-    nbytes: int
 
 
 def peek(frames: list[Any]) -> tuple[str, str]:
@@ -225,8 +123,8 @@ class FaultyLink:
         self._front.bind(bind)
         self.address: str = self._front.getsockopt_string(zmq.LAST_ENDPOINT)
         """Where clients connect: tcp://127.0.0.1:PORT."""
-        self._backs: dict[bytes, zmq.Socket] = {}
-        self._identity_of: dict[zmq.Socket, bytes] = {}
+        self._backs: dict[bytes, zmq.Socket[bytes]] = {}
+        self._identity_of: dict[zmq.Socket[bytes], bytes] = {}
         self._timers: list[_Timed] = []
         self._held: dict[str, _Timed] = {}
         self._order = 0
@@ -295,7 +193,7 @@ class FaultyLink:
                 s.close(0)
             self._ctx.term()
 
-    def _drain(self, sock: zmq.Socket, poller: zmq.Poller) -> None:
+    def _drain(self, sock: zmq.Socket[bytes], poller: zmq.Poller) -> None:
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -423,124 +321,3 @@ class FaultyLink:
             self._counts[action] += 1
             self._events.append(event)
         return event
-
-
-# ------------------------------------------------------------------------------------------------
-# the collective transport
-
-TransportAction = Literal["peer_lost", "timeout", "abort", "hang", "kill"]
-Op = Literal["any", "all_reduce", "all_gather", "all_to_all", "broadcast"]
-
-
-@dataclass(frozen=True)
-class CollectiveFault:
-    """Fail the `at`-th call (from 1) of `op` on this rank, counted from when the fault was added."""
-
-    action: TransportAction
-    """peer_lost / timeout: raise PeerLost / SyncTimeout here without taking part (the peers, if
-    they take part, time out). abort: break the group for real (the peers see Gloo's "connection
-    closed by peer", as from a crashed process), then raise PeerLost here. hang: do not take part
-    for hang_s seconds (None: until release()), then raise SyncTimeout here (the peers time out).
-    kill: call `callback` (e.g. SIGKILL this process); if it returns, break the group like abort."""
-    op: Op = "any"
-    at: int = 1
-    hang_s: float | None = None
-    callback: Callable[[], None] | None = None
-
-    def __post_init__(self) -> None:
-        if self.at < 1:
-            raise ValueError(f"at={self.at} counts calls from 1")
-        if self.action == "kill" and self.callback is None:
-            raise ValueError("a kill fault needs a callback")
-
-
-class FaultyTransport:
-    """A Transport that passes every call to `inner` until a planned fault fires.
-
-    Once the group was broken (abort, hang, kill) every later collective raises PeerLost: the
-    group is gone, as it would be after a real failure. peer_lost and timeout leave the group
-    as it is (inject them on every rank at the same call to fail a round everywhere)."""
-
-    def __init__(self, inner: Transport, faults: Iterable[CollectiveFault] = ()) -> None:
-        self.inner = inner
-        self.rank, self.size = inner.rank, inner.size
-        self.calls: Counter[str] = Counter()
-        """Collectives issued so far, by op (and "any")."""
-        self.fired: list[CollectiveFault] = []
-        self._pending: list[tuple[CollectiveFault, int]] = []
-        self._released = threading.Event()
-        self.broken = False
-        for f in faults:
-            self.inject(f)
-
-    @property
-    def counter(self) -> ByteCounter:
-        return self.inner.counter
-
-    def inject(self, fault: CollectiveFault) -> None:
-        """Add a fault; its `at` counts calls of its op from now."""
-        self._pending.append((fault, self.calls[fault.op]))
-
-    def release(self) -> None:
-        """End every hang now (the hung rank then raises SyncTimeout)."""
-        self._released.set()
-
-    def _before(self, op: str) -> None:
-        if self.broken:
-            raise PeerLost(f"{op} on rank {self.rank}: the group was broken by an injected fault")
-        self.calls[op] += 1
-        self.calls["any"] += 1
-        for i, (fault, start) in enumerate(self._pending):
-            if self.calls[fault.op] - start == fault.at:
-                del self._pending[i]
-                self.fired.append(fault)
-                self._fire(fault, op)
-                return
-
-    def _fire(self, fault: CollectiveFault, op: str) -> None:
-        what = f"injected {fault.action} at {op} call {self.calls[op]} on rank {self.rank}"
-        log.warning("%s", what)
-        if fault.action == "peer_lost":
-            raise PeerLost(what)
-        if fault.action == "timeout":
-            raise SyncTimeout(what)
-        if fault.action == "hang":
-            self.broken = True
-            self._released.wait(timeout=fault.hang_s)
-            raise SyncTimeout(what)
-        if fault.action == "kill":
-            assert fault.callback is not None
-            fault.callback()
-        self.broken = True
-        self._break()
-        raise PeerLost(what)
-
-    def _break(self) -> None:
-        """Destroy the backend's group: its sockets close, and the peers' pending and next operations
-        fail as if this process had died. (Gloo's abort() alone leaves the connections open, so the
-        peers would only time out; the group closes them when its last reference goes, which the
-        inner transport's close() drops.)"""
-        abort = getattr(getattr(self.inner, "pg", None), "abort", None)
-        if callable(abort):
-            abort()  # pending work must not hold the destruction up
-        self.inner.close()
-
-    def all_reduce_(self, tensors: list[Tensor]) -> None:
-        self._before("all_reduce")
-        self.inner.all_reduce_(tensors)
-
-    def all_gather(self, tensor: Tensor) -> list[Tensor]:
-        self._before("all_gather")
-        return self.inner.all_gather(tensor)
-
-    def all_to_all(self, chunks: list[Tensor]) -> list[Tensor]:
-        self._before("all_to_all")
-        return self.inner.all_to_all(chunks)
-
-    def broadcast_(self, tensors: list[Tensor], src: int) -> None:
-        self._before("broadcast")
-        self.inner.broadcast_(tensors, src)
-
-    def close(self) -> None:
-        if not self.broken:
-            self.inner.close()
