@@ -37,6 +37,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from hashlib import sha256
+from typing import TypeVar
 
 from dilo.wire import Message, MsgType, WireError
 
@@ -44,6 +45,8 @@ WINDOW = 1024
 """Sequence numbers a session tolerates out of order."""
 MAX_SESSIONS = 65536
 """Active sessions and remembered floors kept by one receiver (oldest dropped first)."""
+
+_V = TypeVar("_V")
 
 
 class ReplayWindow:
@@ -168,7 +171,7 @@ class Sessions:
         return n, t_ms
 
     @staticmethod
-    def _remember(table: OrderedDict, key: str, value: object) -> None:
+    def _remember(table: OrderedDict[str, _V], key: str, value: _V) -> None:
         table[key] = value
         table.move_to_end(key)
         while len(table) > MAX_SESSIONS:

@@ -34,7 +34,7 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Annotated, Any
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack  # untyped: ignore_missing_imports in pyproject.toml
 import torch
 import zmq
 from pydantic import (

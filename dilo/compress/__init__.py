@@ -1,12 +1,13 @@
 """Codecs for pseudo-gradients on the wire. Imports only torch.
 
-`build_codec(cfg.codec)` turns a codec spec (dilo.config.CodecSpec, read duck-typed) into a codec;
+`build_codec(cfg.codec)` turns a codec spec (dilo.config.CodecSpec, read through the `CodecSpecLike`
+protocol) into a codec;
 see base.py for the seam and the meaning of the `linear` / `shardable` flags.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Protocol
 
 from dilo.compress.base import Codec, Context, Encoded, Identity, check_finite, pack, unpack
 from dilo.compress.cast import BFloat16, Float16
@@ -16,7 +17,29 @@ from dilo.compress.quant import BlockQuant, Sign, pack_int4, unpack_int4
 from dilo.compress.sparse import RandomK, TopK
 
 
-def build_codec(spec: Any) -> Codec | PowerSGD:
+class CodecSpecLike(Protocol):
+    """The fields of a codec spec that `build_codec` reads (dilo.config.CodecSpec has them all;
+    read-only, so frozen pydantic models and plain namespaces both fit)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def block(self) -> int: ...
+    @property
+    def stochastic(self) -> bool: ...
+    @property
+    def fraction(self) -> float: ...
+    @property
+    def chunk(self) -> int: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def min_compression(self) -> float: ...
+    @property
+    def feedback(self) -> bool: ...
+
+
+def build_codec(spec: CodecSpecLike) -> Codec | PowerSGD:
     """The codec a spec asks for: reads kind, block, stochastic, fraction, chunk, rank,
     min_compression and the `feedback` property.
 
@@ -52,6 +75,7 @@ __all__ = [
     "BFloat16",
     "BlockQuant",
     "Codec",
+    "CodecSpecLike",
     "Context",
     "Encoded",
     "ErrorFeedback",

@@ -104,7 +104,8 @@ def randomk_indices(n: int, k: int, seed: int) -> Tensor:
         return torch.randperm(n, generator=gen)[:k].sort().values
     draws = k + 2 * k * k // n + 64  # expected repeats are about draws^2 / 2n
     while True:
-        distinct = torch.randint(0, n, (draws,), generator=gen).unique(sorted=True)
+        # torch.unique: Tensor.unique is unannotated in torch's stubs
+        distinct: Tensor = torch.unique(torch.randint(0, n, (draws,), generator=gen), sorted=True)
         if distinct.numel() >= k:
             break
         draws *= 2

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from torch import Tensor
@@ -41,6 +41,9 @@ from dilo.errors import TransportError
 from dilo.outer.base import TAIL_COUNT, TAIL_WEIGHT, FlatLayout
 from dilo.transport.base import Transport
 
+if TYPE_CHECKING:
+    from dilo.config import CodecConfig
+
 SHARDS_PER_GROUP = 1 << 16  # ctx.part = group * SHARDS_PER_GROUP + shard
 
 
@@ -49,11 +52,18 @@ class Group:
     index: int
     label: str
     params: list[int]
-    codec: Any
+    codec: Codec | PowerSGD
+    """As build_codec made it: a flat codec (maybe wrapped in ErrorFeedback) or a bare PowerSGD."""
     feedback: bool
     layout: FlatLayout
     owner_residual: Tensor | None = None
     lowrank_residual: list[Tensor] = field(default_factory=list)
+
+    @property
+    def flat_codec(self) -> Codec:
+        """The codec of a group whose kind is not "powersgd" (PowerSGD has no flat encode / decode)."""
+        assert not isinstance(self.codec, PowerSGD), f"{self.label}: PowerSGD is not a flat codec"
+        return self.codec
 
     @property
     def kind(self) -> str:
@@ -73,22 +83,27 @@ class ExchangeResult:
     """[W, 4] float64: every worker's tail, in rank order."""
 
 
-def _plain(codec: Any) -> Any:
+@overload
+def _plain(codec: Codec) -> Codec: ...
+@overload
+def _plain(codec: Codec | PowerSGD) -> Codec | PowerSGD: ...
+def _plain(codec: Codec | PowerSGD) -> Codec | PowerSGD:
+    """The codec without its error feedback."""
     return codec.codec if isinstance(codec, ErrorFeedback) else codec
 
 
-def build_groups(names: list[str], shapes: list[torch.Size], spec: Any, bucket_mb: float = 32.0) -> list[Group]:
+def build_groups(names: list[str], shapes: list[torch.Size], spec: CodecConfig, bucket_mb: float = 32.0) -> list[Group]:
     """Split parameters by codec: the first override whose pattern matches a name wins, else the default."""
-    specs = [spec, *getattr(spec, "overrides", [])]
+    specs = [spec, *spec.overrides]
     members: list[list[int]] = [[] for _ in specs]
     for i, name in enumerate(names):
-        k = next((j + 1 for j, o in enumerate(specs[1:]) if re.search(o.pattern, name)), 0)
+        k = next((j + 1 for j, o in enumerate(spec.overrides) if re.search(o.pattern, name)), 0)
         members[k].append(i)
     groups = []
     for k, (s, idx) in enumerate(zip(specs, members)):
         if not idx:
             continue
-        label = "default" if k == 0 else f"override {s.pattern!r}"
+        label = "default" if k == 0 else f"override {spec.overrides[k - 1].pattern!r}"
         layout = FlatLayout(
             [shapes[i] for i in idx], [shapes[i].numel() for i in idx], max(1, int(bucket_mb * 2**20 / 4))
         )
@@ -111,7 +126,7 @@ class Exchange:
         transport: Transport,
         names: list[str],
         shapes: list[torch.Size],
-        spec: Any,
+        spec: CodecConfig,
         *,
         seed: int = 0,
         bucket_mb: float = 32.0,
@@ -176,7 +191,7 @@ class Exchange:
                 means = self._powersgd(g, tensors, ctx, mine, total)
             else:
                 flat = g.layout.flatten(tensors)
-                codec = g.codec if mine > 0 else _plain(g.codec)
+                codec = g.flat_codec if mine > 0 else _plain(g.flat_codec)
                 if g.kind == "all_reduce":
                     mean_flat = self._all_reduce(codec, flat, ctx, mine, total)
                 elif g.kind == "reduce_scatter":
@@ -196,7 +211,7 @@ class Exchange:
         for v in floats:
             v.mul_(mine)
         # non-float payload parts (random-k's seed) are identical on every worker: not summed
-        self.transport.all_reduce_([b for v in floats for b in v.split(self.bucket_elems)])
+        self.transport.all_reduce_([b for v in floats for b in torch.split(v, self.bucket_elems)])
         return _plain(codec).decode(type(e)(summed, e.numel)).div_(total)
 
     @property
@@ -240,7 +255,8 @@ class Exchange:
         return acc.div_(total)
 
     def _powersgd(self, g: Group, tensors: list[Tensor], ctx: Context, mine: float, total: float) -> list[Tensor]:
-        psgd: PowerSGD = _plain(g.codec)
+        psgd = _plain(g.codec)
+        assert isinstance(psgd, PowerSGD)  # g.kind == "powersgd"
         shapes = [t.shape for t in tensors]
         if g.feedback and not g.lowrank_residual:
             g.lowrank_residual = [torch.zeros_like(t) for t in tensors]

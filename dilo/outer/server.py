@@ -33,7 +33,7 @@ The rules do no I/O and keep no reference to the pushed tensors; all arithmetic 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -406,9 +406,17 @@ class FedAsync(_Rule):
         return True
 
 
+class _StalenessArgs(TypedDict):
+    """The keyword arguments every rule takes for its staleness weight s(t)."""
+
+    staleness: str
+    staleness_a: float
+    staleness_b: int
+
+
 def build_rule(cfg: AsyncConfig, params: list[Tensor], workers: int) -> ServerRule:
     """The rule named by cfg.update, with cfg's hyper-parameters, over the coordinator's params."""
-    stale = {"staleness": cfg.staleness, "staleness_a": cfg.staleness_a, "staleness_b": cfg.staleness_b}
+    stale: _StalenessArgs = {"staleness": cfg.staleness, "staleness_a": cfg.staleness_a, "staleness_b": cfg.staleness_b}
     if cfg.update == "nesterov":
         return NesterovPerPush(params, lr=cfg.lr, momentum=cfg.momentum, **stale)
     if cfg.update == "delayed_nesterov":

@@ -12,17 +12,23 @@ for the data-parallel ranks inside an island.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import Protocol, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# Public torch.distributed names that torch/distributed/__init__.py imports without re-exporting them,
+# so strict mypy (no implicit re-export) refuses them; their types still come from torch's stubs.
+from torch.distributed import PrefixStore, Store, TCPStore  # type: ignore[attr-defined]
+
 from dilo.errors import PeerLost, SyncTimeout, TransportError
 from dilo.transport.base import ByteCounter, ring_all_reduce_bytes
 
 
-def connect_store(host: str, port: int, rank: int, size: int, *, hosted: bool, timeout_s: float = 300.0) -> dist.Store:
+def connect_store(host: str, port: int, rank: int, size: int, *, hosted: bool, timeout_s: float = 300.0) -> Store:
     """Connect to the rendezvous store.
 
     hosted=True: a launcher (torchrun's agent, `dilo run`) already serves the store at host:port
@@ -30,7 +36,7 @@ def connect_store(host: str, port: int, rank: int, size: int, *, hosted: bool, t
     """
     is_master = rank == 0 and not hosted
     try:
-        return dist.TCPStore(
+        return TCPStore(
             host, port, size, is_master=is_master, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
         )
     except (RuntimeError, OSError) as e:
@@ -51,10 +57,34 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+class _Group(Protocol):
+    """The collectives this transport calls on its Gloo / NCCL group.
+
+    torch's stubs declare them on ProcessGroup only, not on the Backend classes (ProcessGroupGloo,
+    ProcessGroupNCCL) that implement them, so the group built below is cast to this.
+    """
+
+    def allreduce(self, tensors: list[Tensor], /) -> dist.Work: ...
+
+    def allgather(self, output_tensors: list[list[Tensor]], input_tensors: list[Tensor], /) -> dist.Work: ...
+
+    def alltoall_base(
+        self,
+        output: Tensor,
+        input: Tensor,
+        output_split_sizes: list[int],
+        input_split_sizes: list[int],
+        opts: dist.AllToAllOptions,
+        /,
+    ) -> dist.Work: ...
+
+    def broadcast(self, tensors: list[Tensor], opts: dist.BroadcastOptions, /) -> dist.Work: ...
+
+
 class TorchDistTransport:
     def __init__(
         self,
-        store: dist.Store,
+        store: Store,
         rank: int,
         size: int,
         *,
@@ -67,10 +97,10 @@ class TorchDistTransport:
         self.counter = ByteCounter()
         self.device = torch.device("cpu")
         timeout = timedelta(seconds=timeout_s)
-        pstore = dist.PrefixStore(prefix, store)
+        pstore = PrefixStore(prefix, store)
         try:
             if self.backend == "gloo":
-                self.pg: dist.ProcessGroup = dist.ProcessGroupGloo(pstore, rank, size, timeout)
+                self.pg = cast(_Group, dist.ProcessGroupGloo(pstore, rank, size, timeout))
             elif self.backend == "nccl":
                 nccl = getattr(dist, "ProcessGroupNCCL", None)
                 if nccl is None or not torch.cuda.is_available():
@@ -78,13 +108,13 @@ class TorchDistTransport:
                 opts = nccl.Options()
                 opts._timeout = timeout
                 self.device = torch.device("cuda", torch.cuda.current_device())
-                self.pg = nccl(pstore, rank, size, opts)
+                self.pg = cast(_Group, nccl(pstore, rank, size, opts))
             else:
                 raise TransportError(f"unknown backend {self.backend!r}; use 'gloo' or 'nccl'")
         except RuntimeError as e:
             raise TransportError(f"building the {self.backend} group failed (rank {rank} of {size}): {e}") from e
 
-    def _wait(self, works: list, what: str) -> None:
+    def _wait(self, works: Sequence[dist.Work], what: str) -> None:
         try:
             for w in works:
                 w.wait()
