@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import torch
 from safetensors import SafetensorError
@@ -31,6 +31,19 @@ from torch import Tensor
 from dilo.errors import DiloError
 from dilo.outer.mixing import layer_std, variance_corrected_merge
 from dilo.state import load_worker_state, locate
+
+
+class MergeReport(TypedDict):
+    """The JSON sidecar written next to a merged checkpoint."""
+
+    inputs: list[str]
+    variance_corrected: bool
+    conservative: float
+    own: int | None
+    eps: float
+    layer_std_inputs: list[dict[str, float]]
+    """Per input checkpoint: each layer's standard deviation."""
+    layer_std_merged: dict[str, float]
 
 
 def load_params(path: Path) -> list[Tensor]:
@@ -63,7 +76,7 @@ def merge(
     own: int | None = None,
     names: list[str] | None = None,
     eps: float = 1e-4,
-) -> dict[str, Any]:
+) -> MergeReport:
     """Merge the checkpoints at `paths` into the safetensors file `out` plus a JSON sidecar; return the sidecar.
 
     Plain merging is the fp32 mean of every tensor. `variance_corrected` applies
@@ -104,7 +117,7 @@ def merge(
             torch.stack([m[i].to(torch.float32) for m in models]).mean(0).to(t.dtype) for i, t in enumerate(first)
         ]
 
-    report: dict[str, Any] = {
+    report: MergeReport = {
         "inputs": [str(p) for p in paths],
         "variance_corrected": variance_corrected,
         "conservative": conservative,
@@ -127,8 +140,8 @@ def _names_from_config(path: str) -> list[str]:
     return param_names(build_model(cfg.model, cfg.seed))
 
 
-def _print_table(report: dict[str, Any]) -> None:
-    merged: dict[str, float] = report["layer_std_merged"]
+def _print_table(report: MergeReport) -> None:
+    merged = report["layer_std_merged"]
     width = max([len(n) for n in merged] + [5])
     print(f"{'layer':<{width}}  {'inputs std (mean)':>17}  {'merged std':>10}  {'ratio':>6}", file=sys.stderr)
     for name, std in merged.items():

@@ -19,7 +19,7 @@ which only needs each sender to conserve the mass it sends.
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TypedDict
 
 import torch
 from torch import Tensor
@@ -198,6 +198,13 @@ def mix(own: list[Tensor], received: dict[str, list[Tensor]], weights: dict[str,
     return out
 
 
+class PushSumState(TypedDict):
+    """PushSum.state_dict(): the share x (fp32 tensors) and its weight w."""
+
+    x: list[Tensor]
+    weight: float
+
+
 class PushSum:
     """Push-sum state for directed, time-varying or asynchronous graphs (docs/ALGORITHMS.md 4.3).
 
@@ -263,10 +270,10 @@ class PushSum:
         """Give half of (x, w) away and keep half; exact, since halving is a power of two."""
         return self.share(["joiner"])
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> PushSumState:
         return {"x": [t.clone() for t in self.x], "weight": self.weight}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: PushSumState) -> None:
         self.x = [t.detach().to(torch.float32).clone() for t in state["x"]]
         self.weight = float(state["weight"])
 
