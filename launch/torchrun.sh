@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch dilo workers with torchrun: one worker per process, the global world spanning all nodes.
 #
-#   launch/torchrun.sh configs/diloco.toml [--outer.lr=0.5 ...]                  # one node
+#   launch/torchrun.sh configs/quickstart.toml [--outer.lr=0.5 ...]       # one node
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh CONFIG   # on node0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/torchrun.sh CONFIG   # on node1
 #
