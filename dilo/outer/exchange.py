@@ -42,7 +42,7 @@ from dilo.outer.base import TAIL_COUNT, TAIL_WEIGHT, FlatLayout
 from dilo.transport.base import Transport
 
 if TYPE_CHECKING:
-    from dilo.config import CodecConfig
+    from dilo.config import CodecOverride, CodecSpec
 
 SHARDS_PER_GROUP = 1 << 16  # ctx.part = group * SHARDS_PER_GROUP + shard
 
@@ -92,18 +92,22 @@ def _plain(codec: Codec | PowerSGD) -> Codec | PowerSGD:
     return codec.codec if isinstance(codec, ErrorFeedback) else codec
 
 
-def build_groups(names: list[str], shapes: list[torch.Size], spec: CodecConfig, bucket_mb: float = 32.0) -> list[Group]:
-    """Split parameters by codec: the first override whose pattern matches a name wins, else the default."""
-    specs = [spec, *spec.overrides]
+def build_groups(names: list[str], shapes: list[torch.Size], spec: CodecSpec, bucket_mb: float = 32.0) -> list[Group]:
+    """Split parameters by codec: the first override whose pattern matches a name wins, else the default.
+
+    `spec` is a CodecConfig, or a bare CodecSpec (no overrides).
+    """
+    overrides: list[CodecOverride] = list(getattr(spec, "overrides", []))
+    specs = [spec, *overrides]
     members: list[list[int]] = [[] for _ in specs]
     for i, name in enumerate(names):
-        k = next((j + 1 for j, o in enumerate(spec.overrides) if re.search(o.pattern, name)), 0)
+        k = next((j + 1 for j, o in enumerate(overrides) if re.search(o.pattern, name)), 0)
         members[k].append(i)
     groups = []
     for k, (s, idx) in enumerate(zip(specs, members)):
         if not idx:
             continue
-        label = "default" if k == 0 else f"override {spec.overrides[k - 1].pattern!r}"
+        label = "default" if k == 0 else f"override {overrides[k - 1].pattern!r}"
         layout = FlatLayout(
             [shapes[i] for i in idx], [shapes[i].numel() for i in idx], max(1, int(bucket_mb * 2**20 / 4))
         )
@@ -126,7 +130,7 @@ class Exchange:
         transport: Transport,
         names: list[str],
         shapes: list[torch.Size],
-        spec: CodecConfig,
+        spec: CodecSpec,
         *,
         seed: int = 0,
         bucket_mb: float = 32.0,
