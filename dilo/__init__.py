@@ -1,0 +1,56 @@
+"""dilo: train PyTorch models across poorly connected compute islands.
+
+The library API (dilo/api.py):
+
+    world = dilo.init(cfg)                          # static, coordinator or gossip, from the config
+    outer = dilo.wrap(model, inner_optimizer, world)
+    for batch in loader:
+        ...; inner_optimizer.step(); inner_optimizer.zero_grad()
+        report = outer.step()                       # syncs when a round is due
+
+Names are imported on first use, so that `import dilo.config` stays free of torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dilo.api import Outer, RoundReport, init, wrap
+    from dilo.config import RunConfig, load
+    from dilo.errors import DiloError
+    from dilo.outer.base import Failure, Joined, Strategy, SyncReport
+    from dilo.worlds import ElasticWorld, GossipWorld, Placement, StaticWorld, World
+
+__version__ = "0.1.0"
+
+_WHERE = {
+    "init": "dilo.api",
+    "wrap": "dilo.api",
+    "Outer": "dilo.api",
+    "RoundReport": "dilo.api",
+    "RunConfig": "dilo.config",
+    "load": "dilo.config",
+    "DiloError": "dilo.errors",
+    "Failure": "dilo.outer.base",
+    "Joined": "dilo.outer.base",
+    "Strategy": "dilo.outer.base",
+    "SyncReport": "dilo.outer.base",
+    "World": "dilo.worlds",
+    "Placement": "dilo.worlds",
+    "StaticWorld": "dilo.worlds",
+    "ElasticWorld": "dilo.worlds",
+    "GossipWorld": "dilo.worlds",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'dilo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value
+    return value

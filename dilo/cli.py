@@ -28,35 +28,21 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from datetime import timedelta
 from typing import Any
 
 from dilo.config import load, schema
 from dilo.errors import DiloError
+from dilo.process import apply_threads, install_stop_handlers, setup_logging
 
 log = logging.getLogger("dilo")
 
-
-def setup_logging() -> None:
-    level = os.environ.get("DILO_LOG", "WARNING").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def install_stop_handlers() -> threading.Event:
-    """First SIGINT/SIGTERM: stop after the current round. Second SIGINT: abort now."""
-    stop = threading.Event()
-
-    def handler(signum: int, frame: object) -> None:
-        if stop.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
-    return stop
+OVERRIDES = (
+    "Any configuration key can be set after the CONFIG file as --section.key=value, e.g. --steps=200, "
+    "--outer.lr=0.5, --coordinator.bind=tcp://0.0.0.0:29600, --membership.address=tcp://HOST:29600 "
+    "(`dilo config schema` lists every key)."
+)
 
 
 def _cmd_config(args: argparse.Namespace, rest: list[str]) -> int:
@@ -94,67 +80,77 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     base_env = dict(os.environ, DILO_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     procs: list[subprocess.Popen[bytes]] = []
     stores: list[Any] = []
-    if elastic:
-        port = _free_port()
-        addr = f"tcp://127.0.0.1:{port}"
-        rest = [
-            *rest,
-            f"--coordinator.bind={addr}",
-            f"--membership.address={addr}",
-            f"--workers={n}",
-            f"--membership.start_quorum={n}",
-        ]
-        # its own session: a Ctrl+C in the terminal stops the workers, which leave; the launcher
-        # then stops the coordinator, which checkpoints
-        procs.append(
-            subprocess.Popen(
+    coordinator: subprocess.Popen[bytes] | None = None
+    try:
+        if elastic:
+            port = _free_port()
+            addr = f"tcp://127.0.0.1:{port}"
+            rest = [
+                *rest,
+                f"--coordinator.bind={addr}",
+                f"--membership.address={addr}",
+                f"--workers={n}",
+                f"--membership.start_quorum={n}",
+            ]
+            # its own session: a Ctrl+C in the terminal stops the workers, which leave; the launcher
+            # then stops the coordinator, which checkpoints
+            coordinator = subprocess.Popen(
                 [sys.executable, "-m", "dilo.cli", "coordinator", args.config, *rest],
                 env=base_env,
                 start_new_session=True,
             )
-        )
-    else:
-        if cfg.outer.kind == "gossip" and not cfg.membership.peers:
-            # static gossip on loopback: one listening port per worker
-            peers = ", ".join(f'"tcp://127.0.0.1:{_free_port()}"' for _ in range(n))
-            rest = [*rest, f"--membership.peers=[{peers}]", f"--workers={n}"]
-        # one world of n * k ranks, as torchrun would number them: island i holds ranks i*k .. i*k+k-1
-        stores.append(_store(n * k))
-        base_env.update(WORLD_SIZE=str(n * k), MASTER_ADDR="127.0.0.1", DILO_STORE_HOSTED="1")
-        base_env.update(MASTER_PORT=str(stores[0].port))
-    if elastic and k > 1:  # every island is a world of its own (one torchrun launch each)
-        stores.extend(_store(k) for _ in range(n))
-    islands = f" of {k} ranks each" if k > 1 else ""
-    print(
-        f"dilo run: {n} workers{islands}, {cfg.outer.kind}, {cfg.membership.kind} membership, logs in {cfg.run_dir}",
-        file=sys.stderr,
-    )
-    workers = []
-    for island in range(n):
-        for local in range(k):
-            env = dict(base_env, DILO_WORKER_ID=f"w{island}", DILO_ISLAND=str(island))
-            if elastic and k > 1:
-                env.update(RANK=str(local), WORLD_SIZE=str(k), LOCAL_RANK=str(local), LOCAL_WORLD_SIZE=str(k))
-                env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(stores[island].port), DILO_STORE_HOSTED="1")
-            elif elastic:
-                env.update(RANK=str(island), LOCAL_RANK=str(island), LOCAL_WORLD_SIZE=str(n))
-            else:
-                rank = island * k + local
-                env.update(RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n * k))
-            quiet = elastic and (island or local)  # static worlds print from global rank 0 by themselves
-            extra = ["--log.progress=false", "--log.plot=false"] if quiet else []
-            cmd = [sys.executable, "-m", "dilo.train", args.config, *rest, *extra]
-            workers.append(subprocess.Popen(cmd, env=env))
-    procs.extend(workers)
-    code = _supervise(workers, procs)
-    if elastic:
-        procs[0].send_signal(signal.SIGTERM)  # the coordinator checkpoints and exits
+            procs.append(coordinator)
+        else:
+            if cfg.outer.kind == "gossip" and not cfg.membership.peers:
+                # static gossip on loopback: one listening port per worker
+                peers = ", ".join(f'"tcp://127.0.0.1:{_free_port()}"' for _ in range(n))
+                rest = [*rest, f"--membership.peers=[{peers}]", f"--workers={n}"]
+            # one world of n * k ranks, as torchrun would number them: island i holds ranks i*k .. i*k+k-1
+            stores.append(_store(n * k))
+            base_env.update(WORLD_SIZE=str(n * k), MASTER_ADDR="127.0.0.1", DILO_STORE_HOSTED="1")
+            base_env.update(MASTER_PORT=str(stores[0].port))
+        if elastic and k > 1:  # every island is a world of its own (one torchrun launch each)
+            stores.extend(_store(k) for _ in range(n))
+        islands = f" of {k} ranks each" if k > 1 else ""
+        what = f"{cfg.outer.kind}, {cfg.membership.kind} membership, logs in {cfg.run_dir}"
+        print(f"dilo run: {n} workers{islands}, {what}", file=sys.stderr)
+        workers = []
+        for island in range(n):
+            for local in range(k):
+                env = dict(base_env, DILO_WORKER_ID=f"w{island}", DILO_ISLAND=str(island))
+                if elastic and k > 1:
+                    env.update(RANK=str(local), WORLD_SIZE=str(k), LOCAL_RANK=str(local), LOCAL_WORLD_SIZE=str(k))
+                    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(stores[island].port), DILO_STORE_HOSTED="1")
+                elif elastic:
+                    env.update(RANK=str(island), LOCAL_RANK=str(island), LOCAL_WORLD_SIZE=str(n))
+                else:
+                    rank = island * k + local
+                    env.update(RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n * k))
+                quiet = elastic and (island or local)  # static worlds print from global rank 0 by themselves
+                extra = ["--log.progress=false", "--log.plot=false"] if quiet else []
+                cmd = [sys.executable, "-m", "dilo.train", args.config, *rest, *extra]
+                workers.append(subprocess.Popen(cmd, env=env))
+        procs.extend(workers)
+        return _supervise(workers, procs, coordinator)
+    finally:
+        # whatever happened (a worker failed, the launcher was interrupted, an error in here), no
+        # process outlives `dilo run`: the coordinator checkpoints on SIGTERM, stragglers are killed
+        _stop(procs, coordinator)
+        del stores
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], coordinator: subprocess.Popen[bytes] | None) -> None:
+    for p in procs:
+        if p.poll() is None and p is not coordinator:
+            p.kill()
+    if coordinator is not None and coordinator.poll() is None:
+        coordinator.send_signal(signal.SIGTERM)
         try:
-            procs[0].wait(timeout=30)
+            coordinator.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            procs[0].kill()
-    del stores
-    return code
+            coordinator.kill()
+    for p in procs:
+        p.wait()
 
 
 def _store(world: int) -> Any:
@@ -164,8 +160,13 @@ def _store(world: int) -> Any:
     return dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
 
 
-def _supervise(workers: list[subprocess.Popen[bytes]], procs: list[subprocess.Popen[bytes]]) -> int:
-    """Wait for the workers; on a failure stop the rest; Ctrl+C once: stop after the round."""
+def _supervise(
+    workers: list[subprocess.Popen[bytes]],
+    procs: list[subprocess.Popen[bytes]],
+    coordinator: subprocess.Popen[bytes] | None = None,
+) -> int:
+    """Wait for the workers; on a failure (a worker's, or the coordinator's) stop the rest; Ctrl+C
+    once: stop after the round."""
     # a SIGTERM to the launcher (Slurm, a supervisor) behaves like Ctrl+C
     signal.signal(signal.SIGTERM, _raise_interrupt)
     interrupted = 0
@@ -175,12 +176,12 @@ def _supervise(workers: list[subprocess.Popen[bytes]], procs: list[subprocess.Po
             codes = [p.poll() for p in workers]
             if all(c is not None for c in codes):
                 break
-            bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0, 130)]
+            bad = [(f"worker {i}", c) for i, c in enumerate(codes) if c not in (None, 0, 130)]
+            if coordinator is not None and coordinator.poll() not in (None, 0) and not interrupted:
+                bad.append(("the coordinator", coordinator.returncode))
             if bad and failed is None:
                 failed = bad[0]
-                print(
-                    f"dilo run: worker {failed[0]} exited with code {failed[1]}; stopping the others", file=sys.stderr
-                )
+                print(f"dilo run: {failed[0]} exited with code {failed[1]}; stopping the others", file=sys.stderr)
                 for p in workers:
                     if p.poll() is None:
                         p.terminate()
@@ -232,21 +233,14 @@ def _cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, rest: list[str]) -> int:
+    import dilo
     from dilo.train import train
-    from dilo.world import ElasticWorld, GossipWorld, Placement
 
-    overrides = [*rest, "--membership.kind=coordinator"]
-    cfg = load(args.config, overrides)
+    cfg = load(args.config, [*rest, "--membership.kind=coordinator"])
     stop = install_stop_handlers()
-    torch_threads = os.environ.get("DILO_THREADS")
-    if torch_threads:
-        import torch
-
-        torch.set_num_threads(int(torch_threads))
-    if cfg.outer.kind == "gossip":
-        world: GossipWorld | ElasticWorld = GossipWorld(cfg, args.id)
-    else:  # a torchrun launch of several ranks is one island
-        world = ElasticWorld(cfg, args.id, island=Placement.from_env())
+    apply_threads()
+    # a torchrun launch of several ranks is one island; a gossip worker finds its peers via the tracker
+    world = dilo.init(cfg, worker_id=args.id)
     summary = train(cfg, world, stop=stop)
     return 130 if summary["stopped"] else 0
 
@@ -307,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="dilo", description="Train PyTorch models across poorly connected islands.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_run = sub.add_parser("run", help="train with N local worker processes on loopback")
+    p_run = sub.add_parser("run", help="train with N local worker processes on loopback", epilog=OVERRIDES)
     p_run.add_argument("config", help="TOML file, e.g. configs/quickstart.toml")
     p_run.add_argument("--workers", type=int, default=None, help="number of workers (default: the config's `workers`)")
     p_run.add_argument(
@@ -316,10 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="ranks per worker: each worker is an island of this many data-parallel ranks (default 1)",
     )
-    p_co = sub.add_parser("coordinator", help="serve an elastic run")
+    p_co = sub.add_parser("coordinator", help="serve an elastic run", epilog=OVERRIDES)
     p_co.add_argument("config")
     p_co.add_argument("--resume", action="store_true", help="restart from the newest coordinator checkpoint")
-    p_wk = sub.add_parser("worker", help="one elastic worker that joins a coordinator")
+    p_wk = sub.add_parser("worker", help="one elastic worker that joins a coordinator", epilog=OVERRIDES)
     p_wk.add_argument("config")
     p_wk.add_argument("--id", default=None, help="stable worker id (default: membership.worker_id, DILO_WORKER_ID)")
     p_st = sub.add_parser("status", help="ask a running coordinator how it is doing")
@@ -327,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     p_st.add_argument("--secret-file", default=None)
     p_st.add_argument("--curve-dir", default=None)
     p_st.add_argument("--json", action="store_true")
-    p_sim = sub.add_parser("sim", help="simulate N virtual workers in one process on a virtual clock")
+    p_sim = sub.add_parser("sim", help="simulate N virtual workers in one process on a virtual clock", epilog=OVERRIDES)
     p_sim.add_argument("config")
     p_sim.add_argument("--workers", type=int, default=None, help="virtual workers (default: the config's `workers`)")
     sub.add_parser(
@@ -336,12 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     p_keys = sub.add_parser("keys", help="generate CURVE key pairs")
     p_keys.add_argument("dir")
     p_keys.add_argument("--force", action="store_true", help="overwrite existing key files")
-    p_cfg = sub.add_parser("config", help="show the resolved configuration or its schema")
+    p_cfg = sub.add_parser("config", help="show the resolved configuration or its schema", epilog=OVERRIDES)
     p_cfg.add_argument("action", choices=["show", "schema"])
     p_cfg.add_argument("config", nargs="?", help="TOML file (for show)")
     args, rest = parser.parse_known_args(argv)
-    setup_logging()
     try:
+        setup_logging()
+        takes_overrides = ["run", "coordinator", "worker", "sim", "merge"]
+        if args.command == "config" and args.action == "show":
+            takes_overrides.append("config")
+        if rest and args.command not in takes_overrides:
+            raise DiloError(f"dilo {args.command}: unknown arguments {' '.join(rest)} (see dilo {args.command} --help)")
         handlers = {
             "run": _cmd_run,
             "coordinator": _cmd_coordinator,

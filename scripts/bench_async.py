@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_async.py [--steps 400] [--real-steps 200] [--skip-real]
 
 Four workers with speeds 1, 1, 1/2 and 1/4 (heterogeneity.slowdown = [1, 1, 2, 4]), the
-quickstart model on the stdlib corpus, H = 25. Arms, all in the simulator (dilo/sim.py: the real
+quickstart model on the stdlib corpus, H = 25. Arms, all in the simulator (dilo/sim/: the real
 worker loop and coordinator on a virtual clock, 0.1 virtual s per full-speed step):
 
 - sync:      synchronous DiLoCo (outer Nesterov lr 1.0, momentum 0.5); every round waits for the

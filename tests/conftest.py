@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from dilo.config import RunConfig, from_dict
 from dilo.train import train
-from dilo.world import Placement
+from dilo.worlds import Placement
 
 REPO = Path(__file__).resolve().parent.parent
 

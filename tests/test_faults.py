@@ -44,7 +44,7 @@ from dilo.outer.diloco import DiLoCo
 from dilo.testing.faults import CollectiveFault, FaultyLink, FaultyTransport, Rule, peek
 from dilo.train import train
 from dilo.transport.torch_dist import TorchDistTransport, connect_store
-from dilo.world import ElasticWorld, GossipWorld, Placement
+from dilo.worlds import ElasticWorld, GossipWorld, Placement
 from tests.conftest import run_workers, tiny_config, write_toml
 from tests.test_elastic import FAST, _env, _log, _reaped, _records, _serving, _spawn, _tail
 

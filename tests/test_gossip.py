@@ -24,7 +24,7 @@ from dilo.outer import mixing
 from dilo.state import load_worker_state, rounds_of
 from dilo.train import train
 from dilo.transport.zmq_p2p import P2PNode
-from dilo.world import GossipWorld
+from dilo.worlds import GossipWorld
 from tests.conftest import tiny_config, write_toml
 from tests.test_elastic import FAST, _env, _reaped, _serving, _spawn, _tail, _wait_for, _wait_ok
 

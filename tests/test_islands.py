@@ -25,7 +25,7 @@ from dilo.outer.base import SyncReport, Tail
 from dilo.outer.island import IslandSync
 from dilo.state import load_worker_state, rounds_of
 from dilo.transport.torch_dist import TorchDistTransport
-from dilo.world import Placement, StaticWorld
+from dilo.worlds import Placement, StaticWorld
 from tests.conftest import REPO, run_workers, tiny_config, train_threads, write_toml
 from tests.test_launch import _env, _overrides
 
@@ -189,7 +189,7 @@ def test_island_layout_is_checked(tmp_path: Path, corpus_dir: Path, monkeypatch:
     worlds = run_workers(lambda p: StaticWorld(node, p), 4)
     assert [(w.rank, w.local_rank, w.size) for w in worlds] == [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]
     for w in worlds:
-        w.close(None, leaving=True)
+        w.close(leaving=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_each_torchrun_launch_joins_the_coordinator_as_one_worker(tmp_path: Path
 def test_followers_hear_when_the_lead_cannot_join(tmp_path: Path, corpus_dir: Path) -> None:
     """With a coordinator, the lead rank joins for the island; if it cannot, its followers stop
     with a clear error at once instead of waiting for a collective's timeout."""
-    from dilo.world import ElasticWorld
+    from dilo.worlds import ElasticWorld
 
     cfg = tiny_config(tmp_path, corpus_dir, workers=2, membership={"kind": "coordinator"})
 

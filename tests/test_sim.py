@@ -1,4 +1,4 @@
-"""The simulator (dilo/sim.py): the real worker loop and strategies on a virtual clock.
+"""The simulator (dilo/sim/): the real worker loop and strategies on a virtual clock.
 
 It must agree with real threaded workers over Gloo for the same seeded synchronous schedule, be
 deterministic, charge virtual time as documented, and play join / leave / crash schedules through

@@ -1,12 +1,12 @@
 """Asynchronous local SGD, worker side: train, push, continue at once from the fresh parameters.
 
-The coordinator (dilo/coordinator.py) applies each push on arrival with the server rule of
+The coordinator (dilo/coordinator/) applies each push on arrival with the server rule of
 dilo/outer/server.py and answers with the new parameters and how many inner steps to run next
 (DyLU). The pseudo-gradient is relative to the parameters this worker last received, so a push
 is meaningful whatever happened on the coordinator in between; its staleness is counted there.
 
     outer = AsyncLocalSGD(model, client, cfg)
-    outer.join(model)                       # WELCOME: parameters, version, first step count
+    outer.start(model, resumed=False)       # WELCOME: parameters, version, first step count
     if outer.due(step):
         report = outer.sync(model, tail=Tail(..., steps=n, inner_s=t))   # push, adopt the reply
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,21 +28,24 @@ from torch import nn
 from dilo import wire
 from dilo.errors import PeerLost, ProtocolError, SyncTimeout
 from dilo.model import param_names, params_of
-from dilo.outer.base import Anchor, SyncReport, Tail
-from dilo.outer.star import REJOIN_CODES, StarCodec, adopt_parameters, worker_key
-from dilo.transport.zmq_star import StarClient
+from dilo.outer.base import Anchor, Failure, Joined, SyncReport, Tail
+from dilo.outer.exchange import describe_groups
+from dilo.outer.star import REJOIN_CODES, StarCodec, StarLink, adopt_parameters, joined_from, worker_key
+
+if TYPE_CHECKING:
+    from dilo.config import RunConfig
 
 log = logging.getLogger("dilo.outer.async")
 
 
 class AsyncLocalSGD:
-    def __init__(self, model: nn.Module, client: StarClient, cfg: Any) -> None:
+    def __init__(self, model: nn.Module, client: StarLink, cfg: RunConfig) -> None:
         self.client = client
         params = params_of(model)
         self.anchor = Anchor(params)
         self.star = StarCodec(param_names(model), [p.shape for p in params], cfg.codec, seed=cfg.seed)
         self.key = worker_key(client.worker_id)
-        self.round_steps = cfg.outer.inner_steps
+        self.round_steps = cfg.round_steps
         """Inner steps of the current round, as the coordinator assigned them."""
         self.version = -1
         self.pushes = 0
@@ -58,6 +61,16 @@ class AsyncLocalSGD:
     def due(self, step: int) -> bool:
         self._last = step
         return step + 1 - self._start >= self.round_steps
+
+    def start(self, model: nn.Module, *, resumed: bool) -> Joined:
+        """JOIN and start from the coordinator's parameters (resumed or not: it holds them)."""
+        return joined_from(self.join(model))
+
+    def reduce_grads(self, model: nn.Module) -> None:
+        """Gradients stay local."""
+
+    def describe(self) -> list[str]:
+        return describe_groups(self.star.groups)
 
     @torch.no_grad()
     def join(self, model: nn.Module) -> wire.Message:
@@ -105,14 +118,23 @@ class AsyncLocalSGD:
             log.warning("push of worker %s got no answer (%s): re-pulling the parameters", self.client.worker_id, e)
             self._adopt(self.client.join(), model)
             return self._report(
-                False, t0, sent0, recv0, tail, reason=f"reply lost ({e}): re-pulled", tokens=self._tokens_since_report()
+                False,
+                t0,
+                sent0,
+                recv0,
+                tail,
+                reason=f"reply lost ({e}): re-pulled",
+                failure=Failure.LOST,
+                tokens=self._tokens_since_report(),
             )
         self._adopt(reply, model)
         b = reply.body
         applied = bool(b.get("applied", False))
         reason = "dropped: too stale" if b.get("dropped") else ""
+        failure = None if applied else Failure.DROPPED if b.get("dropped") else Failure.REFUSED
         if reply.type == wire.MsgType.STATE:
             reason = f"restarted from the coordinator's state ({b.get('reason', 'late')})"
+            failure = Failure.LATE
         return self._report(
             applied,
             t0,
@@ -120,6 +142,7 @@ class AsyncLocalSGD:
             recv0,
             tail,
             reason=reason,
+            failure=failure,
             staleness=int(b["staleness"]) if "staleness" in b else None,
             tokens=self._tokens_since_report(),
         )
@@ -138,6 +161,7 @@ class AsyncLocalSGD:
         tail: Tail,
         *,
         reason: str = "",
+        failure: Failure | None = None,
         staleness: int | None = None,
         tokens: int | None = None,
     ) -> SyncReport:
@@ -150,11 +174,14 @@ class AsyncLocalSGD:
             stop=tail.stop,
             tokens=tail.tokens if tokens is None else tokens,
             reason=reason,
+            failure=failure,
             anchor_hash=self.anchor.digest(),
             version=self.version,
             done=self.done,
             staleness=staleness,
             schedule_step=self.schedule_step,
+            # every async round logs its staleness and the step count the coordinator assigned next
+            extra={"staleness": staleness, "next_steps": self.round_steps},
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,15 +1,17 @@
-"""What every outer strategy shares: the sync report, the fp32 anchor, flat buffers.
+"""What every outer strategy shares: the `Strategy` protocol, the sync report, the fp32 anchor,
+flat buffers.
 
-A strategy is driven by the worker loop (dilo/train.py):
+A strategy is driven through `dilo.Outer` (dilo/api.py), the same way for every kind:
 
-    if outer.reduce_grads is not None:        # DDP only: after every backward
-        outer.reduce_grads(model, tail)
-    if outer.due(step):                       # end of a round
-        report = outer.sync(model, weight=tokens, stop=stop_requested)
+    strategy.start(model, resumed=False)      # broadcast / join the coordinator / find the peers
+    strategy.reduce_grads(model)              # after every backward (DDP, islands; a no-op otherwise)
+    if strategy.due(step):                    # end of a round
+        report = strategy.sync(model, tail=Tail(...))
 
-`sync` does not raise on a failed exchange: it returns `SyncReport(committed=False, reason=...)`
-with the parameters restored from the anchor. (An elastic worker whose coordinator stays
-unreachable past its join deadline does raise: there is nobody left to train with.)
+`sync` does not raise on a failed exchange: it returns `SyncReport(committed=False,
+failure=Failure.X, reason=...)` with the parameters restored from the anchor. (An elastic worker
+whose coordinator stays unreachable past its join deadline does raise: there is nobody left to
+train with.)
 
 Every collective carries a small fp32 *tail* after the payload: the contributor's weight, a
 contributor count, a stop flag and the round's token count. Summing the tail with the payload
@@ -21,18 +23,56 @@ on the same round), and how many tokens the whole world trained on.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from dilo.model import params_of
+from dilo.transport.base import ByteCounter, Transport
 
-__all__ = ["params_of", "Anchor", "FlatLayout", "SyncReport", "Tail", "Strategy", "tensor_digest"]
+if TYPE_CHECKING:
+    from dilo.outer.star import StarLink
+    from dilo.transport.zmq_p2p import P2PNode
+
+__all__ = [
+    "params_of",
+    "Anchor",
+    "Failure",
+    "FlatLayout",
+    "GossipLinks",
+    "Joined",
+    "Links",
+    "SyncReport",
+    "Tail",
+    "Strategy",
+    "tensor_digest",
+]
 
 TAIL_WEIGHT, TAIL_COUNT, TAIL_STOP, TAIL_TOKENS = range(4)
 TAIL_LEN = 4
+
+
+class Failure(str, Enum):
+    """Why a round was not committed (`SyncReport.failure`; None when it was)."""
+
+    NO_CONTRIBUTION = "no_contribution"
+    """No worker sent a usable update (all non-finite or weight 0): the round is skipped everywhere."""
+    TRANSPORT = "transport"
+    """A collective failed or a peer was lost mid-round (a static world cannot go on without it)."""
+    LOST = "lost"
+    """Elastic: this worker's push was lost (the coordinator restarted or forgot it); it re-joined."""
+    LATE = "late"
+    """Elastic: the round had closed before the push arrived; restarted from the coordinator's state."""
+    REFUSED = "refused"
+    """The coordinator closed the round without committing it (e.g. the update would be non-finite)."""
+    DROPPED = "dropped"
+    """Async: the push was too stale (outer.max_staleness) and not applied."""
+    ISOLATED = "isolated"
+    """Gossip: no peer's parameters arrived this round; the worker trains on alone."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +89,9 @@ class SyncReport:
     tokens: int = 0
     """Tokens trained on by all contributors this round."""
     reason: str = ""
+    """Human-readable detail for the log (why a round failed, who was missing)."""
+    failure: Failure | None = None
+    """Why the round was not committed, typed: the loop decides on this, never on `reason`."""
     anchor_hash: str = ""
     version: int = -1
     """The global version this worker holds after the sync (rounds committed, async: server updates)."""
@@ -84,16 +127,96 @@ class Tail:
         return t
 
 
+@dataclass(frozen=True)
+class Joined:
+    """What a worker starts from, as its strategy's `start` found it."""
+
+    island: int = -1
+    """The data island the coordinator handed out (JOIN with island = "auto"), else -1."""
+    version: int = -1
+    """The global version joined at (elastic), else -1."""
+    members: tuple[str, ...] | None = None
+    """The members at the join (None: not known on this rank, e.g. an island's follower)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Strategy-specific facts for the start log (gossip: whom it took its parameters from)."""
+    anchor_hash: str = ""
+    """The hash of the parameters this worker starts from (filled in by `dilo.Outer.start`)."""
+
+    def record(self) -> dict[str, Any]:
+        """For the start log: tests and operators compare the hash with the coordinator's anchor."""
+        members = list(self.members) if self.members is not None else None
+        return {"island": self.island, "version": self.version, "members": members, **self.extra,
+                "anchor_hash": self.anchor_hash}  # fmt: skip
+
+
 class Strategy(Protocol):
-    round_steps: int
+    """An outer strategy, as the loop sees it: every kind implements all of it."""
 
-    def due(self, step: int) -> bool: ...
+    @property
+    def round_steps(self) -> int:
+        """Inner steps in the current round (async: as the coordinator assigned them)."""
+        ...
 
-    def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport: ...
+    def due(self, step: int) -> bool:
+        """Called after every inner step (0-based): True when the round ends there."""
+        ...
+
+    def start(self, model: nn.Module, *, resumed: bool) -> Joined:
+        """Agree on the starting parameters: broadcast (static), join the coordinator (elastic),
+        find the peers (gossip). resumed: the model was just loaded from a checkpoint."""
+        ...
+
+    def reduce_grads(self, model: nn.Module) -> None:
+        """Called after every backward pass, before clipping and the optimizer step: DDP and islands
+        average the gradients here; every other strategy does nothing."""
+        ...
+
+    def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
+        """The end of a round: the outer step. Never raises for a failed exchange (see Failure)."""
+        ...
+
+    def describe(self) -> list[str]:
+        """What the exchange sends (codec and collective per parameter group), for the start log."""
+        ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class GossipLinks:
+    """What a gossip worker talks through: its listening node, who its peers are, and (tracked
+    runs) how to join the tracker."""
+
+    node: P2PNode
+    view: Callable[[], dict[str, str]]
+    """The current members and their addresses (this worker's own entry may be missing)."""
+    worker_id: str
+    rank: int
+    """This worker's island (independent initialisation seeds from it)."""
+    join: Callable[[], None] | None = None
+    """Tracked runs: join the tracker (the view then follows its heartbeats)."""
+
+
+@dataclass
+class Links:
+    """Everything a world gives a strategy to talk through; `dilo.outer.build` picks the strategy
+    that fits the config and uses the links it needs."""
+
+    counter: ByteCounter
+    """The bytes this rank exchanges with other islands (a follower rank: none)."""
+    collective: Transport | None = None
+    """A static world's every rank (DDP exchanges gradients over it)."""
+    outer: Transport | None = None
+    """A static world's island lead ranks (DiLoCo / FedAvg); None on an island's follower ranks."""
+    island: Transport | None = None
+    """This island's ranks, when it has more than one (gradients every step, broadcasts)."""
+    star: StarLink | None = None
+    """The coordinator (elastic DiLoCo / FedAvg, async); None on an island's follower ranks."""
+    gossip: GossipLinks | None = None
+    lead: bool = True
+    """This rank talks to the other islands (an island's local rank 0, or a one-rank island)."""
 
 
 @dataclass
@@ -155,15 +278,21 @@ class Anchor:
 
 
 def tensor_digest(tensors: list[Tensor]) -> str:
-    """Short hash of the exact bytes of some tensors: equal digests mean bit-identical values."""
+    """Short hash of the exact bytes of some tensors: equal digests mean bit-identical values.
+
+    The hash reads each tensor's memory in place (a contiguous CPU tensor is not copied; a GPU
+    tensor is copied to the host once)."""
     h = hashlib.blake2b(digest_size=8)
     for t in tensors:
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        flat = t.detach().reshape(-1)
+        if flat.device.type != "cpu":
+            flat = flat.cpu()
+        h.update(memoryview(flat.contiguous().view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
 @torch.no_grad()
-def broadcast_params(model: nn.Module, layout: FlatLayout, transport: Any, src: int = 0) -> list[nn.Parameter]:
+def broadcast_params(model: nn.Module, layout: FlatLayout, transport: Transport, src: int = 0) -> list[nn.Parameter]:
     """Overwrite every worker's parameters with rank src's, bucket by bucket; returns them."""
     params = params_of(model)
     flat = layout.flatten(params)

@@ -22,7 +22,9 @@ from dilo.outer.base import (
     TAIL_COUNT,
     TAIL_STOP,
     TAIL_TOKENS,
+    Failure,
     FlatLayout,
+    Joined,
     SyncReport,
     Tail,
     broadcast_params,
@@ -46,6 +48,15 @@ class DDP:
     def broadcast_initial(self, model: nn.Module, src: int = 0) -> None:
         broadcast_params(model, self.layout, self.transport, src)
         self.mark_bytes()  # the start-up broadcast is not part of the first round's traffic
+
+    def start(self, model: nn.Module, *, resumed: bool) -> Joined:
+        if not resumed:
+            self.broadcast_initial(model)
+        self.mark_bytes()
+        return Joined()
+
+    def describe(self) -> list[str]:
+        return ["every parameter: fp32 gradients, all_reduce after every backward pass"]
 
     def mark_bytes(self) -> None:
         """Count this round's traffic from here (start of training, or after a resume)."""
@@ -79,6 +90,9 @@ class DDP:
         except TransportError as e:
             # a collective that failed half way may have left partial sums in t: report our own
             committed, reason, t = False, repr(e), tail.tensor()
+            failure: Failure | None = Failure.TRANSPORT
+        else:
+            failure = None
         c = self.transport.counter
         self._bytes_mark = (c.sent, c.recv)
         return SyncReport(
@@ -90,6 +104,7 @@ class DDP:
             stop=bool(t[TAIL_STOP] > 0),
             tokens=int(t[TAIL_TOKENS]),
             reason=reason,
+            failure=failure,
             anchor_hash=tensor_digest(params_of(model)),
         )
 

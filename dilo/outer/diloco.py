@@ -7,6 +7,7 @@ workers that contributed), the anchor takes one outer step with `torch.optim.SGD
 mean, and every worker's parameters are reset to the new anchor.
 
     outer = DiLoCo(model, transport, lr=0.7, momentum=0.9, nesterov=True, inner_steps=50)
+    outer.start(model, resumed=False)                      # every worker starts from rank 0's
     for step in range(steps):
         inner_step(...)
         if outer.due(step):
@@ -38,7 +39,9 @@ from dilo.outer.base import (
     TAIL_STOP,
     TAIL_TOKENS,
     Anchor,
+    Failure,
     FlatLayout,
+    Joined,
     SyncReport,
     Tail,
     broadcast_params,
@@ -91,6 +94,19 @@ class DiLoCo:
         """Make every worker start from rank src's parameters (threads share one RNG; joiners need it)."""
         self.anchor.load_from(broadcast_params(model, self.layout, self.transport, src))
 
+    def start(self, model: nn.Module, *, resumed: bool) -> Joined:
+        """A fresh run starts from rank 0's parameters; a resumed one from the checkpoint every
+        rank loaded (its round boundary, where all parameters equal the anchor)."""
+        if not resumed:
+            self.broadcast_initial(model)
+        return Joined()
+
+    def reduce_grads(self, model: nn.Module) -> None:
+        """Gradients stay local: workers exchange only at the end of a round."""
+
+    def describe(self) -> list[str]:
+        return self.exchange.describe()
+
     @torch.no_grad()
     def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
         t0 = time.perf_counter()
@@ -107,10 +123,13 @@ class DiLoCo:
         except TransportError as e:
             log.error("outer sync failed on rank %d: %s; restoring the anchor", self.transport.rank, e)
             self.anchor.restore_into(params)
-            return self._report(False, t0, sent0, recv0, tail.tensor().reshape(1, -1), reason=repr(e))
+            tails = tail.tensor().reshape(1, -1)
+            return self._report(False, t0, sent0, recv0, tails, reason=repr(e), failure=Failure.TRANSPORT)
         if result.mean is None:
             self.anchor.restore_into(params)
-            return self._report(False, t0, sent0, recv0, result.tails, reason="no worker contributed")
+            return self._report(
+                False, t0, sent0, recv0, result.tails, reason="no worker contributed", failure=Failure.NO_CONTRIBUTION
+            )
         for a, g in zip(self.anchor.params, result.mean):
             a.grad = g
         self.optimizer.step()
@@ -119,7 +138,14 @@ class DiLoCo:
         return self._report(True, t0, sent0, recv0, result.tails)
 
     def _report(
-        self, committed: bool, t0: float, sent0: int, recv0: int, tails: torch.Tensor, reason: str = ""
+        self,
+        committed: bool,
+        t0: float,
+        sent0: int,
+        recv0: int,
+        tails: torch.Tensor,
+        reason: str = "",
+        failure: Failure | None = None,
     ) -> SyncReport:
         total = tails.sum(0)
         return SyncReport(
@@ -131,6 +157,7 @@ class DiLoCo:
             stop=bool(total[TAIL_STOP] > 0),
             tokens=int(total[TAIL_TOKENS]),
             reason=reason,
+            failure=failure,
             anchor_hash=self.anchor.digest(),
         )
 

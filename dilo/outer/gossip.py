@@ -1,6 +1,7 @@
 """Gossip averaging: every H steps, mix parameters with a few peers; no central state.
 
-    outer = Gossip(model, node, view, cfg, worker_id)    # node: dilo/transport/zmq_p2p.P2PNode
+    outer = Gossip(model, GossipLinks(node, view, worker_id, rank), cfg)   # node: a zmq_p2p.P2PNode
+    outer.start(model, resumed=False)     # join the tracker, take a running neighbour's parameters
     if outer.due(step):
         report = outer.sync(model, tail=tail)
 
@@ -13,7 +14,8 @@ a crash costs one timeout, not the round's information. With `push_sum` the work
 (x, w) instead and trains the de-biased x / w: no renormalisation is needed, and directed or
 time-varying graphs still converge (a lost share is lost mass; the de-biasing keeps the model
 consistent). With `variance_correction` each merged layer is rescaled around its mean to the
-weighted mean of the inputs' variances.
+weighted mean of the inputs' variances; `conservative` c blends c of the worker's own layer (and
+of its variance) into that merge.
 
 With a codec (codec.kind != "none") the exchange is CHOCO-gossip (Koloskova et al., 2019): each
 worker keeps a public estimate x^ of its parameters that every neighbour replicates, sends only
@@ -33,31 +35,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from dilo import wire
-from dilo.model import param_names, params_of
+from dilo.model import build_model, param_names, params_of
 from dilo.outer import mixing
-from dilo.outer.base import SyncReport, Tail, tensor_digest
+from dilo.outer.base import Failure, GossipLinks, Joined, SyncReport, Tail, tensor_digest
+from dilo.outer.exchange import describe_groups
 from dilo.outer.star import StarCodec, worker_key
-from dilo.transport.zmq_p2p import P2PNode
+
+if TYPE_CHECKING:
+    from dilo.config import GossipConfig, RunConfig
 
 log = logging.getLogger("dilo.outer.gossip")
 
 
 class Gossip:
-    def __init__(
-        self, model: nn.Module, node: P2PNode, view: Callable[[], dict[str, str]], cfg: Any, worker_id: str
-    ) -> None:
-        self.node = node
-        self.view = view
+    def __init__(self, model: nn.Module, links: GossipLinks, cfg: RunConfig, outer: GossipConfig) -> None:
+        self.links = links
+        self.node = node = links.node
+        self.view = links.view
         self.cfg = cfg
-        self.o = cfg.outer
-        self.me = worker_id
+        self.o = outer
+        self.me = links.worker_id
         self.names = param_names(model)
         self.round_steps = self.o.inner_steps
         self.round = 0
@@ -83,6 +86,31 @@ class Gossip:
             1.0,
         )
         node.publish(self._state)
+
+    @torch.no_grad()
+    def start(self, model: nn.Module, *, resumed: bool) -> Joined:
+        """Independent initialisation (outer.independent_init), the tracker's JOIN, and for a worker
+        joining a tracked run in progress the parameters of a running neighbour; then publish."""
+        if self.o.independent_init and not resumed:
+            fresh = params_of(build_model(self.cfg.model, self.cfg.seed + 1000 * self.links.rank))
+            for p, v in zip(params_of(model), fresh):
+                p.copy_(v)
+        if self.links.join is not None:
+            self.links.join()
+        # a static world starts together (a restarted worker resumes from its checkpoint); a tracked
+        # worker may be joining a run in progress
+        took = self.join_from_neighbour(model) if self.links.join is not None and not resumed else None
+        self.publish(model)
+        members = tuple(sorted(set(self.view()) | {self.me}))
+        return Joined(members=members, extra={"from": took, "address": self.node.address})
+
+    def reduce_grads(self, model: nn.Module) -> None:
+        """Gradients stay local."""
+
+    def describe(self) -> list[str]:
+        if self.star is not None:
+            return [f"CHOCO-gossip of {line}" for line in describe_groups(self.star.groups)]
+        return [f"every parameter: fp32 to the {self.o.topology} peers" + (" (push-sum)" if self.o.push_sum else "")]
 
     # ------------------------------------------------------------------------------- peers' view of us
 
@@ -178,8 +206,10 @@ class Gossip:
             reason = f"no message from {sorted(missing)}" + "".join(
                 f"; pulled {sub} in place of {silent}" for silent, sub in sorted(substituted.items())
             )
+        committed = bool(got) or not missing
         return SyncReport(
-            committed=bool(got) or not missing,
+            committed=committed,
+            failure=None if committed else Failure.ISOLATED,
             participants=1 + len(got),
             bytes_sent=self.node.counter.sent - sent0,
             bytes_recv=self.node.counter.recv - recv0,
@@ -264,6 +294,14 @@ class Gossip:
             if missing:
                 log.warning("round %d: no message from %s; substitutes %s", round_idx, sorted(missing), substituted)
         weights = w[self.me]
+        if self.o.variance_correction and self.o.conservative > 0 and got:
+            # blending c of the own layer into the merge re-weights it: (1 - c) * the weights
+            # renormalised over what arrived, plus c on this worker (the target variance, a weighted
+            # mean of the inputs' variances, follows the same weights)
+            present = [p for p in weights if p == self.me or p in got]
+            total = sum(weights[p] for p in present)
+            c = self.o.conservative
+            weights = {p: (1.0 - c) * weights[p] / total + (c if p == self.me else 0.0) for p in present}
         if self.o.variance_correction and got:
             # eps only guards a zero variance: the reference's 1e-4 is as large as the variance of a
             # 0.02-std init and would leave a fifth of the shrinkage uncorrected

@@ -8,6 +8,7 @@ the island's lead rank (local rank 0) runs the outer strategy against the other 
 broadcasts the resulting parameters and the round's outcome to its island:
 
     island = IslandSync(model, group, strategy if group.rank == 0 else None)
+    island.start(model, resumed=False)   # the lead joins / broadcasts, then the island takes its parameters
     inner.step(next_batch, grad_hook=island.reduce_grads)
     if island.due(step):                 # the lead's strategy decides, the others follow
         report = island.sync(model, tail=tail)
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from dilo.errors import DiloError
-from dilo.outer.base import SyncReport, Tail, broadcast_params, params_of, tensor_digest
+from dilo.outer.base import Joined, Strategy, SyncReport, Tail, broadcast_params, params_of, tensor_digest
 from dilo.outer.ddp import DDP
 from dilo.transport.base import Transport
 
@@ -56,7 +57,7 @@ class IslandSync:
     group: the island's own transport (rank 0 leads). outer: the strategy against the other
     islands, on the lead rank only (None elsewhere)."""
 
-    def __init__(self, model: nn.Module, group: Transport, outer: Any | None, *, bucket_mb: float = 32.0) -> None:
+    def __init__(self, model: nn.Module, group: Transport, outer: Strategy | None, *, bucket_mb: float = 32.0) -> None:
         if (group.rank == 0) != (outer is not None):
             raise ValueError("the island's lead rank (local rank 0), and only it, runs the outer strategy")
         self.group = group
@@ -90,11 +91,27 @@ class IslandSync:
         broadcast_params(model, self.layout, self.group, 0)
         return [float(v) for v in t]
 
-    def broadcast_initial(self, model: nn.Module, src: int = 0) -> None:
-        """A static start: the islands agree on island src's parameters, then each island on its lead's."""
+    def start(self, model: nn.Module, *, resumed: bool) -> Joined:
+        """The lead rank starts its strategy (a static broadcast across islands, a JOIN), then the
+        island takes the lead's parameters and what it learnt (the island handed out, the version).
+        A lead that fails to start tells its followers, which raise too instead of waiting."""
+        joined = Joined()
+        failure: BaseException | None = None
         if self.outer is not None:
-            self.outer.broadcast_initial(model, src)
-        broadcast_params(model, self.layout, self.group, 0)
+            try:
+                joined = self.outer.start(model, resumed=resumed)
+            except BaseException as e:  # an island's followers must hear of it, not wait for a timeout
+                failure = e
+        island, version, failed = self.share(model, [joined.island, joined.version, failure is not None])
+        if failure is not None:
+            raise failure
+        if failed:
+            raise DiloError("the island's lead rank could not start (its log says why); stopping this rank")
+        return Joined(island=int(island), version=int(version), members=joined.members, extra=joined.extra)
+
+    def describe(self) -> list[str]:
+        """The lead rank's exchange plan; a follower sends nothing to other islands."""
+        return self.outer.describe() if self.outer is not None else []
 
     # ------------------------------------------------------------------------------------------
     # across islands
@@ -132,13 +149,6 @@ class IslandSync:
     @property
     def round_steps(self) -> int:
         return self.outer.round_steps if self.outer is not None else self._round_steps
-
-    @property
-    def exchange(self) -> Any:
-        """The lead rank's exchange plan (train logs it); followers have none."""
-        if self.outer is None or not hasattr(self.outer, "exchange"):
-            raise AttributeError("exchange")
-        return self.outer.exchange
 
     def state_dict(self) -> dict[str, Any]:
         return {"lead": self.outer.state_dict()} if self.outer is not None else {}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -31,9 +31,12 @@ from dilo.compress.sparse import TopK
 from dilo.config import DDPConfig
 from dilo.errors import ConfigError, PeerLost, ProtocolError, SyncTimeout
 from dilo.model import param_names, params_of
-from dilo.outer.base import Anchor, SyncReport, Tail
-from dilo.outer.exchange import SHARDS_PER_GROUP, Group, _plain, build_groups
-from dilo.transport.zmq_star import StarClient
+from dilo.outer.base import Anchor, Failure, Joined, SyncReport, Tail
+from dilo.outer.exchange import SHARDS_PER_GROUP, Group, _plain, build_groups, describe_groups
+from dilo.transport.base import ByteCounter
+
+if TYPE_CHECKING:
+    from dilo.config import RunConfig
 
 log = logging.getLogger("dilo.outer.star")
 
@@ -41,6 +44,28 @@ DOWNLINK_PART = SHARDS_PER_GROUP - 1
 REJOIN_CODES = ("not_member", "session", "identity", "replay")
 """Refusals that a fresh JOIN cures: the coordinator forgot us, our session is not its current one,
 or a copy of our message reached it first (an attacker's replay that overtook the original)."""
+
+
+class StarLink(Protocol):
+    """A worker's link to the coordinator: dilo.transport.zmq_star.StarClient over ZeroMQ, or the
+    simulator's in-process client. Requests raise PeerLost / SyncTimeout when the coordinator is
+    gone and wire.WireError when it refuses."""
+
+    worker_id: str
+    counter: ByteCounter
+
+    @property
+    def address(self) -> str: ...
+
+    def join(self) -> wire.Message: ...
+
+    def push(self, tensors: dict[str, Tensor], body: dict[str, Any], *, base: int) -> wire.Message: ...
+
+    def pull(self) -> wire.Message: ...
+
+    def leave(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def worker_key(worker_id: str) -> int:
@@ -223,14 +248,14 @@ class StarDiLoCo:
     mismatch makes the worker pull the full state.
     """
 
-    def __init__(self, model: nn.Module, client: StarClient, cfg: Any) -> None:
+    def __init__(self, model: nn.Module, client: StarLink, cfg: RunConfig) -> None:
         self.client = client
         params = params_of(model)
         self.anchor = Anchor(params)
         self.optimizer = outer_optimizer(cfg, self.anchor.params)
         self.star = StarCodec(param_names(model), [p.shape for p in params], cfg.codec, seed=cfg.seed)
         self.key = worker_key(client.worker_id)
-        self.round_steps = int(getattr(cfg.outer, "inner_steps", 1))
+        self.round_steps = cfg.round_steps
         self.version = -1
         self.round = 0
         self.members: tuple[str, ...] = ()
@@ -238,6 +263,16 @@ class StarDiLoCo:
 
     def due(self, step: int) -> bool:
         return (step + 1) % self.round_steps == 0
+
+    def start(self, model: nn.Module, *, resumed: bool) -> Joined:
+        """JOIN and start from the coordinator's state, resumed or not: it holds the global state."""
+        return joined_from(self.join(model))
+
+    def reduce_grads(self, model: nn.Module) -> None:
+        """Gradients stay local."""
+
+    def describe(self) -> list[str]:
+        return describe_groups(self.star.groups)
 
     @torch.no_grad()
     def join(self, model: nn.Module) -> wire.Message:
@@ -288,9 +323,11 @@ class StarDiLoCo:
             if reply is not None:
                 self._adopt(reply, model)
             reason = "late: restarted from the coordinator's state" if reply is not None else "round lost"
-            return self._report(False, 0, t0, sent0, recv0, tail, reason=reason)
+            failure = Failure.LATE if reply is not None else Failure.LOST
+            return self._report(False, 0, t0, sent0, recv0, tail, reason=reason, failure=failure)
         b = reply.body
         committed = bool(b["committed"])
+        participants = int(b["participants"])
         if committed:
             for a, g in zip(self.anchor.params, self.star.decode_mean(reply.tensors)):
                 a.grad = g
@@ -304,9 +341,12 @@ class StarDiLoCo:
             self.resyncs += 1
             self._adopt(self.client.pull(), model)
         self.anchor.restore_into(params)
+        failure = None
+        if not committed:
+            failure = Failure.REFUSED if participants or b.get("reason") else Failure.NO_CONTRIBUTION
         return self._report(
             committed,
-            int(b["participants"]),
+            participants,
             t0,
             sent0,
             recv0,
@@ -314,6 +354,7 @@ class StarDiLoCo:
             stop=tail.stop,  # a worker's Ctrl+C makes it leave; the others go on
             tokens=int(b["tokens"]),
             reason=str(b.get("reason", "")),
+            failure=failure,
             extra=_round_stats(b),
         )
 
@@ -342,7 +383,7 @@ class StarDiLoCo:
                     raise
                 log.warning("push after re-joining refused (%s), try %d of 3", e, attempt)
         # The round is lost for this worker; its next push is late and brings the current state.
-        log.warning("the coordinator at %s kept losing this worker's push: the round is lost", self.client.cfg.address)
+        log.warning("the coordinator at %s kept losing this worker's push: the round is lost", self.client.address)
         return None
 
     def _report(
@@ -356,6 +397,7 @@ class StarDiLoCo:
         reason: str = "",
         stop: bool | None = None,
         tokens: int | None = None,
+        failure: Failure | None = None,
         extra: dict[str, Any] | None = None,
     ) -> SyncReport:
         return SyncReport(
@@ -367,6 +409,7 @@ class StarDiLoCo:
             stop=tail.stop if stop is None else stop,
             tokens=tail.tokens if tokens is None else tokens,
             reason=reason,
+            failure=failure,
             anchor_hash=self.anchor.digest(),
             extra=extra or {},
         )
@@ -377,6 +420,17 @@ class StarDiLoCo:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.star.load_state_dict(state["star"])
+
+
+def joined_from(welcome: wire.Message) -> Joined:
+    """What a WELCOME says about the start: the island handed out, the version, the members."""
+    b = welcome.body
+    island = b.get("island")
+    return Joined(
+        island=island if isinstance(island, int) and not isinstance(island, bool) else -1,
+        version=int(b["version"]),
+        members=tuple(str(m) for m in b.get("members", ())),
+    )
 
 
 def _round_stats(body: dict[str, Any]) -> dict[str, Any]:
