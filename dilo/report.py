@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dilo.config import RunConfig
+from dilo.state import rounds_of
 from dilo.transport.base import ring_all_reduce_bytes
 from dilo.worlds import World
 
@@ -71,6 +73,23 @@ def summarize(
         "train_utilization": inner_s / (wall_s - eval_s) if wall_s > eval_s else 0.0,
         "stopped": stopped,
     }
+
+
+def stopped_message(rounds: int, steps: int, error: str | None, ckpt_dir: Path, name: str) -> str:
+    """What a worker says when it stops early (Ctrl+C, SIGTERM): where to resume from, or, when this
+    round's checkpoint failed, that there is nothing (or only an older round) to resume from."""
+    if error is None:
+        return (
+            f"stopped after round {rounds} (step {steps}); checkpoint in {ckpt_dir}, "
+            "continue with --checkpoint.resume=true"
+        )
+    prior = rounds_of(ckpt_dir, name)
+    return f"dilo: error: stopped after round {rounds} (step {steps}) but its checkpoint failed ({error}): " + (
+        f"there is no checkpoint of round {rounds} to resume from; --checkpoint.resume=true "
+        f"would go back to round {prior[-1]}, the newest of {name} in {ckpt_dir}"
+        if prior
+        else f"there is no checkpoint to resume from ({ckpt_dir} holds none of {name})"
+    )
 
 
 def to_json(obj: Any) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,8 +27,8 @@ from dilo.errors import DiloError
 from dilo.inner import InnerLoop
 from dilo.model import build_model, num_params, params_of
 from dilo.process import apply_threads, install_stop_handlers, setup_logging
-from dilo.report import Totals, summarize, to_json
-from dilo.state import load_worker_state, rounds_of, save_worker_state
+from dilo.report import Totals, stopped_message, summarize, to_json
+from dilo.state import load_worker_state, save_worker_state
 from dilo.worlds import Placement, World
 
 log = logging.getLogger("dilo.train")
@@ -39,24 +40,25 @@ def train(
     *,
     stop: threading.Event | None = None,
     max_rounds: int | None = None,
+    observe: Callable[[dilo.Outer], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) training on this worker; returns the run summary (identical on every worker
     of a static world). world: built by `dilo.init` from the config when None (or a Placement).
 
     stop: when set (Ctrl+C, SIGTERM), all workers finish the current round, save a checkpoint
-    and return. max_rounds: stop after this many rounds in this call (tests of resume). The world
-    is closed on every way out, including errors."""
+    and return. max_rounds: stop after this many rounds in this call (tests of resume). observe:
+    called with the started `dilo.Outer` (monitoring, tests). The world is closed on every way out."""
     w = world if world is not None and not isinstance(world, Placement) else dilo.init(cfg, placement=world)
     finished = False
     try:
-        summary = _train(cfg, w, stop or threading.Event(), max_rounds)
+        summary = _train(cfg, w, stop or threading.Event(), max_rounds, observe)
         finished = True
         return summary
     finally:
         w.close(leaving=finished)
 
 
-def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int | None) -> dict[str, Any]:
+def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int | None, observe: Any) -> dict[str, Any]:
     clock = world.clock  # wall time, or the simulator's virtual time
     setup_t0 = clock.now()
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
@@ -82,6 +84,8 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
         totals.load_state_dict(state["totals"])
     first_island = world.rank
     joined = outer.start()  # static: rank 0's parameters; elastic: the coordinator's; gossip: the peers
+    if observe is not None:
+        observe(outer)
     if world.rank != first_island:  # DILO_ISLAND=auto: the coordinator handed out another island
         island = _island_data(cfg, world, vocab)
     # bytes count from here: the start-up broadcast or JOIN is not training traffic
@@ -178,7 +182,9 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
         round_t0 = clock.now()
         if stopping and not outer.done:
             stopped = True
-            _say_stopped(bar, outer.rounds, outer.steps, checkpoint_error, main, ckpt_dir, world.log_name)
+            message = stopped_message(outer.rounds, outer.steps, checkpoint_error, ckpt_dir, world.log_name)
+            if checkpoint_error is not None or main:  # a failed checkpoint is this worker's own news
+                bar.print(message)
             break
     bar.close()
 
@@ -198,27 +204,6 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
             title = f"{cfg.name}: {cfg.outer.kind}, {world.size} workers"
             metrics.plot_run(run_dir / "logs" / f"{world.log_name}.jsonl", run_dir / "loss.png", title)
     return summary
-
-
-def _say_stopped(
-    bar: metrics.Progress, rounds: int, steps: int, error: str | None, main: bool, ckpt_dir: Any, name: str
-) -> None:
-    if error is not None:  # this worker's own news: the others' checkpoints may be fine
-        prior = rounds_of(ckpt_dir, name)
-        bar.print(
-            f"dilo: error: stopped after round {rounds} (step {steps}) but its checkpoint failed ({error}): "
-            + (
-                f"there is no checkpoint of round {rounds} to resume from; --checkpoint.resume=true "
-                f"would go back to round {prior[-1]}, the newest of {name} in {ckpt_dir}"
-                if prior
-                else f"there is no checkpoint to resume from ({ckpt_dir} holds none of {name})"
-            )
-        )
-    elif main:
-        bar.print(
-            f"stopped after round {rounds} (step {steps}); checkpoint in {ckpt_dir}, "
-            "continue with --checkpoint.resume=true"
-        )
 
 
 def _island_data(cfg: RunConfig, world: World, vocab: int) -> Island:

@@ -104,12 +104,12 @@ class _World(ElasticWorld):
         self.barrier = barrier
         self.outer: Any = None
 
-    def strategy(self, model: torch.nn.Module) -> Any:
-        self.outer = super().strategy(model)
-        return self.outer
+    def observe(self, outer: Any) -> None:
+        """train() hands over the started Outer: keep its strategy."""
+        self.outer = outer.strategy
 
-    def start(self, model: torch.nn.Module, outer: Any, *, resumed: bool = False) -> None:
-        super().start(model, outer, resumed=resumed)
+    def adopt(self, joined: Any, *, resumed: bool) -> None:
+        super().adopt(joined, resumed=resumed)
         if self.barrier is not None:
             self.barrier.wait(timeout=60)
 
@@ -147,7 +147,7 @@ def _run_threads(cfg: RunConfig, ids: list[str]) -> tuple[list[dict[str, Any]], 
 
     def target(k: int) -> None:
         try:
-            results[k] = train(cfg, worlds[k])
+            results[k] = train(cfg, worlds[k], observe=worlds[k].observe)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
             barrier.abort()

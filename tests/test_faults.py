@@ -448,9 +448,10 @@ class _Worker(ElasticWorld):
         self.versions: list[int] = []
         self.reports: list[Any] = []
 
-    def strategy(self, model: nn.Module) -> Any:
-        outer = super().strategy(model)
-        self.outer = outer
+    def observe(self, started: Any) -> None:
+        """train() hands over the started Outer: record its strategy's version after every sync."""
+        outer = self.outer = started.strategy
+        self.versions.append(outer.version)
         sync = outer.sync
 
         def recorded(model: nn.Module, *, tail: Tail) -> Any:
@@ -460,11 +461,9 @@ class _Worker(ElasticWorld):
             return report
 
         outer.sync = recorded
-        return outer
 
-    def start(self, model: nn.Module, outer: Any, *, resumed: bool = False) -> None:
-        super().start(model, outer, resumed=resumed)
-        self.versions.append(self.outer.version)
+    def adopt(self, joined: Any, *, resumed: bool) -> None:
+        super().adopt(joined, resumed=resumed)
         self.barrier.wait(timeout=60)
 
 
@@ -478,7 +477,7 @@ def _train_all(cfgs: dict[str, RunConfig], *, grace_s: float = 20.0) -> tuple[li
 
     def target(k: int) -> None:
         try:
-            results[k] = train(worlds[k].cfg, worlds[k])
+            results[k] = train(worlds[k].cfg, worlds[k], observe=worlds[k].observe)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors[worlds[k].worker_id] = e
             barrier.abort()
@@ -815,7 +814,7 @@ def test_gossip_through_faulty_links(tmp_path: Path, corpus_dir: Path, case: str
             link.close()
         for r, v in out.items():
             if isinstance(v, BaseException):  # a worker that raised left its node listening
-                worlds[r].close(None, leaving=False)
+                worlds[r].close(leaving=False)
     assert not any(t.is_alive() for t in threads), "a gossip worker hung"
     for v in out.values():
         if isinstance(v, BaseException):

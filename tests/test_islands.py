@@ -268,7 +268,7 @@ def test_followers_hear_when_the_lead_cannot_join(tmp_path: Path, corpus_dir: Pa
     class _Unreachable:
         round_steps = 4
 
-        def join(self, model: torch.nn.Module) -> Any:
+        def start(self, model: torch.nn.Module, *, resumed: bool) -> Any:
             raise DiloError("no coordinator at tcp://127.0.0.1:1 after 3 tries")
 
     def rank(p: Placement) -> Any:
@@ -276,9 +276,11 @@ def test_followers_hear_when_the_lead_cannot_join(tmp_path: Path, corpus_dir: Pa
         model = build_model(cfg.model, 0)
         outer = IslandSync(model, world.group, _Unreachable() if p.rank == 0 else None)  # type: ignore[arg-type]
         try:
-            world.start(model, outer)
+            outer.start(model, resumed=False)
         except DiloError as e:
             return world.worker_id, world.log_name, world.rank, str(e)
+        finally:
+            world.close(leaving=False)
         return None
 
     (lead_id, lead_log, island, lead_err), (follower_id, follower_log, follower_island, follower_err) = run_workers(
@@ -286,4 +288,4 @@ def test_followers_hear_when_the_lead_cannot_join(tmp_path: Path, corpus_dir: Pa
     )
     assert lead_id == follower_id == "isl7" and island == follower_island == 7 % 2  # the island is one worker
     assert (lead_log, follower_log) == ("worker-isl7", "worker-isl7.1")
-    assert "no coordinator" in lead_err and "lead rank could not join" in follower_err
+    assert "no coordinator" in lead_err and "lead rank could not start" in follower_err
