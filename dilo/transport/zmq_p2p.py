@@ -12,7 +12,12 @@ sender until collected, PULL requests are answered with the published state. It 
 one DEALER per peer, from the training thread only (ZeroMQ sockets are not thread-safe). Messages
 use the wire format of dilo/wire.py: size caps before parsing, HMAC when a secret is set, run and
 config fingerprint, tensor names, shapes, dtypes and finite values. A bad message is counted in
-`rejected` and dropped (a PULL gets an ERROR; the log summarises); it never reaches the mixing step.
+`rejected` and dropped (a PULL gets an ERROR); it never reaches the mixing step. A sender whose
+messages pile up uncollected loses its oldest, counted in `overflow`. Both counters are updated
+from the server thread and the training thread, under one lock, and logged as the coordinator logs
+its rejections (dilo/guard.py RejectLog): the first of each code (for overflow, of each sender)
+gets a line of its own, later ones a summary every 10 s and at close. `stats()` gives a snapshot
+for reports.
 
 Each link is a session (dilo/session.py): before its first message to a peer, a worker says HELLO
 and gets the peer's challenge; every message then carries that session id and a fresh sequence
@@ -45,6 +50,9 @@ log = logging.getLogger("dilo.transport.p2p")
 
 MAX_QUEUED = 8
 """Uncollected messages kept per sender; older ones are dropped (and counted in `overflow`)."""
+
+SUMMARY_PERIOD_S = 10.0
+"""How often repeated rejections and overflows are summarised in the log."""
 
 
 @dataclass
@@ -85,14 +93,19 @@ class P2PNode:
         self.curve_dir = curve_dir
         self.limits = wire.Limits(max_frame_bytes=max_message_bytes, max_total_bytes=max_message_bytes)
         self.counter = ByteCounter()
-        self.rejects = RejectLog(log)
+        self._stats_lock = threading.Lock()
+        """Guards _rejects and the overflow counters: both threads update them."""
+        self._rejects = RejectLog(log, period_s=SUMMARY_PERIOD_S)
+        self._overflow: Counter[str] = Counter()
+        """Dropped uncollected messages since start, by sender."""
+        self._overflow_pending: Counter[str] = Counter()
+        """Drops not yet in a log line (each sender's first is logged at once)."""
         self.sessions = Sessions()
         """Sessions peers opened with us (their GOSSIP and PULL)."""
         self._limiter = RateLimiter(rate_limit, 2 * rate_limit)
         self._links: dict[str, _Link] = {}
         """Our sessions with each peer address (used from the training thread)."""
         self.hello_timeout_s = hello_timeout_s
-        self.overflow = 0
         self.ctx = zmq.Context()
         self._server = self.ctx.socket(zmq.ROUTER)
         self._server.setsockopt(zmq.LINGER, 0)
@@ -108,23 +121,73 @@ class P2PNode:
         """Messages not yet collected, per sender, oldest first (at most MAX_QUEUED each)."""
         self._final: dict[str, wire.Message] = {}
         self._publish: Callable[[], wire.Message] | None = None
-        self._peers: dict[str, zmq.Socket] = {}
+        self._peers: dict[str, zmq.Socket[bytes]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"dilo-p2p-{worker_id}", daemon=True)
         self._thread.start()
 
     @property
     def rejected(self) -> Counter[str]:
-        """Refused peer messages since start, by code."""
-        return self.rejects.total
+        """Refused peer messages since start, by code (a copy)."""
+        with self._stats_lock:
+            return Counter(self._rejects.total)
+
+    @property
+    def overflow(self) -> int:
+        """Uncollected messages dropped since start because their sender had MAX_QUEUED queued."""
+        with self._stats_lock:
+            return sum(self._overflow.values())
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot for reports: {"rejected": {code: n}, "overflow": n, "overflow_by_peer": {peer: n}}."""
+        with self._stats_lock:
+            return {
+                "rejected": dict(sorted(self._rejects.total.items())),
+                "overflow": sum(self._overflow.values()),
+                "overflow_by_peer": dict(sorted(self._overflow.items())),
+            }
+
+    def _reject(self, code: str, message: str) -> None:
+        with self._stats_lock:
+            self._rejects.reject(code, message)
+
+    def _count_reject(self, code: str) -> None:
+        with self._stats_lock:
+            self._rejects.count(code)
+
+    def _dropped(self, sender: str) -> None:
+        """One uncollected message of `sender` dropped: logged the first time, then summarised."""
+        with self._stats_lock:
+            first = sender not in self._overflow
+            self._overflow[sender] += 1
+            if not first:
+                self._overflow_pending[sender] += 1
+        if first:
+            log.warning(
+                "more than %d uncollected messages from %s: dropped the oldest (further drops are summarised)",
+                MAX_QUEUED,
+                sender,
+            )
+
+    def flush_log(self, force: bool = False) -> None:
+        """Log the summaries that are due (the server thread calls this; `force` at close)."""
+        with self._stats_lock:
+            self._rejects.flush(force)
+            pending, self._overflow_pending = self._overflow_pending, Counter()
+        if pending:
+            parts = ", ".join(f"{peer} {n}" for peer, n in pending.most_common())
+            log.warning("dropped %d more uncollected messages: %s", sum(pending.values()), parts)
 
     # ------------------------------------------------------------------------------- server thread
 
     def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._server, zmq.POLLIN)
+        next_flush = time.monotonic() + SUMMARY_PERIOD_S
         while not self._stop.is_set():
-            self.rejects.flush()
+            if time.monotonic() >= next_flush:
+                self.flush_log()
+                next_flush = time.monotonic() + SUMMARY_PERIOD_S
             if not poller.poll(50):
                 continue
             while True:
@@ -144,7 +207,7 @@ class P2PNode:
         with self._cv:
             self.counter.add(0, frames_nbytes(frames))
         if not self._limiter.allow(identity):
-            self.rejects.count("rate")
+            self._count_reject("rate")
             return
         msg: wire.Message | None = None
         try:
@@ -173,7 +236,7 @@ class P2PNode:
             elif msg.type != wire.MsgType.PULL:
                 raise wire.WireError("bad_type", f"a gossip peer does not accept {msg.type.value} messages")
         except wire.WireError as e:
-            self.rejects.reject(e.code, str(e))
+            self._reject(e.code, str(e))
             if e.code not in ("size", "frames"):  # answer what looks like a request; the sender may wait
                 self._reply(identity, wire.Message(type=wire.MsgType.ERROR, worker=self.worker_id,
                                                    body={"code": e.code, "message": str(e)}), to=msg)  # fmt: skip
@@ -187,6 +250,7 @@ class P2PNode:
             else:
                 self._reply(identity, publish(), to=msg)
             return
+        dropped = False
         with self._cv:
             if msg.body.get("final", False):
                 self._final[msg.worker] = msg
@@ -195,9 +259,10 @@ class P2PNode:
                 queue.append(msg)
                 if len(queue) > MAX_QUEUED:
                     queue.pop(0)
-                    self.overflow += 1
-                    log.warning("more than %d uncollected messages from %s: dropped the oldest", MAX_QUEUED, msg.worker)
+                    dropped = True
             self._cv.notify_all()
+        if dropped:
+            self._dropped(msg.worker)
 
     def _reply(self, identity: bytes, msg: wire.Message, *, to: wire.Message | None = None) -> None:
         msg.run, msg.fp = self.run, self.fingerprint
@@ -214,7 +279,7 @@ class P2PNode:
         """What PULL returns from now on (called on the server thread: it must be thread-safe)."""
         self._publish = make_state
 
-    def _socket(self, address: str) -> zmq.Socket:
+    def _socket(self, address: str) -> zmq.Socket[bytes]:
         sock = self._peers.get(address)
         if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
@@ -257,7 +322,7 @@ class P2PNode:
         msg.run, msg.fp = self.run, self.fingerprint
         return wire.encode(msg, self.secret)
 
-    def _hello(self, peer: str, sock: zmq.Socket, link: _Link) -> bool:
+    def _hello(self, peer: str, sock: zmq.Socket[bytes], link: _Link) -> bool:
         """Ask `peer` for a challenge: True once `link` holds one to open a session with.
 
         The first time, wait up to hello_timeout_s for the answer. A peer that did not answer then
@@ -286,7 +351,7 @@ class P2PNode:
         log.warning("peer %s did not answer HELLO within %.1f s: message dropped", peer, self.hello_timeout_s)
         return False
 
-    def _read_replies(self, peer: str, sock: zmq.Socket, link: _Link) -> None:
+    def _read_replies(self, peer: str, sock: zmq.Socket[bytes], link: _Link) -> None:
         """A peer answers only HELLO, and GOSSIP it refuses: take a challenge; a refusal of our
         session (the peer restarted, or our session is not its current one) makes the next
         message open a new one."""
@@ -386,7 +451,7 @@ class P2PNode:
             wire.check_finite(reply)
             return reply
         except wire.WireError as e:
-            self.rejects.reject(e.code, f"bad state from peer {peer}: {e}")
+            self._reject(e.code, f"bad state from peer {peer}: {e}")
             return None
         finally:
             sock.close(0)
@@ -394,6 +459,7 @@ class P2PNode:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        self.flush_log(force=True)
         for sock in self._peers.values():
             sock.close(0)
         self._peers.clear()
