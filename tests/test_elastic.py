@@ -198,7 +198,8 @@ def _wait_for(what: str, cond: Any, timeout: float, procs: list[subprocess.Popen
 
 
 def _write_config(run_dir: Path, corpus: Path, *, steps: int, h: int, port: int = 0, workers: int = 3) -> Path:
-    """A TOML for `dilo coordinator` / `dilo worker` (port 0: pass --membership.address to workers)."""
+    """A TOML for `dilo coordinator` / `dilo worker` (port 0: the coordinator binds a free port and the
+    test passes --membership.address to the workers; the file names a placeholder, 1, for them)."""
     cfg = tiny_config(
         run_dir,
         corpus,
@@ -206,7 +207,7 @@ def _write_config(run_dir: Path, corpus: Path, *, steps: int, h: int, port: int 
         workers=workers,
         steps=steps,
         outer={"kind": "diloco", "inner_steps": h},
-        membership={**FAST, "address": f"tcp://127.0.0.1:{port}"},
+        membership={**FAST, "address": f"tcp://127.0.0.1:{port or 1}"},
         coordinator={"bind": f"tcp://127.0.0.1:{port}"},
     )
     return write_toml(cfg, run_dir / "elastic.toml")
