@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from dilo.api import Outer, RoundReport, init, wrap
     from dilo.config import RunConfig, load
     from dilo.errors import DiloError
-    from dilo.outer.base import Failure, Joined, Strategy, SyncReport
+    from dilo.outer.base import Failure, Joined, Strategy, SyncReport, tensor_digest
     from dilo.worlds import ElasticWorld, GossipWorld, Placement, StaticWorld, World
 
 __version__ = "0.1.0"
@@ -37,6 +37,7 @@ _WHERE = {
     "Joined": "dilo.outer.base",
     "Strategy": "dilo.outer.base",
     "SyncReport": "dilo.outer.base",
+    "tensor_digest": "dilo.outer.base",
     "World": "dilo.worlds",
     "Placement": "dilo.worlds",
     "StaticWorld": "dilo.worlds",
