@@ -165,14 +165,14 @@ def test_dylu_assigns_steps_by_measured_speed_and_the_budget_ends_the_run(tmp_pa
     assert r.body["inner_steps"] == 2 and not r.body["done"]
     # 20 of 80 done; fast holds 10 and slow 2 in flight: fast may get at most 80 - 30 - 2 = 48 more
     r = _push(coord, "fast", _deltas(coord, 2), base=1, steps=10, inner_s=1.0)
-    assert r.body["inner_steps"] == 10 and coord.in_flight == {"fast": 10, "slow": 2}
+    assert r.body["inner_steps"] == 10 and coord.policy.in_flight == {"fast": 10, "slow": 2}
     for i in range(4):  # fast: 30 + 40 = 70 done, its last assignments run into the budget
         r = _push(coord, "fast", _deltas(coord, 3 + i), base=coord.version, steps=10, inner_s=1.0)
-    assert coord.steps_done == 70 and r.body["inner_steps"] == 8 and not r.body["done"]  # 80 - 70 - 2 slow
+    assert coord.policy.steps_done == 70 and r.body["inner_steps"] == 8 and not r.body["done"]  # 80 - 70 - 2 slow
     r = _push(coord, "slow", _deltas(coord, 9), base=coord.version, steps=2, inner_s=0.8)
     assert r.body["done"]  # 72 done + 8 in flight for fast: nothing left for slow
     r = _push(coord, "fast", _deltas(coord, 10), base=coord.version, steps=8, inner_s=0.8)
-    assert r.body["done"] and coord.steps_done == coord.budget == 80
+    assert r.body["done"] and coord.policy.steps_done == coord.policy.budget == 80
     # the learning-rate schedule follows the world's progress: steps done / workers
     assert r.body["schedule_step"] == 40
 
@@ -191,7 +191,7 @@ def test_fedasync_mixes_the_workers_parameters_from_its_own_base(tmp_path: Path,
     _push(coord, "b", db, base=0)  # staleness 1: alpha * (1 + 1)^-1 = 0.25, mixed from version 0's params
     for p, x, b, d in zip(coord.params, x1, base0, db):
         torch.testing.assert_close(p.detach(), 0.75 * x + 0.25 * (b - d), rtol=0, atol=1e-6)
-    assert set(coord.snapshots) == {1, 2}  # a holds version 1, b version 2; version 0 is released
+    assert set(coord.policy.snapshots) == {1, 2}  # a holds version 1, b version 2; version 0 is released
 
 
 def test_fedbuff_applies_only_full_buffers(tmp_path: Path, corpus_dir: Path) -> None:
@@ -231,7 +231,7 @@ def test_grace_period_restarts_close_finishers_from_the_same_parameters(tmp_path
     replies = {i.decode(): wire.decode([bytes(f) for f in fr]) for i, fr in coord.outbox}
     assert set(replies) == {"a", "b"}
     assert replies["a"].body["anchor_hash"] == replies["b"].body["anchor_hash"]
-    assert replies["a"].body["version"] == 2 and coord.grace_until == pytest.approx(2.2)
+    assert replies["a"].body["version"] == 2 and coord.policy.grace_until == pytest.approx(2.2)
 
 
 def test_bad_async_pushes_are_rejected_without_touching_the_state(tmp_path: Path, corpus_dir: Path) -> None:
@@ -252,7 +252,7 @@ def test_bad_async_pushes_are_rejected_without_touching_the_state(tmp_path: Path
         with pytest.raises(wire.WireError) as e:
             DirectClient(coord, "a").push(tensors, body, base=base)
         assert e.value.code == code
-    assert tensor_digest(coord.params) == before and coord.version == 0 and coord.steps_done == 0
+    assert tensor_digest(coord.params) == before and coord.version == 0 and coord.policy.steps_done == 0
     assert sum(coord.rejected.values()) == len(cases)
 
 
@@ -265,8 +265,8 @@ def test_async_checkpoint_resume_keeps_rule_state_and_budget(tmp_path: Path, cor
     _push(coord, "b", _deltas(coord, 1), base=0)  # mid-buffer: 2 of 3
     coord.checkpoint()
     twin = Coordinator(cfg, inproc=True, resume=True)
-    assert twin.version == 2 and twin.steps_done == 16 and tensor_digest(twin.params) == tensor_digest(coord.params)
-    assert twin.speeds == coord.speeds
+    assert twin.version == 2 and twin.policy.steps_done == 16 and tensor_digest(twin.params) == tensor_digest(coord.params)
+    assert twin.policy.speeds == coord.policy.speeds
     d = _deltas(coord, 2)
     _push(coord, "a", d, base=2)
     DirectClient(twin, "a").join()  # a restarted coordinator knows no session: workers re-join

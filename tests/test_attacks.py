@@ -120,7 +120,7 @@ def test_a_replayed_push_cannot_take_the_honest_workers_slot(tmp_path: Path, cor
     coord.handle(b"w0", captured)  # and a replay on w0's own connection is refused as one
     (_, again), = _replies(coord)  # fmt: skip
     assert again.body["code"] == "replay"
-    assert coord.round.pushes["w0"].identity == b"w0"
+    assert coord.policy.round.pushes["w0"].identity == b"w0"
     w1.send(
         wire.Message(type=wire.MsgType.PUSH, worker="w1", base=0, body=_push_body(), tensors=_payload(coord, deltas))
     )
@@ -332,9 +332,9 @@ def test_an_outer_step_that_would_overflow_is_undone(tmp_path: Path, corpus_dir:
     body = results["w0"].body
     assert body["committed"] is False and body["version"] == 0 and "non-finite" in body["reason"]
     assert tensor_digest(coord.params) == digest and body["anchor_hash"] == digest
-    assert coord.optimizer.state == {} or all(  # type: ignore[union-attr]
+    assert coord.policy.optimizer.state == {} or all(  # type: ignore[union-attr]
         bool(torch.isfinite(s["momentum_buffer"]).all())
-        for s in coord.optimizer.state.values()  # type: ignore[union-attr]
+        for s in coord.policy.optimizer.state.values()  # type: ignore[union-attr]
     )
     # and the run goes on: the next round commits
     results = _three_pushes(coord, [(1.0, 1e-3), (1.0, 1e-3)])
@@ -349,7 +349,7 @@ def test_a_round_that_fails_to_close_is_still_answered(
     def broken(*args: Any) -> Any:
         raise RuntimeError("a bug in a codec")
 
-    monkeypatch.setattr(coord.star, "encode_mean", broken)
+    monkeypatch.setattr(coord.policy.star, "encode_mean", broken)
     results = _three_pushes(coord, [(1.0, 1e-3), (1.0, 1e-3)])
     assert {w: m.body["committed"] for w, m in results.items()} == {"w0": False, "w1": False}
     assert "internal error" in results["w0"].body["reason"] and coord.version == 0
@@ -367,7 +367,7 @@ def test_a_failing_timer_keeps_the_coordinator_serving(
         calls[0] += 1
         raise KeyError("a bug in the timer")
 
-    monkeypatch.setattr(coord, "_maybe_close", broken)
+    monkeypatch.setattr(coord.policy, "tick", broken)
     coord.tick()
     coord.tick()
     assert calls[0] == 2
@@ -410,7 +410,7 @@ def test_a_lost_push_makes_the_worker_rejoin_after_its_deadline(
 ) -> None:
     cfg = _cfg(tmp_path, corpus_dir, round_timeout_s=1.0, request_timeout_s=1.0)
     coord = Coordinator(cfg, bind="tcp://127.0.0.1:0")
-    real_push, lost = coord._push, [0]
+    real_push, lost = coord.policy.on_push, [0]
 
     def lose_the_first(identity: bytes, msg: wire.Message) -> None:
         if not lost[0]:
@@ -418,7 +418,7 @@ def test_a_lost_push_makes_the_worker_rejoin_after_its_deadline(
             return
         real_push(identity, msg)
 
-    monkeypatch.setattr(coord, "_push", lose_the_first)
+    monkeypatch.setattr(coord.policy, "on_push", lose_the_first)
     with _serving(coord):
         model = build_model(cfg.model, cfg.seed)
         client = StarClient(_at(cfg, coord.address).membership, "w0", run=cfg.name,

@@ -10,8 +10,10 @@ fresh sequence number (dilo/session.py); a reply counts only if it echoes both, 
 replayed replies are dropped. While a push waits for its round to close, the heartbeat thread
 (dilo/membership/client.py) watches the coordinator: if it stops answering, or its ACKs come
 from another coordinator process (a restart, seen by the `boot` id), `push` raises `PeerLost`;
-if no RESULT comes within round_timeout_s + request_timeout_s it raises `SyncTimeout`. Either
-way the caller re-joins, keeping its local state. An ERROR reply is raised as `wire.WireError`
+if no RESULT comes within round_timeout_s + request_timeout_s (+ the async grace period) it raises
+`SyncTimeout`, whatever else arrives meanwhile (stale replies, refused copies, healthy heartbeats).
+Either way the caller re-joins, keeping its local state. `close()` stops the heartbeats and may be
+called more than once (e.g. in a `finally` after `leave()`). An ERROR reply is raised as `wire.WireError`
 with the coordinator's code and message.
 """
 
@@ -68,7 +70,7 @@ class StarClient:
         self.boot: str | None = None
         """The `boot` id of the coordinator process that welcomed us."""
         self.join_body: dict[str, Any] = {}
-        self._monitor: zmq.Socket | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
         self._handshake_refused = False
         """A handshake failed since the latest join began (the monitor of a closed socket is gone)."""
         self.sock = self._connect_watched()
@@ -81,10 +83,11 @@ class StarClient:
             read_reply=self._read,
         )
         self._heartbeat_started = False
+        self._closed = False
 
     # ------------------------------------------------------------------------------- plumbing
 
-    def _connect(self) -> zmq.Socket:
+    def _connect(self) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         # A DEALER whose connection failed its handshake (e.g. no CURVE keys for a CURVE
@@ -105,7 +108,7 @@ class StarClient:
     def _read(self, frames: list[Any]) -> wire.Message:
         return wire.decode(frames, secret=self.secret, limits=self.limits, expect_run=self.run)
 
-    def _connect_watched(self) -> zmq.Socket:
+    def _connect_watched(self) -> zmq.Socket[bytes]:
         """The request socket, with a monitor that hears of failed handshakes (a wrong or missing
         CURVE key never produces a reply, only this event)."""
         sock = self._connect()
@@ -141,56 +144,69 @@ class StarClient:
             self._reconnect()
             raise SyncTimeout(f"cannot send {msg.type.value} to {self.cfg.address}: no connection") from None
         self.counter.add(frames_nbytes(frames), 0)
-        t0 = time.monotonic()
+        deadline = time.monotonic() + wait_s
         while True:
-            if self.sock.poll(200):
-                raw = self.sock.recv_multipart(copy=False)
-                self.counter.add(0, frames_nbytes(raw))
-                try:
-                    reply = self._read(raw)
-                except wire.WireError as e:
-                    if not watch:  # e.g. a reply signed with another secret or for another run: say so
-                        raise
-                    # mid-push, a corrupted reply is dropped: the RESULT deadline still holds
-                    log.warning("dropping an unreadable reply (%s): %s", e.code, e)
-                    continue
-                if not self.session.owns(reply, msg):
-                    log.debug("dropping a stale %s reply (seq %d, expected %d)", reply.type.value, reply.seq, msg.seq)
-                    continue
-                if reply.type == wire.MsgType.ERROR:
-                    code = str(reply.body.get("code", "error"))
-                    if code == "replay" and reply.sid:
-                        # a copy of this request reached the coordinator after the original, which
-                        # it took: the answer to the original is still to come
-                        log.warning("a copy of our %s was refused as a replay; waiting for the answer", msg.type.value)
-                        continue
-                    if watch and not reply.sid:
-                        # an established session's request was unreadable on arrival (damaged in
-                        # transit): as good as lost, so re-join and push again
-                        self._reconnect()
-                        raise SyncTimeout(f"the coordinator could not read our {msg.type.value} ({code})")
-                    raise wire.WireError(code, str(reply.body.get("message", "")))
-                return reply
-            if time.monotonic() - t0 > wait_s:
+            # The deadline holds whatever arrives meanwhile: a stream of stale replies, refused
+            # copies or unreadable frames must not keep a push waiting forever.
+            left = deadline - time.monotonic()
+            if left <= 0:
                 self._reconnect()  # drop whatever is still queued for the old request
                 raise SyncTimeout(f"no reply to {msg.type.value} from {self.cfg.address} within {wait_s:.0f} s")
-            if not watch or not self._heartbeat_started:
-                continue
-            if self.heartbeat.lost.is_set():
-                self._reconnect()
-                raise PeerLost(f"the coordinator at {self.cfg.address} stopped answering")
-            if self._restarted():
-                # A coordinator restarted faster than request_timeout_s never looks lost, but the
-                # request went to the old process and will never be answered.
-                self._reconnect()
-                raise PeerLost(f"the coordinator at {self.cfg.address} restarted")
-            if self.heartbeat.not_member.is_set():
-                # The coordinator answers our heartbeats with not_member (it restarted without us,
-                # e.g. from no checkpoint, or dropped us): a push it never took will never be
-                # answered. If it did take it, re-joining and pushing again replaces it, or finds
-                # the round closed and catches up from the current state.
-                self._reconnect()
-                raise PeerLost(f"the coordinator at {self.cfg.address} no longer counts {self.worker_id!r} as a member")
+            if self.sock.poll(int(min(left, 0.2) * 1000) + 1):
+                reply = self._receive(msg, watch)
+                if reply is not None:
+                    return reply
+            if watch and self._heartbeat_started:
+                self._check_link()
+
+    def _receive(self, msg: wire.Message, watch: bool) -> wire.Message | None:
+        """The reply to msg, None for anything to drop (stale, damaged mid-push, a refused copy),
+        or the coordinator's ERROR raised as WireError."""
+        raw = self.sock.recv_multipart(copy=False)
+        self.counter.add(0, frames_nbytes(raw))
+        try:
+            reply = self._read(raw)
+        except wire.WireError as e:
+            if not watch:  # e.g. a reply signed with another secret or for another run: say so
+                raise
+            # mid-push, a corrupted reply is dropped: the RESULT deadline still holds
+            log.warning("dropping an unreadable reply (%s): %s", e.code, e)
+            return None
+        if not self.session.owns(reply, msg):
+            log.debug("dropping a stale %s reply (seq %d, expected %d)", reply.type.value, reply.seq, msg.seq)
+            return None
+        if reply.type != wire.MsgType.ERROR:
+            return reply
+        code = str(reply.body.get("code", "error"))
+        if code == "replay" and reply.sid:
+            # a copy of this request reached the coordinator after the original, which it took:
+            # the answer to the original is still to come
+            log.warning("a copy of our %s was refused as a replay; waiting for the answer", msg.type.value)
+            return None
+        if watch and not reply.sid:
+            # an established session's request was unreadable on arrival (damaged in transit):
+            # as good as lost, so re-join and push again
+            self._reconnect()
+            raise SyncTimeout(f"the coordinator could not read our {msg.type.value} ({code})")
+        raise wire.WireError(code, str(reply.body.get("message", "")))
+
+    def _check_link(self) -> None:
+        """PeerLost when the heartbeats say the coordinator is gone, restarted or no longer counts us."""
+        if self.heartbeat.lost.is_set():
+            self._reconnect()
+            raise PeerLost(f"the coordinator at {self.cfg.address} stopped answering")
+        if self._restarted():
+            # A coordinator restarted faster than request_timeout_s never looks lost, but the
+            # request went to the old process and will never be answered.
+            self._reconnect()
+            raise PeerLost(f"the coordinator at {self.cfg.address} restarted")
+        if self.heartbeat.not_member.is_set():
+            # The coordinator answers our heartbeats with not_member (it restarted without us,
+            # e.g. from no checkpoint, or dropped us): a push it never took will never be
+            # answered. If it did take it, re-joining and pushing again replaces it, or finds
+            # the round closed and catches up from the current state.
+            self._reconnect()
+            raise PeerLost(f"the coordinator at {self.cfg.address} no longer counts {self.worker_id!r} as a member")
 
     def _restarted(self) -> bool:
         seen = self.heartbeat.boot if self._heartbeat_started else None
@@ -229,12 +245,12 @@ class StarClient:
                 raise DiloError(f"expected WELCOME from the coordinator, got {welcome.type.value}")
             self.session.established()
             self.boot = welcome.body.get("boot")
+            # a new generation of heartbeats: one in flight from before this WELCOME cannot mark
+            # the new link lost, nor report the old process's boot id
+            self.heartbeat.rejoined()
             if not self._heartbeat_started:
-                self.heartbeat.start()
+                self.heartbeat.start()  # beats while this (the worker's) thread lives
                 self._heartbeat_started = True
-            self.heartbeat.lost.clear()
-            self.heartbeat.not_member.clear()
-            self.heartbeat.boot = None  # an id seen before this WELCOME may be the old process's
             return welcome
 
     def _refused_handshake(self) -> str:
@@ -284,11 +300,18 @@ class StarClient:
             log.warning("leave was not acknowledged: %s", e)
 
     def close(self) -> None:
-        self.heartbeat.stop()
+        """Stop the heartbeats and close the sockets; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        stopped = self.heartbeat.stop()
         self.sock.disable_monitor()
         self._close_monitor()
         self.sock.close(0)
-        self.ctx.term()
+        if stopped:
+            self.ctx.term()
+        else:  # term() would wait for the heartbeat socket; the daemon thread closes it on its way out
+            log.warning("the heartbeat thread of %s did not stop in time; leaving its context open", self.worker_id)
 
 
 def _join_refusal(worker_id: str, e: wire.WireError, *, has_secret: bool) -> str:
@@ -327,7 +350,7 @@ def frames_nbytes(frames: Any) -> int:
     return total
 
 
-def bind(sock: zmq.Socket, address: str, advertise: str = "") -> str:
+def bind(sock: zmq.Socket[bytes], address: str, advertise: str = "") -> str:
     """Bind sock to tcp://HOST:PORT (port 0: a free one) and return the address peers should use:
     `advertise` if given, else the bound address with 0.0.0.0 shown as 127.0.0.1."""
     host, _, port = address.rpartition(":")
