@@ -79,6 +79,7 @@ def train(
     world: dilo.World, *, checkpoint: Path | None = None, resume: bool = False, stop_after: int | None = None
 ) -> dict[str, Any]:
     """The whole training loop of one worker; returns its final loss and parameters' hash."""
+    torch.manual_seed(world.cfg.seed)  # the same initial parameters in every run (rank 0's are broadcast)
     model = build_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     outer = dilo.wrap(model, optimizer, world)  # the config's outer step and codec
