@@ -54,6 +54,7 @@ def test_model_vocab_size_is_the_token_embedding() -> None:
     assert model_vocab_size(model) == 300
 
 
+@pytest.mark.slow
 def test_dilo_run_reports_a_clear_error(tmp_path: Path) -> None:
     """The run stops with one `...: error: ...` line naming the file, not a traceback from the embedding."""
     ids = np.arange(20_000) % 250
