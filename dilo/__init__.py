@@ -17,11 +17,23 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dilo.api import Outer, RoundReport, init, wrap
-    from dilo.config import RunConfig, load
-    from dilo.errors import DiloError
-    from dilo.outer.base import Failure, Joined, Strategy, SyncReport, tensor_digest
-    from dilo.worlds import ElasticWorld, GossipWorld, Placement, StaticWorld, World
+    from dilo.api import Outer as Outer
+    from dilo.api import RoundReport as RoundReport
+    from dilo.api import init as init
+    from dilo.api import wrap as wrap
+    from dilo.config import RunConfig as RunConfig
+    from dilo.config import load as load
+    from dilo.errors import DiloError as DiloError
+    from dilo.outer.base import Failure as Failure
+    from dilo.outer.base import Joined as Joined
+    from dilo.outer.base import Strategy as Strategy
+    from dilo.outer.base import SyncReport as SyncReport
+    from dilo.outer.base import tensor_digest as tensor_digest
+    from dilo.worlds import ElasticWorld as ElasticWorld
+    from dilo.worlds import GossipWorld as GossipWorld
+    from dilo.worlds import Placement as Placement
+    from dilo.worlds import StaticWorld as StaticWorld
+    from dilo.worlds import World as World
 
 __version__ = "0.1.0"
 

@@ -155,9 +155,9 @@ def _stop(procs: list[subprocess.Popen[bytes]], coordinator: subprocess.Popen[by
 
 def _store(world: int) -> Any:
     """A rendezvous store on loopback, served by the launcher (as torchrun's agent serves one)."""
-    import torch.distributed as dist
+    from torch.distributed import TCPStore  # type: ignore[attr-defined]  # public, but not re-exported
 
-    return dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    return TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
 
 
 def _supervise(

@@ -206,7 +206,7 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
     return summary
 
 
-def _island_data(cfg: RunConfig, world: World, vocab: int) -> Island:
+def _island_data(cfg: RunConfig, world: World, vocab: int | None) -> Island:
     """This rank's share of its island's data (the whole island when the island is one rank)."""
     island = load_island(cfg.data, world.rank, world.size, cfg.seed, vocab_size=vocab)
     return island.split(world.local_rank, world.island_ranks)

@@ -265,7 +265,9 @@ def test_async_checkpoint_resume_keeps_rule_state_and_budget(tmp_path: Path, cor
     _push(coord, "b", _deltas(coord, 1), base=0)  # mid-buffer: 2 of 3
     coord.checkpoint()
     twin = Coordinator(cfg, inproc=True, resume=True)
-    assert twin.version == 2 and twin.policy.steps_done == 16 and tensor_digest(twin.params) == tensor_digest(coord.params)
+    assert (
+        twin.version == 2 and twin.policy.steps_done == 16 and tensor_digest(twin.params) == tensor_digest(coord.params)
+    )
     assert twin.policy.speeds == coord.policy.speeds
     d = _deltas(coord, 2)
     _push(coord, "a", d, base=2)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dilo import wire
+from dilo.bodies import AsyncResultBody, StateBody, parse
 from dilo.errors import PeerLost, ProtocolError, SyncTimeout
 from dilo.model import param_names, params_of
 from dilo.outer.base import Anchor, Failure, Joined, SyncReport, Tail
@@ -80,18 +81,19 @@ class AsyncLocalSGD:
         return welcome
 
     @torch.no_grad()
-    def _adopt(self, msg: wire.Message, model: nn.Module) -> None:
+    def _adopt(self, msg: wire.Message, model: nn.Module) -> StateBody:
+        b = parse(AsyncResultBody if msg.type == wire.MsgType.RESULT else StateBody, msg.body)
         adopt_parameters(self.anchor, msg.tensors, model)
-        b = msg.body
-        self.version = int(b["version"])
-        self.members = tuple(b.get("members", ()))
-        self.round_steps = max(1, int(b.get("inner_steps", self.round_steps)))
-        self.done = bool(b.get("done", False))
-        self.schedule_step = int(b["schedule_step"]) if "schedule_step" in b else None
-        self.world_tokens = int(b.get("world_tokens", self.world_tokens))
+        self.version = b.version
+        self.members = tuple(b.members)
+        self.round_steps = max(1, b.inner_steps or self.round_steps)
+        self.done = bool(b.done)
+        self.schedule_step = b.schedule_step
+        self.world_tokens = b.world_tokens if b.world_tokens is not None else self.world_tokens
         self._start = self._last + 1
-        if self.anchor.digest() != b["anchor_hash"]:
+        if self.anchor.digest() != b.anchor_hash:
             raise ProtocolError("the parameters received from the coordinator do not match their hash")
+        return b
 
     @torch.no_grad()
     def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
@@ -127,13 +129,13 @@ class AsyncLocalSGD:
                 failure=Failure.LOST,
                 tokens=self._tokens_since_report(),
             )
-        self._adopt(reply, model)
-        b = reply.body
-        applied = bool(b.get("applied", False))
-        reason = "dropped: too stale" if b.get("dropped") else ""
-        failure = None if applied else Failure.DROPPED if b.get("dropped") else Failure.REFUSED
-        if reply.type == wire.MsgType.STATE:
-            reason = f"restarted from the coordinator's state ({b.get('reason', 'late')})"
+        b = self._adopt(reply, model)
+        applied = isinstance(b, AsyncResultBody) and b.applied
+        dropped = isinstance(b, AsyncResultBody) and b.dropped
+        reason = "dropped: too stale" if dropped else ""
+        failure = None if applied else Failure.DROPPED if dropped else Failure.REFUSED
+        if not isinstance(b, AsyncResultBody):  # a STATE: the push came too late or was refused
+            reason = f"restarted from the coordinator's state ({b.reason or 'late'})"
             failure = Failure.LATE
         return self._report(
             applied,
@@ -143,7 +145,7 @@ class AsyncLocalSGD:
             tail,
             reason=reason,
             failure=failure,
-            staleness=int(b["staleness"]) if "staleness" in b else None,
+            staleness=b.staleness if isinstance(b, AsyncResultBody) else None,
             tokens=self._tokens_since_report(),
         )
 

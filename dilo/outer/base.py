@@ -23,7 +23,7 @@ on the same round), and how many tokens the whole world trained on.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -232,21 +232,21 @@ class FlatLayout:
         self.total = sum(self.numels)
 
     @classmethod
-    def of(cls, tensors: list[Tensor], bucket_mb: float) -> FlatLayout:
+    def of(cls, tensors: Sequence[Tensor], bucket_mb: float) -> FlatLayout:
         return cls([t.shape for t in tensors], [t.numel() for t in tensors], max(1, int(bucket_mb * 2**20 / 4)))
 
-    def flatten(self, tensors: list[Tensor], out: Tensor | None = None) -> Tensor:
+    def flatten(self, tensors: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
         if out is None:
             out = torch.empty(self.total, dtype=torch.float32, device=tensors[0].device)
         torch.cat([t.detach().reshape(-1).float() for t in tensors], out=out)
         return out
 
     def unflatten(self, flat: Tensor) -> list[Tensor]:
-        return [v.view(s) for v, s in zip(flat.split(self.numels), self.shapes)]
+        return [v.view(s) for v, s in zip(torch.split(flat, self.numels), self.shapes)]
 
     def buckets(self, flat: Tensor) -> list[Tensor]:
         """Contiguous views of `flat`, each at most bucket_elems long."""
-        return list(flat.split(self.bucket_elems))
+        return list(torch.split(flat, self.bucket_elems))
 
 
 class Anchor:
@@ -256,20 +256,20 @@ class Anchor:
     pseudo-gradient written into `.grad`.
     """
 
-    def __init__(self, params: list[Tensor]) -> None:
+    def __init__(self, params: Sequence[Tensor]) -> None:
         self.params = [nn.Parameter(p.detach().float().clone()) for p in params]
 
-    def pseudo_grad(self, params: list[Tensor]) -> list[Tensor]:
+    def pseudo_grad(self, params: Sequence[Tensor]) -> list[Tensor]:
         """delta = anchor - params: old minus new, so it points like a gradient."""
         return [a.detach() - p.detach().float() for a, p in zip(self.params, params)]
 
     @torch.no_grad()
-    def restore_into(self, params: list[Tensor]) -> None:
+    def restore_into(self, params: Sequence[Tensor]) -> None:
         for a, p in zip(self.params, params):
             p.copy_(a)
 
     @torch.no_grad()
-    def load_from(self, params: list[Tensor]) -> None:
+    def load_from(self, params: Sequence[Tensor]) -> None:
         for a, p in zip(self.params, params):
             a.copy_(p)
 
@@ -277,7 +277,7 @@ class Anchor:
         return tensor_digest(self.params)
 
 
-def tensor_digest(tensors: list[Tensor]) -> str:
+def tensor_digest(tensors: Sequence[Tensor]) -> str:
     """Short hash of the exact bytes of some tensors: equal digests mean bit-identical values.
 
     The hash reads each tensor's memory in place (a contiguous CPU tensor is not copied; a GPU
@@ -287,7 +287,7 @@ def tensor_digest(tensors: list[Tensor]) -> str:
         flat = t.detach().reshape(-1)
         if flat.device.type != "cpu":
             flat = flat.cpu()
-        h.update(memoryview(flat.contiguous().view(torch.uint8).numpy()))
+        h.update(flat.contiguous().view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 

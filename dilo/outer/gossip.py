@@ -238,7 +238,7 @@ class Gossip:
         out, inn = mixing.out_peers(w, self.me), set(mixing.in_peers(w, self.me))
         if self.star is not None and not final:
             return self._choco(own, peers, w, out, inn, round_idx)
-        body = {"round": round_idx, "final": final}
+        body: dict[str, Any] = {"round": round_idx, "final": final}
         if self.push_sum is not None and not final:
             self.push_sum.reset(own)
             share, weight = self.push_sum.share(out)
@@ -344,8 +344,8 @@ class Gossip:
                 if replica is not None and replica[1] >= seq:
                     continue  # already in the replica (it came with a pulled state)
                 if replica is not None and replica[1] == seq - 1:
-                    q = self.star.split(self.star.decode_push(m.tensors))
-                    self.replicas[peer] = ([r + d.view_as(r) for r, d in zip(replica[0], q)], seq)
+                    diffs = self.star.split(self.star.decode_push(m.tensors))
+                    self.replicas[peer] = ([r + d.view_as(r) for r, d in zip(replica[0], diffs)], seq)
                     continue
                 state = self.node.pull(peer, peers[peer], self.o.peer_timeout_s) if peer in peers else None
                 if state is None:

@@ -143,8 +143,8 @@ class IslandSync:
         if report is not None:
             return report
         self._round_steps = int(header[H_ROUND_STEPS])
-        text = bytes(reason.tolist()).rstrip(b"\0").decode(errors="replace")
-        return _read_header(header, text, tensor_digest(params_of(model)))
+        why = bytes(reason.tolist()).rstrip(b"\0").decode(errors="replace")
+        return _read_header(header, why, tensor_digest(params_of(model)))
 
     @property
     def round_steps(self) -> int:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dilo import wire
+from dilo.bodies import RoundResultBody, StateBody, parse
 from dilo.compress import Context, Encoded
 from dilo.compress.lowrank import PowerSGD
 from dilo.compress.sparse import TopK
@@ -54,9 +55,6 @@ class StarLink(Protocol):
     worker_id: str
     counter: ByteCounter
 
-    @property
-    def address(self) -> str: ...
-
     def join(self) -> wire.Message: ...
 
     def push(self, tensors: dict[str, Tensor], body: dict[str, Any], *, base: int) -> wire.Message: ...
@@ -84,7 +82,9 @@ class StarCodec:
         self.seed = seed
         self.num_params = len(shapes)
         ctx = Context(seed=seed)
-        self._templates: list[Encoded] = [_plain(g.codec).encode(torch.zeros(g.layout.total), ctx) for g in self.groups]
+        self._templates: list[Encoded] = [
+            _plain(g.flat_codec).encode(torch.zeros(g.layout.total), ctx) for g in self.groups
+        ]
 
     def push_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Name -> (shape, dtype) of every tensor a valid push carries (sizes never depend on values)."""
@@ -102,7 +102,7 @@ class StarCodec:
         tensors: dict[str, Tensor] = {}
         for g in self.groups:
             flat = g.layout.flatten([deltas[i] if contributes else torch.zeros_like(deltas[i]) for i in g.params])
-            codec = g.codec if contributes and feedback else _plain(g.codec)
+            codec = g.flat_codec if contributes and feedback else _plain(g.flat_codec)
             e = codec.encode(flat, Context(seed=self.seed, round=round_idx, rank=key, part=g.index * SHARDS_PER_GROUP))
             tensors.update({f"g{g.index}.{n}": t.contiguous() for n, t in e.tensors.items()})
         return tensors
@@ -126,7 +126,7 @@ class StarCodec:
     def encode_mean(self, means: list[Tensor], round_idx: int) -> dict[str, Tensor]:
         tensors: dict[str, Tensor] = {}
         for g, mean in zip(self.groups, means):
-            plain = _plain(g.codec)
+            plain = _plain(g.flat_codec)
             x = mean
             if g.feedback:
                 if g.owner_residual is None or g.owner_residual.numel() != mean.numel():
@@ -154,7 +154,7 @@ class StarCodec:
 
     def _decode_group(self, g: Group, tmpl: Encoded, tensors: dict[str, Tensor]) -> Tensor:
         payload = Encoded({n: tensors[f"g{g.index}.{n}"] for n in tmpl.tensors}, tmpl.numel)
-        return _plain(g.codec).decode(payload).float()
+        return _plain(g.flat_codec).decode(payload).float()
 
     def reset_feedback(self) -> None:
         for g in self.groups:
@@ -256,6 +256,7 @@ class StarDiLoCo:
         self.star = StarCodec(param_names(model), [p.shape for p in params], cfg.codec, seed=cfg.seed)
         self.key = worker_key(client.worker_id)
         self.round_steps = cfg.round_steps
+        self.address = cfg.membership.address
         self.version = -1
         self.round = 0
         self.members: tuple[str, ...] = ()
@@ -284,13 +285,13 @@ class StarDiLoCo:
 
     @torch.no_grad()
     def _adopt(self, msg: wire.Message, model: nn.Module) -> None:
+        b = parse(StateBody, msg.body)
         adopt_parameters(self.anchor, msg.tensors, model)
         load_outer_state(self.optimizer, self.anchor.params, msg.tensors)
-        b = msg.body
-        self.version, self.round = int(b["version"]), int(b["round"])
-        self.members = tuple(b.get("members", ()))
-        self.round_steps = int(b.get("inner_steps", self.round_steps))
-        if self.anchor.digest() != b["anchor_hash"]:
+        self.version, self.round = b.version, b.round
+        self.members = tuple(b.members)
+        self.round_steps = b.inner_steps or self.round_steps
+        if self.anchor.digest() != b.anchor_hash:
             raise ProtocolError("the state received from the coordinator does not match its hash")
 
     @torch.no_grad()
@@ -308,7 +309,7 @@ class StarDiLoCo:
             "tokens": tail.tokens,
             "round": self.round,
         }
-        reason = ""
+        reply: wire.Message | None
         try:
             reply = self.client.push(tensors, body, base=self.version)
         except (PeerLost, SyncTimeout) as e:
@@ -323,27 +324,26 @@ class StarDiLoCo:
             if reply is not None:
                 self._adopt(reply, model)
             reason = "late: restarted from the coordinator's state" if reply is not None else "round lost"
-            failure = Failure.LATE if reply is not None else Failure.LOST
-            return self._report(False, 0, t0, sent0, recv0, tail, reason=reason, failure=failure)
-        b = reply.body
-        committed = bool(b["committed"])
-        participants = int(b["participants"])
+            lost = Failure.LATE if reply is not None else Failure.LOST
+            return self._report(False, 0, t0, sent0, recv0, tail, reason=reason, failure=lost)
+        b = parse(RoundResultBody, reply.body)
+        committed, participants = b.committed, b.participants
         if committed:
             for a, g in zip(self.anchor.params, self.star.decode_mean(reply.tensors)):
                 a.grad = g
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.version, self.round = int(b["version"]), int(b["round"]) + 1
-        self.members = tuple(b.get("members", ()))
-        self.round_steps = int(b.get("inner_steps", self.round_steps))
-        if self.anchor.digest() != b["anchor_hash"]:
-            log.warning("anchor differs from the coordinator's after round %d: pulling its state", b["round"])
+        self.version, self.round = b.version, b.round + 1
+        self.members = tuple(b.members)
+        self.round_steps = b.inner_steps or self.round_steps
+        if self.anchor.digest() != b.anchor_hash:
+            log.warning("anchor differs from the coordinator's after round %d: pulling its state", b.round)
             self.resyncs += 1
             self._adopt(self.client.pull(), model)
         self.anchor.restore_into(params)
-        failure = None
+        failure: Failure | None = None
         if not committed:
-            failure = Failure.REFUSED if participants or b.get("reason") else Failure.NO_CONTRIBUTION
+            failure = Failure.REFUSED if participants or b.reason else Failure.NO_CONTRIBUTION
         return self._report(
             committed,
             participants,
@@ -352,8 +352,8 @@ class StarDiLoCo:
             recv0,
             tail,
             stop=tail.stop,  # a worker's Ctrl+C makes it leave; the others go on
-            tokens=int(b["tokens"]),
-            reason=str(b.get("reason", "")),
+            tokens=b.tokens,
+            reason=b.reason,
             failure=failure,
             extra=_round_stats(b),
         )
@@ -368,12 +368,13 @@ class StarDiLoCo:
         base, anchor = self.version, self.anchor.digest()
         for attempt in range(1, 4):
             welcome = self.client.join()
+            w = parse(StateBody, welcome.body)
             # The version alone does not prove the same state: a coordinator restarted from an
             # older checkpoint (or none) reuses version numbers once another worker moved it on.
-            if int(welcome.body["version"]) != base or welcome.body["anchor_hash"] != anchor:
+            if w.version != base or w.anchor_hash != anchor:
                 self._adopt(welcome, model)
                 return None
-            self.members = tuple(welcome.body.get("members", ()))
+            self.members = tuple(w.members)
             try:
                 return self.client.push(tensors, body, base=base)
             except (PeerLost, SyncTimeout) as e:
@@ -383,7 +384,7 @@ class StarDiLoCo:
                     raise
                 log.warning("push after re-joining refused (%s), try %d of 3", e, attempt)
         # The round is lost for this worker; its next push is late and brings the current state.
-        log.warning("the coordinator at %s kept losing this worker's push: the round is lost", self.client.address)
+        log.warning("the coordinator at %s kept losing this worker's push: the round is lost", self.address)
         return None
 
     def _report(
@@ -424,25 +425,19 @@ class StarDiLoCo:
 
 def joined_from(welcome: wire.Message) -> Joined:
     """What a WELCOME says about the start: the island handed out, the version, the members."""
-    b = welcome.body
-    island = b.get("island")
-    return Joined(
-        island=island if isinstance(island, int) and not isinstance(island, bool) else -1,
-        version=int(b["version"]),
-        members=tuple(str(m) for m in b.get("members", ())),
-    )
+    b = parse(StateBody, welcome.body)
+    return Joined(island=-1 if b.island is None else b.island, version=b.version, members=tuple(b.members))
 
 
-def _round_stats(body: dict[str, Any]) -> dict[str, Any]:
+def _round_stats(body: RoundResultBody) -> dict[str, Any]:
     """What the round log keeps of the coordinator's per-member statistics: each member's update
     norm and cosine to the mean, and who was left out for overflowing it."""
-    stats = body.get("member_stats")
-    if not isinstance(stats, dict) or not stats:
+    if not body.member_stats:
         return {}
     out: dict[str, Any] = {
-        "member_norms": {str(w): v.get("norm") for w, v in stats.items() if isinstance(v, dict)},
-        "member_cosines": {str(w): v.get("cos") for w, v in stats.items() if isinstance(v, dict)},
+        "member_norms": {w: v.get("norm") for w, v in body.member_stats.items()},
+        "member_cosines": {w: v.get("cos") for w, v in body.member_stats.items()},
     }
-    if body.get("left_out"):
-        out["left_out"] = list(body["left_out"])
+    if body.left_out:
+        out["left_out"] = list(body.left_out)
     return out

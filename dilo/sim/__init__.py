@@ -27,6 +27,7 @@ Validation, logging and checkpoints cost no virtual time.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -105,17 +106,17 @@ def simulate(cfg: RunConfig, *, timeout_s: float | None = None) -> dict[str, Any
             world = StaticWorld(cfg, Placement(w, n), transport=SimTransport(hub, w), clock=clock, device=cpu)
         summaries[w] = train(cfg, world, stop=stops[w])
 
-    for e in cfg.sim.events:
-        if e.action == "leave":
-            sched.at(e.at_s, lambda t, w=e.worker: stops[w].set())
+    for event in cfg.sim.events:
+        if event.action == "leave":
+            sched.at(event.at_s, functools.partial(_set, stops[event.worker]))
     for w in range(n):
-        sched.spawn(w, lambda w=w: worker(w), at=start[w])
+        sched.spawn(w, functools.partial(worker, w), at=start[w])
     t0 = time.perf_counter()
     sched.run(timeout_s=timeout_s)
     errors = {w: e for w, e in sched.errors.items() if not isinstance(e, Deadlock)}
     if errors:
-        w, e = min(errors.items())
-        raise DiloError(f"virtual worker {w} failed: {type(e).__name__}: {e}") from e
+        w, err = min(errors.items())
+        raise DiloError(f"virtual worker {w} failed: {type(err).__name__}: {err}") from err
     if sched.deadlock is not None:
         raise sched.deadlock
     result = {
@@ -133,6 +134,10 @@ def simulate(cfg: RunConfig, *, timeout_s: float | None = None) -> dict[str, Any
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
     return result
+
+
+def _set(event: threading.Event, t: float) -> None:
+    event.set()
 
 
 def format_result(result: dict[str, Any], run_dir: Path) -> str:

@@ -74,7 +74,7 @@ class Scheduler:
 
     @property
     def me(self) -> int:
-        return self._local.w
+        return int(self._local.w)
 
     def at(self, t: float, fn: Callable[[float], None]) -> None:
         """Run fn(t) at virtual time t (never before the present)."""

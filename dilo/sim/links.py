@@ -4,6 +4,7 @@ torch.distributed's semantics (`SimTransport`), and an in-process coordinator li
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -93,14 +94,14 @@ class SimTransport:
 
     def all_gather(self, tensor: Tensor) -> list[Tensor]:
         n = tensor.numel() * tensor.element_size()
-        out = self._meet(tensor.detach().clone(), lambda parts: [parts] * self.size, (self.size - 1) * n)
+        out: list[Tensor] = self._meet(tensor.detach().clone(), lambda parts: [parts] * self.size, (self.size - 1) * n)
         self.counter.add((self.size - 1) * n, (self.size - 1) * n)
         return [o.clone() for o in out]
 
     def all_to_all(self, chunks: list[Tensor]) -> list[Tensor]:
         assert len(chunks) == self.size, f"need {self.size} chunks, got {len(chunks)}"
         n = chunks[0].numel() * chunks[0].element_size()
-        out = self._meet(
+        out: list[Tensor] = self._meet(
             [c.detach().clone() for c in chunks],
             lambda parts: [[parts[j][r] for j in range(self.size)] for r in range(self.size)],
             (self.size - 1) * n,
@@ -155,7 +156,7 @@ class Post:
                 continue
             frames = [bytes(f) for f in frames]
             nbytes = sum(len(f) for f in frames)
-            self.sched.at(self.sched.now + self.net.cost(nbytes), lambda t, c=client, f=frames: c._receive(f, t))
+            self.sched.at(self.sched.now + self.net.cost(nbytes), functools.partial(_arrive, client, frames))
         self._schedule_tick()
 
     def _heartbeats(self) -> None:
@@ -252,3 +253,7 @@ class LocalStarClient:
 
     def close(self) -> None:
         self.post.alive.discard(self.worker_id)
+
+
+def _arrive(client: LocalStarClient, frames: list[bytes], t: float) -> None:
+    client._receive(frames, t)

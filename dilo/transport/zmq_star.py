@@ -354,11 +354,16 @@ def bind(sock: zmq.Socket[bytes], address: str, advertise: str = "") -> str:
     """Bind sock to tcp://HOST:PORT (port 0: a free one) and return the address peers should use:
     `advertise` if given, else the bound address with 0.0.0.0 shown as 127.0.0.1."""
     host, _, port = address.rpartition(":")
-    if port == "0":
-        real = sock.bind_to_random_port(host, min_port=20000, max_port=60000)
-    else:
-        sock.bind(address)
-        real = int(port)
+    try:
+        if port == "0":
+            real = sock.bind_to_random_port(host, min_port=20000, max_port=60000)
+        else:
+            sock.bind(address)
+            real = int(port)
+    except zmq.ZMQError as e:  # a port in use, an address of another machine: the user's to fix
+        sock.close(0)
+        hint = "; another process listens there: stop it or pick another port" if e.errno == zmq.EADDRINUSE else ""
+        raise DiloError(f"cannot listen on {address}: {e.strerror}{hint}") from None
     return advertise or f"{host.replace('0.0.0.0', '127.0.0.1')}:{real}"
 
 
