@@ -191,6 +191,32 @@ class TrackerStateBody(Reply):
     island: int | None = None
 
 
+# ------------------------------------------------------------------------------- between gossip peers
+
+PeerWeight = Annotated[float, Field(gt=0, le=MAX_WEIGHT, allow_inf_nan=False)]
+
+
+class GossipBody(Request):
+    """A GOSSIP message from a peer: its round, whether it is the final merge's, its push-sum weight
+    (plain gossip: 1), and in compressed gossip the sequence number of its public estimate."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    round: Count
+    final: bool = False
+    weight: PeerWeight = 1.0
+    seq: Count | None = None
+
+
+class PeerStateBody(Reply):
+    """The STATE a peer answers a pull with: its round, push-sum weight, parameters' digest and the
+    sequence number of its public estimate."""
+
+    round: Count
+    weight: PeerWeight = 1.0
+    digest: str = ""
+    seq: Count = 0
+
+
 # ------------------------------------------------------------------------------- helpers
 
 M = TypeVar("M", bound=BaseModel)

@@ -29,26 +29,26 @@ from dilo.model import build_model, num_params, params_of
 from dilo.process import apply_threads, install_stop_handlers, setup_logging
 from dilo.report import Totals, stopped_message, summarize, to_json
 from dilo.state import load_worker_state, save_worker_state
-from dilo.worlds import Placement, World
+from dilo.worlds import World
 
 log = logging.getLogger("dilo.train")
 
 
 def train(
     cfg: RunConfig,
-    world: World | Placement | None = None,
+    world: World | None = None,
     *,
     stop: threading.Event | None = None,
     max_rounds: int | None = None,
     observe: Callable[[dilo.Outer], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) training on this worker; returns the run summary (identical on every worker
-    of a static world). world: built by `dilo.init` from the config when None (or a Placement).
+    of a static world). world: built by `dilo.init` from the config and the environment when None.
 
     stop: when set (Ctrl+C, SIGTERM), all workers finish the current round, save a checkpoint
     and return. max_rounds: stop after this many rounds in this call (tests of resume). observe:
     called with the started `dilo.Outer` (monitoring, tests). The world is closed on every way out."""
-    w = world if world is not None and not isinstance(world, Placement) else dilo.init(cfg, placement=world)
+    w = world or dilo.init(cfg)
     finished = False
     try:
         summary = _train(cfg, w, stop or threading.Event(), max_rounds, observe)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 
+import dilo
 from dilo.config import RunConfig, from_dict
 from dilo.train import train
 from dilo.worlds import Placement
@@ -79,7 +80,7 @@ def run_workers(fn: Callable[[Placement], Any], n: int) -> list[Any]:
 
 
 def train_threads(cfg: RunConfig, n: int, **kwargs: Any) -> list[dict[str, Any]]:
-    return run_workers(lambda world: train(cfg, world, **kwargs), n)
+    return run_workers(lambda p: train(cfg, dilo.init(cfg, placement=p), **kwargs), n)
 
 
 def write_toml(cfg: RunConfig, path: Path) -> Path:

@@ -234,7 +234,9 @@ def test_peer_messages_are_validated(tmp_path: Path) -> None:
         assert node.rejected["identity"] == 3 and node.rejected["replay"] == 1
         # a PULL before anything was published is refused; afterwards it returns the state
         assert sender.pull("me", node.address, 2.0) is None
-        node.publish(lambda: wire.Message(type=wire.MsgType.STATE, worker="me", tensors={"p.0": good * 3}))
+        node.publish(
+            lambda: wire.Message(type=wire.MsgType.STATE, worker="me", tensors={"p.0": good * 3}, body={"round": 2})
+        )
         state = sender.pull("me", node.address, 2.0)
         assert state is not None and torch.equal(state.tensors["p.0"], good * 3)
         wrong_run.close()

@@ -146,11 +146,11 @@ class Gossip:
         i = members.index(self.me)
         for peer in members[i + 1 :] + members[:i]:
             state = self.node.pull(peer, peers[peer], self.o.peer_timeout_s)
-            if state is None or int(state.body["round"]) == 0:
+            if state is None or state.body["round"] == 0:  # bodies checked by the node (dilo/bodies.py)
                 continue
             for p, k in zip(params_of(model), range(len(self.names))):
                 p.copy_(state.tensors[f"p.{k}"])
-            self.round = int(state.body["round"])
+            self.round = state.body["round"]
             if self.push_sum is not None:  # a joiner brings mass 1 with the neighbour's model
                 self.push_sum = mixing.PushSum([p.detach().float() for p in params_of(model)])
             self.publish(model)
@@ -336,8 +336,8 @@ class Gossip:
         heard: dict[str, list[Tensor]] = {}
         for peer in sorted(msgs):
             for m in msgs[peer]:
-                seq = m.body.get("seq")
-                if isinstance(seq, bool) or not isinstance(seq, int):
+                seq = m.body.get("seq")  # validated by the node (dilo/bodies.py GossipBody)
+                if seq is None:
                     log.warning("compressed gossip from %s without a sequence number: ignored", peer)
                     continue
                 replica = self.replicas.get(peer)

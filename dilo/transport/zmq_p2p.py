@@ -40,6 +40,7 @@ from typing import Any
 import zmq
 
 from dilo import wire
+from dilo.bodies import GossipBody, PeerStateBody, parse
 from dilo.guard import RateLimiter, RejectLog
 from dilo.session import ClientSession, Sessions, challenge_reply
 from dilo.transport.base import ByteCounter
@@ -226,13 +227,7 @@ class P2PNode:
             if msg.type == wire.MsgType.GOSSIP:
                 wire.check_shapes(msg, self.spec)
                 wire.check_finite(msg)
-                r = msg.body.get("round")
-                final = msg.body.get("final", False)
-                weight = msg.body.get("weight", 1.0)
-                if isinstance(r, bool) or not isinstance(r, int) or r < 0 or not isinstance(final, bool):
-                    raise wire.WireError("bad_body", f"round must be an integer >= 0 and final a bool, got {r!r}")
-                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
-                    raise wire.WireError("bad_body", f"weight must be a finite number > 0, got {weight!r}")
+                parse(GossipBody, msg.body, "GOSSIP body")  # round, final, weight, seq: typed and bounded
             elif msg.type != wire.MsgType.PULL:
                 raise wire.WireError("bad_type", f"a gossip peer does not accept {msg.type.value} messages")
         except wire.WireError as e:
@@ -449,6 +444,7 @@ class P2PNode:
                 return None
             wire.check_shapes(reply, self.state_spec)
             wire.check_finite(reply)
+            parse(PeerStateBody, reply.body, "STATE body")
             return reply
         except wire.WireError as e:
             self._reject(e.code, f"bad state from peer {peer}: {e}")

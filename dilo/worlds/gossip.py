@@ -61,6 +61,7 @@ class GossipWorld(OwnTotals):
         self.client: StarClient | None = None
         self.node: P2PNode | None = None
         self._welcome_peers: dict[str, str] = {}
+        self._closed = False
 
     @property
     def counter(self) -> ByteCounter:
@@ -122,15 +123,17 @@ class GossipWorld(OwnTotals):
         """A gossip worker's island is fixed by its id or rank."""
 
     def close(self, *, leaving: bool) -> None:
-        client, self.client = self.client, None
-        node, self.node = self.node, None
+        """Leave the tracker, close its link and the node (once; the node's counters stay readable)."""
+        if self._closed:
+            return
+        self._closed = True
         try:
-            if client is not None:
+            if self.client is not None:
                 try:
                     if leaving:
-                        client.leave()
+                        self.client.leave()
                 finally:
-                    client.close()
+                    self.client.close()
         finally:
-            if node is not None:
-                node.close()
+            if self.node is not None:
+                self.node.close()
