@@ -295,13 +295,7 @@ class Gossip:
                 log.warning("round %d: no message from %s; substitutes %s", round_idx, sorted(missing), substituted)
         weights = w[self.me]
         if self.o.variance_correction and self.o.conservative > 0 and got:
-            # blending c of the own layer into the merge re-weights it: (1 - c) * the weights
-            # renormalised over what arrived, plus c on this worker (the target variance, a weighted
-            # mean of the inputs' variances, follows the same weights)
-            present = [p for p in weights if p == self.me or p in got]
-            total = sum(weights[p] for p in present)
-            c = self.o.conservative
-            weights = {p: (1.0 - c) * weights[p] / total + (c if p == self.me else 0.0) for p in present}
+            weights = conservative_weights(weights, set(got), self.me, self.o.conservative)
         if self.o.variance_correction and got:
             # eps only guards a zero variance: the reference's 1e-4 is as large as the variance of a
             # 0.02-std init and would leave a fifth of the shrinkage uncorrected
@@ -378,6 +372,16 @@ class Gossip:
         if self.star is not None and "hat" in state:
             self.hat = [h.float().clone() for h in state["hat"]]
             self.hat_seq = int(state["hat_seq"])
+
+
+def conservative_weights(weights: dict[str, float], arrived: set[str], me: str, c: float) -> dict[str, float]:
+    """Blending c of the own layer into the merge (outer.conservative) re-weights it: (1 - c) times
+    the weights renormalised over what arrived, plus c on this worker. The variance-corrected
+    merge's target, a weighted mean of the inputs' variances, follows the same weights, so it too
+    becomes c Var(own) + (1 - c) target."""
+    present = [p for p in weights if p == me or p in arrived]
+    total = sum(weights[p] for p in present)
+    return {p: (1.0 - c) * weights[p] / total + (c if p == me else 0.0) for p in present}
 
 
 def _mean(values: dict[str, float]) -> float:
