@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dilo
 from dilo.metrics import read_jsonl
 from dilo.state import load_worker_state, rounds_of
 from tests.conftest import tiny_config, train_threads
@@ -105,7 +106,7 @@ def test_stop_event_stops_all_workers_on_the_same_round(tmp_path: Path, corpus_d
     cfg = tiny_config(tmp_path, corpus_dir, steps=40)
     stops = [threading.Event(), threading.Event()]
     stops[1].set()  # only worker 1 was asked; worker 0 learns it through the sync
-    out = run_workers(lambda w: train(cfg, w, stop=stops[w.rank]), 2)
+    out = run_workers(lambda w: train(cfg, dilo.init(cfg, placement=w), stop=stops[w.rank]), 2)
     assert all(s["stopped"] and s["rounds"] == 1 for s in out)
     assert rounds_of(tmp_path / "checkpoints", "worker0") == [1] == rounds_of(tmp_path / "checkpoints", "worker1")
 
@@ -132,4 +133,4 @@ def test_workers_with_different_configs_refuse_to_train(tmp_path: Path, corpus_d
 
     cfgs = [tiny_config(tmp_path, corpus_dir), tiny_config(tmp_path, corpus_dir, inner={"lr": 0.1})]
     with pytest.raises(DiloError, match="run a different configuration"):
-        run_workers(lambda w: train(cfgs[w.rank], w), 2)
+        run_workers(lambda w: train(cfgs[w.rank], dilo.init(cfgs[w.rank], placement=w)), 2)
