@@ -460,7 +460,7 @@ def _gather(segments: list[np.ndarray], starts: list[int], start: int, length: i
 def load_island(cfg: DataConfig, index: int, count: int, seed: int, *, vocab_size: int | None = None) -> Island:
     """Island `index` of `count`, reading only the files (or memmap ranges) it holds.
 
-    With `vocab_size` (the model's, see `model_vocab_size`), a token id >= vocab_size in the
+    With `vocab_size` (the model's, see `dilo.model.model_vocab_size`), a token id >= vocab_size in the
     island raises DataError naming the file, the largest id and vocab_size."""
     if not 0 <= index < count:
         raise ValueError(f"island index {index} is outside 0..{count - 1}")
@@ -498,12 +498,3 @@ def load_validation(
         rows = [_gather(segments, starts, k * window, window) for k in picks[b * cfg.batch_size :][: cfg.batch_size]]
         out.append(_to_batch(rows))
     return out
-
-
-def model_vocab_size(model: torch.nn.Module) -> int | None:
-    """The number of token ids `model` accepts: the size of its first nn.Embedding (the token
-    embedding of dilo's GPT and of most imported language models), or None if it has none."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Embedding):
-            return int(m.num_embeddings)
-    return None

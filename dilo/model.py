@@ -205,3 +205,12 @@ def param_names(model: nn.Module) -> list[str]:
             seen.add(id(p))
             out.append(name)
     return out
+
+
+def model_vocab_size(model: nn.Module) -> int | None:
+    """The number of token ids `model` accepts: the size of its first nn.Embedding (the token
+    embedding of dilo's GPT and of most imported language models), or None if it has none."""
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            return int(m.num_embeddings)
+    return None

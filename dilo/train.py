@@ -22,10 +22,10 @@ import torch
 import dilo
 from dilo import metrics
 from dilo.config import RunConfig, load
-from dilo.data import Island, load_island, load_validation, model_vocab_size
+from dilo.data import Island, load_island, load_validation
 from dilo.errors import DiloError
 from dilo.inner import InnerLoop
-from dilo.model import build_model, num_params, params_of
+from dilo.model import build_model, model_vocab_size, num_params, params_of
 from dilo.process import apply_threads, install_stop_handlers, setup_logging
 from dilo.report import Totals, stopped_message, summarize, to_json
 from dilo.state import load_worker_state, save_worker_state

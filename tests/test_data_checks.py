@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from dilo.config import DataConfig, GPTConfig
-from dilo.data import load_island, load_validation, model_vocab_size
+from dilo.data import load_island, load_validation
 from dilo.errors import DataError
-from dilo.model import build_model
+from dilo.model import build_model, model_vocab_size
 
 
 def _tokens(path: Path, ids: np.ndarray) -> DataConfig:
