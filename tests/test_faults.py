@@ -831,6 +831,9 @@ def test_gossip_through_faulty_links(tmp_path: Path, corpus_dir: Path, case: str
         # the damaged message was refused, nothing else (a duplicate is a replay once sessions exist)
         rejected = dict(worlds[r].node.rejected)
         assert rejected == ({"auth": 1} if plan == "lossy" else {"replay": 1}), rejected
+        # the round records carry the node's counters as they were then (the last round: all but late ones)
+        logged = recs[-1]["p2p"]["rejected"]
+        assert all(n <= rejected.get(code, 0) for code, n in logged.items()), (logged, rejected)
     if final_merge:  # the final fully connected merge puts every worker on the same parameters
         assert len({recs[-1]["anchor_hash"] for recs in logs.values()}) == 1
     if not plain:

@@ -179,7 +179,8 @@ class Gossip:
         for p, v in zip(params, new):
             p.copy_(v)
         self.round += 1
-        extra: dict[str, Any] = {"peers": sorted(got), "disagreement": disagreement}
+        # what the peers sent that this worker refused or had to drop, so far (the node's counters)
+        extra: dict[str, Any] = {"peers": sorted(got), "disagreement": disagreement, "p2p": self.node.stats()}
         if self.star is not None:  # the public estimate and the replicas, to check they agree
             extra["hat"] = [tensor_digest(self.hat), self.hat_seq]
             extra["replicas"] = {j: [tensor_digest(r), seq] for j, (r, seq) in sorted(self.replicas.items())}
