@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     except dilo.DiloError as e:
         print(f"dilo: error: {e}", file=sys.stderr)
         return 2
-    print(f"{world.log_name}: done {result}", flush=True)
+    sys.stdout.write(f"{world.log_name}: done {result}\n")  # one write: ranks share the terminal
+    sys.stdout.flush()
     return 0
 
 

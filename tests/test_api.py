@@ -52,7 +52,8 @@ def _env() -> dict[str, str]:
 
 def _done(out: str) -> list[dict[str, Any]]:
     """The `done {...}` lines the example prints, parsed."""
-    return [eval(m, {}) for m in re.findall(r"done (\{.*\})", out)]  # noqa: S307 - our own repr of a dict
+    # two processes share the pipe: lines may interleave, so match each dict on its own
+    return [eval(m, {}) for m in re.findall(r"done (\{[^{}]*\})", out)]  # noqa: S307 - our own repr of a dict
 
 
 def _threads(fn: Any, n: int) -> list[Any]:
