@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dilo.adapters import shared_view
 from dilo.config import CodecConfig, DiLoCoConfig, FedAvgConfig, GossipConfig, OuterConfig, RunConfig, load
 from dilo.errors import DiloError, TransportError
 from dilo.model import params_of
@@ -152,7 +153,9 @@ class Outer:
         self.optimizer = optimizer
         self.world = world
         self.cfg = cfg
-        self.strategy: Strategy = build_strategy(cfg, model, world.links(model, cfg))
+        # the links are sized for what is exchanged (outer.local and frozen parameters stay home)
+        links = world.links(shared_view(model, cfg.outer), cfg)
+        self.strategy: Strategy = build_strategy(cfg, model, links)
         self.steps = 0
         """Inner steps counted so far (survives a resume)."""
         self.rounds = 0

@@ -21,11 +21,12 @@ import torch
 
 import dilo
 from dilo import metrics
+from dilo.adapters import build_run_model
 from dilo.config import RunConfig, load
 from dilo.data import Island, load_island, load_validation
 from dilo.errors import DiloError
 from dilo.inner import InnerLoop
-from dilo.model import build_model, model_vocab_size, num_params, params_of
+from dilo.model import model_vocab_size, num_params, params_of
 from dilo.process import apply_threads, install_stop_handlers, setup_logging
 from dilo.report import Totals, stopped_message, summarize, to_json
 from dilo.state import load_worker_state, save_worker_state
@@ -64,7 +65,7 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
     main = world.rank == 0 and world.local_rank == 0  # prints, plots and writes the summary
     device = world.device
-    model = build_model(cfg.model, cfg.seed).to(device)
+    model = build_run_model(cfg).to(device)  # cfg.model, with LoRA adapters when cfg.lora.r > 0
     vocab = model_vocab_size(model)  # ids >= vocab fail at load time, naming the file (dilo/data.py)
     island = _island_data(cfg, world, vocab)
     val = load_validation(cfg.data, cfg.seed, cfg.log.eval_batches, vocab_size=vocab)

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from dilo.config.base import Frozen
 
 
-class DiLoCoConfig(Frozen):
+class KeepsLocal(Frozen):
+    local: str = ""
+    """Regular expression (re.search on parameter names) of trainable parameters that never leave
+    the worker: not averaged, not sent, e.g. "lora_B" (FedSA-LoRA: the B matrices stay personal).
+    Empty: every trainable parameter is exchanged."""
+
+    @field_validator("local")
+    @classmethod
+    def _valid_regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{value!r} is not a valid regular expression: {e}") from None
+        return value
+
+
+class DiLoCoConfig(KeepsLocal):
     kind: Literal["diloco"] = "diloco"
     """Synchronous DiLoCo (Douillard et al., arXiv:2311.08105): mean pseudo-gradient, then
     outer Nesterov SGD on the fp32 anchor."""
@@ -26,7 +43,7 @@ class DiLoCoConfig(Frozen):
     tokens its worker trained on this round."""
 
 
-class FedAvgConfig(Frozen):
+class FedAvgConfig(KeepsLocal):
     kind: Literal["fedavg"] = "fedavg"
     """FedAvg: average the workers' parameters every H steps (outer SGD, lr 1, no momentum)."""
     inner_steps: int = Field(50, gt=0)
@@ -42,7 +59,7 @@ class DDPConfig(Frozen):
     """Data-parallel baseline: gradients are averaged over all workers after every step."""
 
 
-class AsyncConfig(Frozen):
+class AsyncConfig(KeepsLocal):
     kind: Literal["async"] = "async"
     """Asynchronous local SGD through a coordinator (Liu et al., arXiv:2401.09135): every push is
     applied on arrival and the worker goes on at once from the fresh parameters. Needs
@@ -91,7 +108,7 @@ class AsyncConfig(Frozen):
         return self
 
 
-class GossipConfig(Frozen):
+class GossipConfig(KeepsLocal):
     kind: Literal["gossip"] = "gossip"
     """Decentralised gossip averaging: every H steps each worker mixes its parameters with a few
     peers' over direct ZeroMQ links (dilo/transport/zmq_p2p.py); no central parameter state."""

@@ -20,6 +20,7 @@ from dilo.config.sections import (
     HeterogeneityConfig,
     InnerConfig,
     LogConfig,
+    LoraConfig,
     ModelConfig,
     SimConfig,
 )
@@ -39,6 +40,7 @@ class RunConfig(Frozen):
     sync_every_ddp_eval: int = Field(50, gt=0)
     """DDP has no rounds; it logs and evaluates as if a round were this many steps."""
     model: ModelConfig = Field(default_factory=GPTConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     inner: InnerConfig = Field(default_factory=InnerConfig)
     outer: OuterConfig = Field(default_factory=DiLoCoConfig)

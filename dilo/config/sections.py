@@ -52,6 +52,21 @@ class ImportModelConfig(Frozen):
 ModelConfig = Annotated[GPTConfig | ImportModelConfig, Field(discriminator="kind")]
 
 
+class LoraConfig(Frozen):
+    """LoRA adapters (peft) on the model: the base weights are frozen, only the adapters train
+    and only they are exchanged, so a round's bytes scale with the adapters, not the model."""
+
+    r: int = Field(0, ge=0)
+    """Adapter rank; 0 turns LoRA off."""
+    alpha: int = Field(16, gt=0)
+    """Scaling: the adapter's update is multiplied by alpha / r."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Names (suffixes) of the nn.Linear modules that get adapters: e.g. q_proj / v_proj in Llama
+    and Qwen shapes, c_attn in GPT-2, qkv / proj in dilo's GPT."""
+
+
 # ---------------------------------------------------------------------------------------------
 # data
 

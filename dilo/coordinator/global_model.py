@@ -9,9 +9,10 @@ from typing import TypeVar
 import torch
 
 from dilo import wire
+from dilo.adapters import build_run_model, shared_view
 from dilo.bodies import PushBody, parse
 from dilo.config import RunConfig
-from dilo.model import build_model, param_names, params_of
+from dilo.model import param_names, params_of
 from dilo.outer.aggregate import finite
 from dilo.outer.star import StarCodec
 
@@ -33,7 +34,8 @@ class GlobalModel:
     the codec that decodes pushes into them."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        model = build_model(cfg.model, cfg.seed)
+        # the parameters the workers exchange: trainable (LoRA: the adapters), not outer.local
+        model = shared_view(build_run_model(cfg), cfg.outer)
         self.names = param_names(model)
         self.params = [torch.nn.Parameter(p.detach().float().clone()) for p in params_of(model)]
         self.star = StarCodec(self.names, [p.shape for p in self.params], cfg.codec, seed=cfg.seed)

@@ -5,7 +5,8 @@
 A world (dilo/worlds/) knows how workers reach each other and hands over `Links`; the config says
 what to run over them. On an island of several ranks every rank gets an `IslandSync` (gradients
 averaged inside the island), and only the lead rank holds the strategy that talks to the other
-islands.
+islands. With `outer.local` the strategy that talks to other islands sees only the parameters
+that are shared (dilo/adapters.py `SharedView`); the island still averages every gradient.
 
 | outer.kind        | static world (torchrun, `dilo run`) | coordinator            | gossip         |
 |-------------------|-------------------------------------|------------------------|----------------|
@@ -18,13 +19,15 @@ islands.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 from torch import nn
 
+from dilo.adapters import shared_view
 from dilo.config import AsyncConfig, DDPConfig, DiLoCoConfig, FedAvgConfig, GossipConfig, RunConfig
 from dilo.errors import ConfigError
 from dilo.outer.async_local import AsyncLocalSGD
-from dilo.outer.base import Links, Strategy
+from dilo.outer.base import Joined, Links, Strategy, SyncReport, Tail
 from dilo.outer.ddp import DDP
 from dilo.outer.diloco import DiLoCo
 from dilo.outer.gossip import Gossip
@@ -44,7 +47,10 @@ def build_strategy(cfg: RunConfig, model: nn.Module, links: Links) -> Strategy:
                 "codec settings are ignored by outer.kind='ddp': the baseline sends fp32 gradients", stacklevel=2
             )
         return DDP(model, links.collective, log_every=cfg.sync_every_ddp_eval, bucket_mb=bucket_mb)
-    lead = _lead_strategy(cfg, o, model, links) if links.lead else None
+    view = shared_view(model, o)
+    lead = _lead_strategy(cfg, o, view, links) if links.lead else None
+    if lead is not None and view is not model:
+        lead = OnShared(lead, view)
     if links.island is None:
         if lead is None:
             raise ConfigError("a worker without an island group must be its own lead rank")
@@ -79,3 +85,40 @@ def _lead_strategy(
         seed=cfg.seed,
         bucket_mb=cfg.transport.bucket_mb,
     )
+
+
+class OnShared:
+    """A strategy run on the shared parameters only (`outer.local`): whatever model the loop
+    passes, the strategy sees the view, so local parameters are never sent, averaged or reset."""
+
+    def __init__(self, inner: Strategy, view: nn.Module) -> None:
+        self.inner = inner
+        self.view = view
+
+    @property
+    def round_steps(self) -> int:
+        return self.inner.round_steps
+
+    def due(self, step: int) -> bool:
+        return self.inner.due(step)
+
+    def start(self, model: nn.Module, *, resumed: bool) -> Joined:
+        return self.inner.start(self.view, resumed=resumed)
+
+    def reduce_grads(self, model: nn.Module) -> None:
+        self.inner.reduce_grads(self.view)
+
+    def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
+        return self.inner.sync(self.view, tail=tail)
+
+    def describe(self) -> list[str]:
+        return self.inner.describe()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def __getattr__(self, name: str) -> Any:  # tests and tools reach the inner strategy's figures
+        return getattr(self.inner, name)

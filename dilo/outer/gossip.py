@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from dilo import wire
-from dilo.model import build_model, param_names, params_of
+from dilo.model import param_names, params_of
 from dilo.outer import mixing
 from dilo.outer.base import Failure, GossipLinks, Joined, SyncReport, Tail, tensor_digest
 from dilo.outer.exchange import describe_groups
@@ -92,9 +92,12 @@ class Gossip:
         """Independent initialisation (outer.independent_init), the tracker's JOIN, and for a worker
         joining a tracked run in progress the parameters of a running neighbour; then publish."""
         if self.o.independent_init and not resumed:
-            fresh = params_of(build_model(self.cfg.model, self.cfg.seed + 1000 * self.links.rank))
-            for p, v in zip(params_of(model), fresh):
-                p.copy_(v)
+            from dilo.adapters import build_run_model  # the model of another seed, built like the run's
+
+            other = build_run_model(self.cfg.model_copy(update={"seed": self.cfg.seed + 1000 * self.links.rank}))
+            fresh = dict(zip(param_names(other), params_of(other)))
+            for name, p in model.named_parameters():  # by name: `model` may be the shared view
+                p.copy_(fresh[name])
         if self.links.join is not None:
             self.links.join()
         # a static world starts together (a restarted worker resumes from its checkpoint); a tracked
