@@ -8,6 +8,7 @@
     dilo sim CONFIG [--workers N] [overrides]                 k virtual workers in one process, virtual clock
     dilo merge CKPT... --out FILE [--variance-corrected]     average independently trained checkpoints
     dilo keys DIR                                             CURVE key pairs for encrypted ZeroMQ traffic
+    dilo data prepare INPUT... --out DIR [--train-bpe N]      pre-tokenize files into token shards
     dilo config show CONFIG [--section.key=value ...]         the resolved configuration
     dilo config schema                                         JSON schema of every key, with help
 
@@ -293,6 +294,12 @@ def _cmd_keys(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
+    from dilo.data.prepare import main as data_main
+
+    return data_main(rest)
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -330,13 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     p_keys = sub.add_parser("keys", help="generate CURVE key pairs")
     p_keys.add_argument("dir")
     p_keys.add_argument("--force", action="store_true", help="overwrite existing key files")
+    sub.add_parser("data", help="prepare token shards (dilo data prepare --help)", add_help=False)
     p_cfg = sub.add_parser("config", help="show the resolved configuration or its schema", epilog=OVERRIDES)
     p_cfg.add_argument("action", choices=["show", "schema"])
     p_cfg.add_argument("config", nargs="?", help="TOML file (for show)")
     args, rest = parser.parse_known_args(argv)
     try:
         setup_logging()
-        takes_overrides = ["run", "coordinator", "worker", "sim", "merge"]
+        takes_overrides = ["run", "coordinator", "worker", "sim", "merge", "data"]
         if args.command == "config" and args.action == "show":
             takes_overrides.append("config")
         if rest and args.command not in takes_overrides:
@@ -350,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             "sim": _cmd_sim,
             "merge": _cmd_merge,
             "config": _cmd_config,
+            "data": _cmd_data,
         }
         return handlers[args.command](args, rest)
     except DiloError as e:

@@ -72,15 +72,35 @@ class LoraConfig(Frozen):
 
 
 class DataConfig(Frozen):
-    corpus: Literal["stdlib", "text", "tokens"] = "stdlib"
+    corpus: Literal["stdlib", "text", "tokens", "hf", "import"] = "stdlib"
     """stdlib: the .py sources of the running Python's standard library (no download);
     text: UTF-8 files, directories or globs in `paths`, read as bytes;
-    tokens: .bin files of uint16 token ids in `paths`, read by memmap."""
+    tokens: .bin token files in `paths` (uint16, or as the directory's meta.json says), read by memmap;
+    hf: local json/jsonl/parquet/text/arrow files in `paths`, read with the datasets library;
+    import: a torch Dataset of token-id sequences returned by `builder`."""
     paths: list[str] = Field(default_factory=list)
-    """Files, directories or glob patterns for the text and tokens corpora."""
-    islands: Literal["iid", "by_source"] = "iid"
+    """Files, directories or glob patterns for the text, tokens and hf corpora."""
+    tokenizer: str = "bytes"
+    """bytes (ids 0..255), a tokenizer.json file or a Hugging Face tokenizer directory (local
+    files only); its vocabulary must fit model.vocab_size."""
+    format: Literal["auto", "json", "parquet", "text", "arrow", "csv"] = "auto"
+    """hf: the datasets loader; auto picks it from each file's extension (.jsonl/.json, .parquet,
+    .arrow, .csv, anything else text)."""
+    text_field: str = "text"
+    """hf: the column that holds each document's text."""
+    island_column: str | None = None
+    """hf with islands = "by_column": the column whose distinct values (e.g. a language) each go
+    whole to one island."""
+    builder: str | None = None
+    """import: "pkg.module:function" returning a torch Dataset or IterableDataset of token-id
+    sequences (1-D int tensors or lists)."""
+    eos_id: int | None = Field(None, ge=0)
+    """Id appended after every document of the hf and import corpora (and of a tokenizer's
+    documents); default: the tokenizer's EOS token, 0 for bytes, none for import."""
+    islands: Literal["iid", "by_source", "by_column"] = "iid"
     """iid: every worker sees the same distribution; by_source: whole files (stdlib: whole
-    top-level packages) per worker, the non-IID case."""
+    top-level packages) per worker, the non-IID case; by_column (hf): whole values of
+    `island_column` per worker."""
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     """Share held out for validation: whole files, chosen by a stable hash of their path
     (tokens: the tail of each file)."""
@@ -88,6 +108,16 @@ class DataConfig(Frozen):
     """Sequences per micro-batch on each worker."""
     seq_len: int = Field(128, gt=0)
     """Tokens per sequence."""
+
+    @model_validator(mode="after")
+    def _corpus_keys(self) -> DataConfig:
+        if self.islands == "by_column" and (self.corpus != "hf" or not self.island_column):
+            raise ValueError('data.islands="by_column" needs data.corpus="hf" and data.island_column (e.g. "lang")')
+        if self.island_column and self.islands != "by_column":
+            raise ValueError('data.island_column is only read with data.islands="by_column"; set both or neither')
+        if (self.corpus == "import") != (self.builder is not None):
+            raise ValueError('data.corpus="import" and data.builder ("pkg.module:function") go together')
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

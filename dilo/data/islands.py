@@ -1,211 +1,27 @@
-"""Corpora, data islands and resumable batch streams.
+"""Islands (which ranges of the training stream each worker gets) and the resumable batch stream.
 
-Each dilo worker trains on its own *island*, a fixed share of the training data that it alone
-reads. Three corpora (`DataConfig.corpus`):
-
-- stdlib: the .py files of the running Python's standard library (no download; about 11 MB),
-  skipping site-packages, dist-packages, test, tests, idlelib and __pycache__ directories.
-- text: files, directories (recursive, sorted, dotfiles skipped) or glob patterns, as bytes.
-- tokens: .bin files of uint16 token ids, read through numpy.memmap and never loaded whole.
-
-stdlib and text are byte-level: a token is a byte value 0..255.
-
-    island = load_island(cfg.data, index=rank, count=num_workers, seed=cfg.seed)
-    x, y = island.next_batch()       # int64 [batch_size, seq_len]; y is x shifted by one
-    cursor = island.state_dict()     # JSON-safe; island.load_state_dict(cursor) resumes exactly
-    val = load_validation(cfg.data, seed=cfg.seed, num_batches=cfg.log.eval_batches)
-
-Everything below is a pure function of the config, the seed and the files, so every worker
-derives the same split and the same assignment without talking to the others; nothing is cached
-on disk.
-
-Validation split. stdlib and text hold out whole files, chosen by a stable hash (crc32) of the
-path relative to its root (the stdlib directory, the directory named in `paths`, or the literal
-prefix of a glob), so moving a corpus does not reshuffle it. When that leaves the validation (or
-training) side empty, which happens with a handful of files, the tail of the last file is held
-out instead. tokens holds out the tail `val_fraction` of every file.
-
-Islands, over the training stream (the training files concatenated in listing order):
-- iid: the stream is cut into equal blocks (at most about 64 Ki tokens, at least 8 per island
-  when the corpus allows), shuffled with the run seed and dealt round-robin, the same number to
-  each island, so every island sees the same distribution and sizes match to a few tokens.
-- by_source: whole sources per island (stdlib: top-level packages and modules; text and tokens:
-  files; tokens with fewer files than islands: equal contiguous ranges), largest first to the
-  island holding the fewest tokens. Sizes stay balanced, content differs: the non-IID case.
-
-Sampling. An island is cut into non-overlapping windows of seq_len + 1 tokens, visited in a
-fresh random permutation each epoch; the permutation is seeded from (seed, island, epoch), so
-the cursor (epoch, position) is all the state there is.
+See the package docstring (`dilo.data`) for the rules; the listing is in `dilo.data.corpus`.
 """
 
 from __future__ import annotations
 
 import bisect
-import glob
 import hashlib
 import itertools
 import math
-import os
-import sysconfig
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from dilo.config import DataConfig
+from dilo.data.corpus import _Corpus, _list_corpus, _Piece
 from dilo.errors import DataError
 
-_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"})
 _BLOCK_TOKENS = 1 << 16
 _MIN_BLOCKS_PER_ISLAND = 8
 _IDENTITY = ("index", "seed", "num_tokens", "seq_len")  # cursor fields that must match on restore
-
-
-# ---------------------------------------------------------------------------------------------
-# listing: which files, which ranges are train and which are validation (no file is read)
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """Tokens [start, stop) of one file; `key` is its path relative to the corpus root and
-    `group` the by_source unit it belongs to."""
-
-    path: str
-    key: str
-    group: str
-    start: int
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-
-@dataclass(frozen=True)
-class _Corpus:
-    name: str  # what error messages call it
-    dtype: type[np.unsignedinteger[Any]]
-    train: list[_Piece]
-    val: list[_Piece]
-
-
-def _held_out(key: str, fraction: float) -> bool:
-    return zlib.crc32(key.encode()) < fraction * 2**32
-
-
-def _list_corpus(cfg: DataConfig) -> _Corpus:
-    if cfg.corpus == "stdlib":
-        return _split_files("stdlib corpus", _stdlib_files(), cfg.val_fraction)
-    if not cfg.paths:
-        raise DataError(f"data.corpus={cfg.corpus!r} needs data.paths (files, directories or glob patterns)")
-    if cfg.corpus == "text":
-        return _split_files(f"data.paths={cfg.paths}", _expand(cfg.paths, suffix=""), cfg.val_fraction)
-    return _token_corpus(cfg)
-
-
-def corpus_fingerprint(cfg: DataConfig) -> str:
-    """Hash of the corpus listing (files, split, sizes). Workers must agree on it: the stdlib of
-    another Python version, or a differently synced text directory, gives overlapping islands."""
-    corpus = _list_corpus(cfg)
-    listing = [(p.key, p.start, p.stop) for p in corpus.train] + [("val", p.key, p.start, p.stop) for p in corpus.val]
-    return hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
-
-
-def _stdlib_files() -> list[tuple[str, str, str]]:
-    """(key, path, group) of every stdlib .py file; group is the first path component."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
-        for name in sorted(filenames):
-            if name.endswith(".py"):
-                key = Path(dirpath, name).relative_to(root).as_posix()
-                out.append((key, os.path.join(dirpath, name), key.split("/")[0]))
-    if not out:
-        raise DataError(f"stdlib corpus: no .py files under {root}; use data.corpus='text' with data.paths")
-    return out
-
-
-def _expand(paths: list[str], suffix: str) -> list[tuple[str, str, str]]:
-    """(key, path, group) for every file named by `paths`, in order, without duplicates.
-
-    key is the path relative to the entry's root (used for the held-out hash); group is the path.
-    Directories contribute files ending in `suffix`.
-    """
-    out: dict[str, tuple[str, str, str]] = {}
-    for entry in paths:
-        if any(c in entry for c in "*?["):
-            base = Path(*itertools.takewhile(lambda p: not any(c in p for c in "*?["), Path(entry).parts))
-            files = sorted(Path(m) for m in glob.glob(entry, recursive=True) if os.path.isfile(m))
-            if not files:
-                raise DataError(f"data.paths: pattern {entry!r} matched no files (cwd: {os.getcwd()}); fix the pattern")
-        else:
-            base = Path(entry)
-            if base.is_file():
-                files, base = [base], base.parent
-            elif base.is_dir():
-                files = sorted(
-                    f
-                    for f in base.rglob(f"*{suffix}")
-                    if f.is_file() and not any(p.startswith(".") for p in f.relative_to(base).parts)
-                )
-                if not files:
-                    what = f"no {suffix} files" if suffix else "no files"
-                    raise DataError(f"data.paths: directory {entry!r} contains {what}; point data.paths at the data")
-            else:
-                raise DataError(
-                    f"data.paths: {entry!r} does not exist (relative paths start at {os.getcwd()}); fix the path"
-                )
-        for f in files:
-            out.setdefault(str(f), (f.relative_to(base).as_posix(), str(f), str(f)))
-    return list(out.values())
-
-
-def _split_files(name: str, files: list[tuple[str, str, str]], fraction: float) -> _Corpus:
-    """Byte corpora: hold out whole files by the hash of their key."""
-    train: list[_Piece] = []
-    val: list[_Piece] = []
-    for key, path, group in files:
-        size = os.path.getsize(path)
-        if size:
-            (val if _held_out(key, fraction) else train).append(_Piece(path, key, group, 0, size))
-    if not train and not val:
-        raise DataError(f"{name}: every file is empty; point data.paths at non-empty files")
-    if not train or not val:
-        # Too few files for the hash to put some on each side: hold out the tail of the last one.
-        rank = {path: i for i, (_, path, _) in enumerate(files)}
-        train = sorted(train + val, key=lambda p: rank[p.path])
-        last = train[-1]
-        tail = min(math.ceil(sum(p.size for p in train) * fraction), last.size // 2)
-        if tail == 0:
-            raise DataError(f"{name}: too little data to hold out a validation split; add more text")
-        train[-1] = _Piece(last.path, last.key, last.group, 0, last.size - tail)
-        val = [_Piece(last.path, last.key, last.group, last.size - tail, last.size)]
-    return _Corpus(name, np.uint8, train, val)
-
-
-def _token_corpus(cfg: DataConfig) -> _Corpus:
-    name = f"data.paths={cfg.paths}"
-    train: list[_Piece] = []
-    val: list[_Piece] = []
-    for key, path, group in _expand(cfg.paths, suffix=".bin"):
-        size = os.path.getsize(path)
-        if size % 2:
-            raise DataError(f"{path!r} has an odd size ({size} bytes), so it is not a file of uint16 token ids")
-        n = size // 2
-        n_val = int(n * cfg.val_fraction)
-        if n - n_val:
-            train.append(_Piece(path, key, group, 0, n - n_val))
-        if n_val:
-            val.append(_Piece(path, key, group, n - n_val, n))
-    if not train or not val:
-        side = "training" if not train else "validation"
-        raise DataError(f"{name}: the {side} split is empty; add token files or change data.val_fraction")
-    return _Corpus(name, np.uint16, train, val)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,14 +73,15 @@ def _plan(corpus: _Corpus, cfg: DataConfig, count: int, seed: int) -> list[Islan
         bounds = [b * total // num_blocks for b in range(num_blocks + 1)]
         order = torch.randperm(num_blocks, generator=_generator(seed, "blocks")).tolist()
         shares = [[(bounds[b], bounds[b + 1]) for b in order[i::count]] for i in range(count)]
-    elif len(corpus.train) < count and corpus.dtype == np.uint16:
-        # fewer token files than islands: equal contiguous ranges keep neighbouring text together
+    elif corpus.contiguous or (len(corpus.train) < count and corpus.dtype != np.uint8 and not corpus.arrays):
+        # fewer token files than islands (or an import corpus): equal contiguous ranges keep
+        # neighbouring text together
         shares = [[(i * total // count, (i + 1) * total // count)] for i in range(count)]
     else:
         if len(groups) < count:
             raise DataError(
-                f"{corpus.name}: data.islands='by_source' asked for {count} islands but the training "
-                f"split has only {len(groups)} sources; use fewer workers, more files or "
+                f"{corpus.name}: data.islands={cfg.islands!r} asked for {count} islands but the training "
+                f"split has only {len(groups)} {corpus.unit}; use fewer workers, more files or "
                 "data.islands='iid'"
             )
         loads = [0] * count
@@ -312,9 +129,11 @@ def _read(
         for i in _pieces_in(offsets, a, b):
             p = pieces[i]
             lo, hi = p.start + max(a - offsets[i], 0), p.start + min(b, offsets[i + 1]) - offsets[i]
-            if corpus.dtype == np.uint16:
+            if p.path in corpus.arrays:
+                out.append(corpus.arrays[p.path][lo:hi])
+            elif corpus.dtype != np.uint8:
                 if p.path not in maps:
-                    maps[p.path] = np.memmap(p.path, dtype=np.uint16, mode="r")
+                    maps[p.path] = np.memmap(p.path, dtype=corpus.dtype, mode="r")
                 out.append(maps[p.path][lo:hi])  # a lazy view; pages load when batches touch them
             else:
                 with open(p.path, "rb") as f:
@@ -322,7 +141,7 @@ def _read(
                     out.append(np.frombuffer(f.read(hi - lo), dtype=np.uint8))
             if vocab_size is not None:
                 _check_ids(out[-1], p.path, lo, vocab_size)
-    if corpus.dtype == np.uint8 and len(out) > 1:
+    if (corpus.dtype == np.uint8 or corpus.arrays) and len(out) > 1:
         out = [np.concatenate(out)]  # byte islands are small: one array makes windows one slice
     return out
 
@@ -343,13 +162,24 @@ def _check_ids(tokens: np.ndarray, path: str, offset: int, vocab_size: int) -> N
         if chunk.size and int(chunk.max()) >= vocab_size:
             where = offset + lo + int(np.argmax(chunk >= vocab_size))
             top = int(np.max(tokens))
-            unit = "token id" if tokens.dtype == np.uint16 else "byte value"
+            unit = "byte value" if tokens.dtype == np.uint8 else "token id"
             raise DataError(
                 f"{path}: {unit} {top} (the largest in the part this worker reads; the first id >= "
                 f"{vocab_size} is at token {where}) does not fit the model's vocab_size={vocab_size}; "
                 f"the data was tokenized with a larger vocabulary: set model.vocab_size to at least "
                 f"{top + 1}, or re-tokenize the data with the model's vocabulary"
             )
+
+
+def _check_vocab(corpus: _Corpus, vocab_size: int | None) -> None:
+    """A tokenizer (or prepared shards) with more ids than the model's embedding fails here, before
+    any id is read, naming both numbers and the fix."""
+    if vocab_size is not None and corpus.vocab_size is not None and corpus.vocab_size > vocab_size:
+        raise DataError(
+            f"{corpus.vocab_source} has a vocabulary of {corpus.vocab_size} ids but the model's "
+            f"vocab_size is {vocab_size}; set model.vocab_size = {corpus.vocab_size} (or larger), or use a "
+            "tokenizer with the model's vocabulary"
+        )
 
 
 def _generator(*parts: object) -> torch.Generator:
@@ -465,6 +295,7 @@ def load_island(cfg: DataConfig, index: int, count: int, seed: int, *, vocab_siz
     if not 0 <= index < count:
         raise ValueError(f"island index {index} is outside 0..{count - 1}")
     corpus = _list_corpus(cfg)
+    _check_vocab(corpus, vocab_size)
     plan = _plan(corpus, cfg, count, seed)[index]
     segments = _read(corpus, corpus.train, list(plan.ranges), vocab_size)
     return Island(
@@ -481,6 +312,7 @@ def load_validation(
     with fewer windows than needed is cycled. `vocab_size` checks the ids as in `load_island`.
     """
     corpus = _list_corpus(cfg)
+    _check_vocab(corpus, vocab_size)
     total = sum(p.size for p in corpus.val)
     segments = _read(corpus, corpus.val, [(0, total)], vocab_size)
     starts = list(itertools.accumulate((len(s) for s in segments), initial=0))
