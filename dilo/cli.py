@@ -8,6 +8,8 @@
     dilo sim CONFIG [--workers N] [overrides]                 k virtual workers in one process, virtual clock
     dilo merge CKPT... --out FILE [--variance-corrected]     average independently trained checkpoints
     dilo keys DIR                                             CURVE key pairs for encrypted ZeroMQ traffic
+    dilo export CKPT --out DIR [--config CONFIG]              a checkpoint as a Hugging Face model directory
+    dilo sample CKPT --prompt TEXT [--tokens N ...]           continue a prompt with a checkpoint's model
     dilo data prepare INPUT... --out DIR [--train-bpe N]      pre-tokenize files into token shards
     dilo config show CONFIG [--section.key=value ...]         the resolved configuration
     dilo config schema                                         JSON schema of every key, with help
@@ -300,6 +302,34 @@ def _cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
     return data_main(rest)
 
 
+def _cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
+    from pathlib import Path
+
+    from dilo.export import export
+
+    written = export(Path(args.ckpt), Path(args.out), config=args.config)
+    print(f"dilo export: wrote {' and '.join(written)} to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace, rest: list[str]) -> int:
+    from pathlib import Path
+
+    from dilo.sample import sample
+
+    text = sample(
+        Path(args.ckpt),
+        args.prompt,
+        args.tokens,
+        config=args.config,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    print(args.prompt + text)
+    return 0
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -338,6 +368,20 @@ def main(argv: list[str] | None = None) -> int:
     p_keys.add_argument("dir")
     p_keys.add_argument("--force", action="store_true", help="overwrite existing key files")
     sub.add_parser("data", help="prepare token shards (dilo data prepare --help)", add_help=False)
+    ckpt_help = "checkpoint file <run>/checkpoints/worker0/round_N.safetensors, or a checkpoints or run directory"
+    config_help = "the run's TOML config (default: the one in the run's logs)"
+    p_exp = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
+    p_exp.add_argument("ckpt", help=ckpt_help)
+    p_exp.add_argument("--out", required=True, help="output directory (AutoModelForCausalLM.from_pretrained reads it)")
+    p_exp.add_argument("--config", default=None, help=config_help)
+    p_smp = sub.add_parser("sample", help="continue a prompt with a checkpoint's model")
+    p_smp.add_argument("ckpt", help=ckpt_help)
+    p_smp.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p_smp.add_argument("--tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p_smp.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p_smp.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest; 0: all (default 50)")
+    p_smp.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p_smp.add_argument("--config", default=None, help=config_help)
     p_cfg = sub.add_parser("config", help="show the resolved configuration or its schema", epilog=OVERRIDES)
     p_cfg.add_argument("action", choices=["show", "schema"])
     p_cfg.add_argument("config", nargs="?", help="TOML file (for show)")
@@ -357,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             "keys": _cmd_keys,
             "sim": _cmd_sim,
             "merge": _cmd_merge,
+            "export": _cmd_export,
+            "sample": _cmd_sample,
             "config": _cmd_config,
             "data": _cmd_data,
         }

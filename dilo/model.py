@@ -25,12 +25,14 @@ import importlib
 import math
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dilo.config import GPTConfig, ImportModelConfig
+from dilo.config import DataConfig, GPTConfig, ImportModelConfig
+from dilo.config.sections import HFModelConfig
 from dilo.errors import ConfigError
 
 # Serialises builders that must seed the global RNG (see the module docstring).
@@ -142,21 +144,43 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 
 
-def build_model(cfg: GPTConfig | ImportModelConfig, seed: int) -> nn.Module:
-    """Build the configured model on CPU; the same cfg and seed give bit-identical weights."""
+def build_model(cfg: GPTConfig | ImportModelConfig | HFModelConfig, seed: int) -> nn.Module:
+    """Build the configured model on CPU; the same cfg and seed give bit-identical weights.
+
+    Whatever the kind, the result follows dilo's contract (`model(x, y)` -> scalar loss): a
+    transformers model (kind = "hf") or an imported module with call = "hf" comes wrapped (see
+    dilo/hf.py), and an imported module's forward is checked on one tiny batch."""
     if isinstance(cfg, GPTConfig):
         return GPT(cfg, generator=torch.Generator().manual_seed(seed))
+    if isinstance(cfg, HFModelConfig):
+        from dilo.hf import build_hf  # transformers only for kind = "hf"
+
+        return _seeded(lambda: build_hf(cfg), seed)
     builder = _import_builder(cfg.builder)
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        model = builder(**cfg.kwargs)
+    model = _seeded(lambda: builder(**cfg.kwargs), seed)
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model.builder={cfg.builder!r} returned {type(model).__name__}, not a torch.nn.Module; "
             "the builder must return a module whose forward(x, y) gives the scalar loss"
         )
+    from dilo.hf import HFCallAdapter, probe_call
+
+    if cfg.call == "hf":
+        model = HFCallAdapter(model)
+    # under the lock and a forked RNG too: dropout in the probe must not move the caller's RNG
+    _seeded(lambda: probe_call(model, cfg.call, f"model.builder={cfg.builder!r}"), seed)
     return model
+
+
+T = TypeVar("T")
+
+
+def _seeded(make: Callable[[], T], seed: int) -> T:
+    """make() with torch's global RNG seeded, under a process-wide lock, the caller's RNG kept."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return make()
 
 
 def _import_builder(path: str) -> Callable[..., object]:
@@ -208,9 +232,32 @@ def param_names(model: nn.Module) -> list[str]:
 
 
 def model_vocab_size(model: nn.Module) -> int | None:
-    """The number of token ids `model` accepts: the size of its first nn.Embedding (the token
-    embedding of dilo's GPT and of most imported language models), or None if it has none."""
+    """The number of token ids `model` accepts: its `vocab_size` (a Hugging Face model, see
+    dilo/hf.py), else the size of its first nn.Embedding (the token embedding of most imported
+    language models), or None if it has none."""
+    declared = getattr(model, "vocab_size", None)
+    if isinstance(declared, int):
+        return declared
     for m in model.modules():
         if isinstance(m, nn.Embedding):
             return int(m.num_embeddings)
     return None
+
+
+def check_data_fits(model: nn.Module, data: DataConfig) -> None:
+    """Raise ConfigError, naming both numbers, when the data's vocabulary or sequence length does
+    not fit the model: byte-level data (data.tokenizer = "bytes") needs 256 ids. The vocabulary
+    of a tokenizer or a token corpus is checked against the model when the data loads."""
+    vocab = model_vocab_size(model)
+    byte_level = getattr(data, "tokenizer", "bytes") == "bytes" and data.corpus != "tokens"
+    if byte_level and vocab is not None and vocab < 256:
+        raise ConfigError(
+            f"the model's vocab_size is {vocab} but the byte-level data (data.tokenizer = 'bytes') has 256 ids; "
+            "set the model's vocab_size to at least 256 (model.vocab_size, or vocab_size in model.config)"
+        )
+    context = getattr(model, "context", None)
+    if isinstance(context, int) and data.seq_len > context:
+        raise ConfigError(
+            f"data.seq_len={data.seq_len} exceeds the model's {context} positions (max_position_embeddings); "
+            "lower data.seq_len or raise max_position_embeddings in model.config"
+        )

@@ -44,12 +44,42 @@ class ImportModelConfig(Frozen):
     """Any nn.Module, built by a function named by import path."""
     builder: str = Field(pattern=r"^[\w.]+:[\w.]+$")
     """"package.module:function"; called as function(**kwargs) and must return an nn.Module
-    whose forward(x, y) returns the scalar loss of the batch."""
+    whose forward follows `call`."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments passed to the builder."""
+    call: Literal["xy", "hf"] = "xy"
+    """How dilo calls the module: xy: forward(x, y) returns the scalar loss (y is x shifted by one);
+    hf: forward(input_ids=x, labels=x) returns an object with `.loss` (and `.logits`), the
+    transformers convention (the model shifts the labels itself). Checked on one tiny batch at start."""
 
 
-ModelConfig = Annotated[GPTConfig | ImportModelConfig, Field(discriminator="kind")]
+class HFModelConfig(Frozen):
+    kind: Literal["hf"] = "hf"
+    """A Hugging Face transformers causal LM (AutoModelForCausalLM); needs pip install 'dilo[hf]'."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Inline architecture for AutoConfig.for_model(**config), e.g. {model_type = "llama",
+    hidden_size = 64, num_hidden_layers = 2, num_attention_heads = 4, vocab_size = 256}."""
+    path: str = ""
+    """A local model directory (config.json, and weights for `pretrained`); never downloaded."""
+    pretrained: bool = False
+    """With `path`: load its weights (from_pretrained); false: only its architecture, freshly
+    initialised from the run's seed."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HFModelConfig:
+        if bool(self.config) == bool(self.path):
+            raise ValueError(
+                "model.kind='hf' needs exactly one of model.config (an inline architecture with model_type) "
+                "and model.path (a local model directory)"
+            )
+        if self.config and not isinstance(self.config.get("model_type"), str):
+            raise ValueError('model.config needs model_type, e.g. model_type = "llama" (or "gpt2", "qwen2", ...)')
+        if self.pretrained and not self.path:
+            raise ValueError("model.pretrained = true loads weights from model.path: set model.path")
+        return self
+
+
+ModelConfig = Annotated[GPTConfig | ImportModelConfig | HFModelConfig, Field(discriminator="kind")]
 
 
 class LoraConfig(Frozen):
