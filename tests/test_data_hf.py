@@ -274,3 +274,32 @@ def test_import_corpus_packs_a_torch_dataset(tmp_path: Path, monkeypatch: pytest
     assert len(load_validation(cfg, seed=0, num_batches=1)) == 1
     with pytest.raises(DataError, match="cannot import"):
         load_island(DataConfig(corpus="import", builder="my_builder:nope"), 0, 1, seed=0)
+
+
+def test_hugging_face_tokenizer_directory(tmp_path: Path) -> None:
+    """A save_pretrained directory loads through AutoTokenizer (local files only) and tokenizes the hf corpus."""
+    from transformers import PreTrainedTokenizerFast
+
+    prepare([str(_jsonl(tmp_path / "train.jsonl", _rows(200)))], tmp_path / "bpe", bpe_vocab=300)
+    auto = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "bpe" / "tokenizer.json"), eos_token="<|endoftext|>")
+    auto.save_pretrained(str(tmp_path / "hf_tok"))
+    from dilo.data import load_tokenizer
+
+    tok = load_tokenizer(str(tmp_path / "hf_tok"))
+    assert tok.vocab_size == 300 and tok.eos_id == 0
+    path = _jsonl(tmp_path / "a.jsonl", _rows(100, seed=1))
+    cfg = DataConfig(corpus="hf", paths=[str(path)], tokenizer=str(tmp_path / "hf_tok"), seq_len=16)
+    island = load_island(cfg, 0, 1, seed=0, vocab_size=300)
+    stream = np.concatenate([np.asarray(s) for s in island._segments])
+    assert stream.dtype == np.uint16 and int(stream.max()) >= 256 and (stream == 0).sum() > 50
+
+
+def test_data_config_keys_go_together() -> None:
+    with pytest.raises(ValueError, match='needs data.corpus="hf" and data.island_column'):
+        DataConfig(corpus="hf", paths=["x"], islands="by_column")
+    with pytest.raises(ValueError, match='only read with data.islands="by_column"'):
+        DataConfig(corpus="hf", paths=["x"], island_column="lang")
+    with pytest.raises(ValueError, match="go together"):
+        DataConfig(corpus="import")
+    with pytest.raises(DataError, match="neither 'bytes' nor an existing tokenizer.json"):
+        load_island(DataConfig(corpus="text", paths=[__file__], tokenizer="no/such/tokenizer.json"), 0, 1, seed=0)

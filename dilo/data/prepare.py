@@ -88,7 +88,10 @@ def prepare(
     """Write the shards and meta.json (see the module docstring); returns the meta dict."""
     if tokenizer and bpe_vocab:
         raise DataError("--tokenizer and --train-bpe exclude each other: use an existing tokenizer or train one")
-    files = [path for _, path, _ in _expand(inputs, suffix="")]
+    try:
+        files = [path for _, path, _ in _expand(inputs, suffix="")]
+    except DataError as e:  # the listing speaks of the config key; here the paths are arguments
+        raise DataError(str(e).replace("data.paths", "dilo data prepare INPUT")) from None
     out.mkdir(parents=True, exist_ok=True)
     stale = sorted(out.glob("*.bin"))
     if stale:
