@@ -26,7 +26,7 @@ from dilo.config import RunConfig, load
 from dilo.data import Island, load_island, load_validation
 from dilo.errors import DiloError
 from dilo.inner import InnerLoop
-from dilo.model import model_vocab_size, num_params, params_of
+from dilo.model import check_data_fits, model_vocab_size, num_params, params_of
 from dilo.process import apply_threads, install_stop_handlers, setup_logging
 from dilo.report import Totals, stopped_message, summarize, to_json
 from dilo.state import load_worker_state, save_worker_state
@@ -66,6 +66,7 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
     main = world.rank == 0 and world.local_rank == 0  # prints, plots and writes the summary
     device = world.device
     model = build_run_model(cfg).to(device)  # cfg.model, with LoRA adapters when cfg.lora.r > 0
+    check_data_fits(model, cfg.data)  # byte-level data needs 256 ids; seq_len within the model's positions
     vocab = model_vocab_size(model)  # ids >= vocab fail at load time, naming the file (dilo/data.py)
     island = _island_data(cfg, world, vocab)
     val = load_validation(cfg.data, cfg.seed, cfg.log.eval_batches, vocab_size=vocab)

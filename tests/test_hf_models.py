@@ -244,3 +244,9 @@ def test_export_of_a_plain_import_model_names_the_alternative(
     train_threads(cfg, 1)
     with pytest.raises(ConfigError, match="dilo merge"):
         export(tmp_path / "checkpoints", tmp_path / "out")
+
+
+def test_training_refuses_a_vocab_below_the_bytes(tmp_path: Path, corpus_dir: Path) -> None:
+    cfg = _with_model(tiny_config(tmp_path, corpus_dir), {"kind": "hf", "config": {**LLAMA, "vocab_size": 100}})
+    with pytest.raises(ConfigError, match="vocab_size is 100 but the byte-level data"):
+        train_threads(cfg, 1)
