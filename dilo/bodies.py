@@ -90,14 +90,15 @@ class PushBody(Request):
     loss: float = math.nan
     round: Count | None = None
     """The worker's round counter (informational)."""
+    steps: Count = 0
+    """Inner steps behind this push (0: not reported). Sync: informational, the worker's speed in
+    STATUS; async: the policy caps it by the steps it assigned (DyLU)."""
+    inner_s: Seconds = 0.0
+    """Seconds those inner steps took, communication excluded (0: not reported)."""
 
 
 class AsyncPushBody(PushBody):
-    """An async push also says how many inner steps it ran and how long they took (DyLU)."""
-
-    steps: Count = 0
-    """Inner steps behind this push; the policy caps it by the steps it assigned."""
-    inner_s: Seconds = 0.0
+    """An async push: the same fields; its `steps` are checked against the steps assigned."""
 
 
 # ------------------------------------------------------------------------------- replies

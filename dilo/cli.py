@@ -261,9 +261,17 @@ def _cmd_status(args: argparse.Namespace, rest: list[str]) -> int:
         f"{len(st['members'])} members, in {st['bytes_in']:,} B, out {st['bytes_out']:,} B, late pushes {st['late']}"
     )
     print(f"rejected messages: {st['rejected'] or 'none'}")
-    print(f"{'worker':<24}{'last heard':>12}{'pushes':>8}{'bytes in':>16}{'bytes out':>16}")
+    print(f"{'worker':<24}{'last heard':>12}{'pushes':>8}{'bytes in':>16}{'bytes out':>16}{'steps/s':>10}")
+    speeds = {m["worker"]: m["steps_per_s"] for m in st["members"] if m.get("steps_per_s")}
+    # the slowest worker holds every synchronous round back: name it (only when there is a choice)
+    slowest = min(speeds, key=lambda w: speeds[w]) if len(speeds) > 1 else None
     for m in st["members"]:
-        print(f"{m['worker']:<24}{m['last_seen_s']:>10.1f} s{m['pushes']:>8}{m['bytes_in']:>16,}{m['bytes_out']:>16,}")
+        speed = f"{speeds[m['worker']]:>10.2f}" if m["worker"] in speeds else f"{'-':>10}"
+        mark = "  <- slowest" if m["worker"] == slowest else ""
+        print(
+            f"{m['worker']:<24}{m['last_seen_s']:>10.1f} s{m['pushes']:>8}{m['bytes_in']:>16,}{m['bytes_out']:>16,}"
+            f"{speed}{mark}"
+        )
     return 0
 
 

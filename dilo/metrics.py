@@ -9,7 +9,9 @@ Each worker writes `logs/worker<rank>.jsonl` with one record per line:
      "wall_s": ..., "committed": true, "participants": 4, "anchor_hash": "..."}
     {"event": "end", ...totals...}
 
-Worker 0 also writes `summary.json` and, with `log.plot`, `loss.png`.
+Worker 0 also writes `summary.json` and, with `log.plot`, `loss.png`. With `log.tensorboard` /
+`log.wandb` every worker also feeds its records to TensorBoard / W&B (dilo/trackers.py); the loop
+writes each record once, to the sink `open_sinks` builds.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from dilo.config import RunConfig
 
 
 class Sink(Protocol):
@@ -49,6 +54,49 @@ class NullSink:
 
     def close(self) -> None:
         return None
+
+
+class FanoutSink:
+    """Several sinks as one: each record goes to every sink, in order; close() closes them all."""
+
+    def __init__(self, sinks: list[Sink]) -> None:
+        self.sinks = sinks
+
+    def write(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        errors: list[BaseException] = []
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as e:  # noqa: BLE001 - every sink gets closed; the first error is raised
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+def open_sinks(cfg: RunConfig, run_dir: Path, log_name: str, *, append: bool = False) -> Sink:
+    """Every sink of one worker, from `cfg.log`: the JSONL log `logs/<log_name>.jsonl` always,
+    TensorBoard (`tensorboard/<log_name>/`) and W&B (`wandb/`) when enabled. append: a resumed
+    run (the JSONL log goes on; TensorBoard adds an event file; W&B starts a run of job type
+    "resume"). A missing optional package is a ConfigError, raised before any file is opened."""
+    sinks: list[Sink] = []
+    if cfg.log.tensorboard or cfg.log.wandb:
+        from dilo import trackers
+
+        if cfg.log.tensorboard:
+            sinks.append(trackers.TensorBoardSink(run_dir / "tensorboard" / log_name))
+        if cfg.log.wandb:
+            try:
+                sinks.append(trackers.WandbSink(cfg, run_dir, log_name, resumed=append))
+            except BaseException:
+                for sink in sinks:
+                    sink.close()
+                raise
+    jsonl = JsonlSink(run_dir / "logs" / f"{log_name}.jsonl", append=append)
+    return jsonl if not sinks else FanoutSink([jsonl, *sinks])
 
 
 class Progress:

@@ -94,7 +94,7 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
     bytes0 = (world.counter.sent - totals.bytes_sent, world.counter.recv - totals.bytes_recv)
     if resume_round < 0:
         totals.extra["initial_val_loss"] = world.evaluate(model, val_batches)
-    sink = metrics.JsonlSink(run_dir / "logs" / f"{world.log_name}.jsonl", append=resume_round >= 0)
+    sink = metrics.open_sinks(cfg, run_dir, world.log_name, append=resume_round >= 0)  # JSONL, TensorBoard, W&B
     sink.write(
         {
             "event": "resume" if resume_round >= 0 else "start",

@@ -303,6 +303,19 @@ class LogConfig(Frozen):
     """Show a live progress bar on worker 0."""
     plot: bool = True
     """Write loss plots (PNG) next to the logs at the end of the run."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files, one run per worker: out_dir/tensorboard/<worker>/
+    (`tensorboard --logdir out_dir/tensorboard`); needs pip install 'dilo[tensorboard]'."""
+    wandb: bool = False
+    """Also log to Weights & Biases, one W&B run per worker, files under out_dir/wandb/; needs
+    pip install 'dilo[wandb]'."""
+    wandb_project: str = Field("dilo", min_length=1)
+    """The W&B project of the runs."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """"offline" writes the runs to disk only (`wandb sync` uploads them later); "online" needs a
+    login (WANDB_API_KEY)."""
+    wandb_group: str | None = None
+    """The W&B group that gathers the workers' runs; None: the run's name."""
 
 
 class CheckpointConfig(Frozen):

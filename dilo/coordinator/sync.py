@@ -67,6 +67,8 @@ class SyncRounds:
         self.optimizer = outer_optimizer(coord.cfg, self.params)
         self.inner_steps = int(getattr(coord.cfg.outer, "inner_steps", 1))
         self.round = Round(0, set())
+        self.speeds: dict[str, float] = {}
+        """Inner steps per second of each member, from its last push that reported them."""
 
     # ------------------------------------------------------------------------------- events
 
@@ -78,6 +80,7 @@ class SyncRounds:
 
     def on_leave(self, worker: str) -> None:
         self.round.members.discard(worker)
+        self.speeds.pop(worker, None)
 
     def handout(self, worker: str, msg_type: wire.MsgType, body: dict[str, Any]) -> wire.Message:
         return self.coord.state_message(msg_type, {"inner_steps": self.inner_steps, **body})
@@ -118,6 +121,8 @@ class SyncRounds:
             flats,
         )
         coord.members[msg.worker].pushes += 1
+        if body.steps > 0 and body.inner_s > 0:
+            self.speeds[msg.worker] = body.steps / body.inner_s
         self.maybe_close(now)
 
     def tick(self, now: float) -> None:
@@ -159,6 +164,8 @@ class SyncRounds:
             means, left_out = self._finite_mean(contributors)
             if means is not None:
                 stats = member_stats([(w, p.flats) for w, p in contributors if w not in left_out and p.flats], means)
+                for w, s in stats.items():
+                    s["steps_per_s"] = self._speed(w)
                 tensors, reason = self._outer_step(means, r.index)
                 committed = not reason
             elif contributors:
@@ -202,6 +209,10 @@ class SyncRounds:
             log.warning("round %d was not committed: %s", r.index, reason)
         if stats:
             log.info("round %d update norms %s", r.index, {w: s["norm"] for w, s in stats.items()})
+        speeds = {w: self._speed(w) for w in sorted(r.pushes) if w in self.speeds}
+        if speeds:
+            slowest = min(speeds, key=lambda w: speeds[w] or 0.0)
+            log.info("round %d steps/s %s (slowest: %s)", r.index, speeds, slowest)
         for w in outliers(stats):
             log.warning(
                 "round %d: the update of %s stands out (norm %s, cosine to the mean %s): check that worker",
@@ -251,7 +262,12 @@ class SyncRounds:
     # ------------------------------------------------------------------------------- status, checkpoints
 
     def member_status(self, member: Member) -> dict[str, Any]:
-        return {}
+        return {"steps_per_s": self._speed(member.worker)}
+
+    def _speed(self, worker: str) -> float | None:
+        """The worker's inner steps per second (3 decimals), None until it reported any."""
+        speed = self.speeds.get(worker)
+        return None if speed is None else round(speed, 3)
 
     def status(self) -> dict[str, Any]:
         return {"pending": sorted(self.round.pushes)}

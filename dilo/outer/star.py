@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dilo import wire
-from dilo.bodies import RoundResultBody, StateBody, parse
+from dilo.bodies import MAX_COUNT, MAX_SECONDS, RoundResultBody, StateBody, parse
 from dilo.compress import Context, Encoded
 from dilo.compress.lowrank import PowerSGD
 from dilo.compress.sparse import TopK
@@ -308,6 +308,9 @@ class StarDiLoCo:
             "stop": tail.stop,
             "tokens": tail.tokens,
             "round": self.round,
+            # the worker's speed, for STATUS and the round logs (which worker is slow)
+            "steps": min(max(tail.steps, 0), MAX_COUNT),
+            "inner_s": min(max(float(tail.inner_s), 0.0), MAX_SECONDS),
         }
         reply: wire.Message | None
         try:
@@ -438,6 +441,9 @@ def _round_stats(body: RoundResultBody) -> dict[str, Any]:
         "member_norms": {w: v.get("norm") for w, v in body.member_stats.items()},
         "member_cosines": {w: v.get("cos") for w, v in body.member_stats.items()},
     }
+    speeds = {w: v["steps_per_s"] for w, v in body.member_stats.items() if v.get("steps_per_s") is not None}
+    if speeds:
+        out["member_steps_per_s"] = speeds
     if body.left_out:
         out["left_out"] = list(body.left_out)
     return out
