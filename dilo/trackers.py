@@ -5,7 +5,8 @@ runs (`log.wandb`), both fed the same scalars from each "round" record of a work
     <run_dir>/wandb/offline-run-.../run-<id>.wandb                    one W&B run per worker
 
 `tensorboard --logdir <run_dir>/tensorboard` shows one curve per worker; W&B groups the workers'
-runs by `log.wandb_group` (default: the run name). The x axis is the worker's global inner step.
+runs by `log.wandb_group` (default: the run name). The x axis is the worker's global inner step;
+`time/steps_per_s` (and `time/utilization`, inner / round seconds) show which worker is slow.
 Both packages are optional extras, imported only when enabled; a missing one is a ConfigError
 raised when the sinks are opened, before the first training step. Built by
 `dilo.metrics.open_sinks`, never directly by the loop.
@@ -56,6 +57,27 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+class RoundScalars:
+    """`scalars` of each round record, plus `time/steps_per_s`: the inner steps since the
+    previous record (the "start" record gives the first step) over the round's inner seconds,
+    so that the slow worker's curve stands out."""
+
+    def __init__(self) -> None:
+        self.last_step: int | None = None
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, float] | None:
+        """The scalars of a "round" record; None for other records (which only move the step)."""
+        step = record.get("step")
+        last, self.last_step = self.last_step, step if isinstance(step, int) else self.last_step
+        if record.get("event") != "round":
+            return None
+        out = scalars(record)
+        inner = out.get("time/inner_s", 0.0)
+        if isinstance(step, int) and last is not None and step > last and inner > 0:
+            out["time/steps_per_s"] = (step - last) / inner
+        return out
+
+
 def missing(package: str, extra: str, key: str) -> ConfigError:
     return ConfigError(f"{key} = true needs the {package} package: pip install 'dilo[{extra}]'")
 
@@ -72,12 +94,13 @@ class TensorBoardSink:
             raise missing("tensorboard", "tensorboard", "log.tensorboard") from e
         log_dir.mkdir(parents=True, exist_ok=True)
         self._writer = SummaryWriter(log_dir=str(log_dir))
+        self._scalars = RoundScalars()
 
     def write(self, record: dict[str, Any]) -> None:
         event = record.get("event")
-        if event == "round":
+        values = self._scalars(record)
+        if values is not None:
             step = int(record.get("step", 0))
-            values = scalars(record)
             for tag, value in values.items():
                 self._writer.add_scalar(tag, value, global_step=step)
             if "val/loss" in values and "progress/tokens" in values:
@@ -111,11 +134,13 @@ class WandbSink:
             config=cfg.model_dump(mode="json"),
             reinit="create_new",  # workers as threads of one process: one run each
         )
+        self._scalars = RoundScalars()
 
     def write(self, record: dict[str, Any]) -> None:
         event = record.get("event")
-        if event == "round":
-            self._run.log(scalars(record), step=int(record.get("step", 0)))
+        values = self._scalars(record)
+        if values is not None:
+            self._run.log(values, step=int(record.get("step", 0)))
         elif event == "end":
             totals = {k: v for k, v in record.items() if isinstance(v, (int, float, str)) and k != "event"}
             self._run.summary.update(totals)

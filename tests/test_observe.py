@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 ROUND_TAGS = {
     "train/loss", "val/loss", "lr", "bytes/sent", "bytes/recv", "bytes/cum_sent", "bytes/cum_recv",
     "time/inner_s", "time/sync_s", "time/eval_s", "time/round_s", "time/utilization",
-    "progress/tokens", "sync/participants", "sync/committed",
+    "progress/tokens", "sync/participants", "sync/committed", "time/steps_per_s",
 }  # fmt: skip
 
 
@@ -50,6 +50,8 @@ def test_tensorboard_one_run_per_worker_with_the_round_scalars(tmp_path: Path, c
         assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(losses)
         assert all(e.value == 2 for e in acc.Scalars("sync/participants"))
         assert all(0 < e.value <= 1 for e in acc.Scalars("time/utilization"))
+        inner = [r["inner_s"] for r in rounds if r["event"] == "round"]
+        assert [e.value for e in acc.Scalars("time/steps_per_s")] == pytest.approx([4 / t for t in inner], rel=1e-5)
         tokens = [e.step for e in acc.Scalars("val/loss_by_tokens")]
         assert tokens == sorted(tokens) and tokens[0] > 0
 
@@ -72,7 +74,7 @@ def test_wandb_offline_one_run_per_worker(tmp_path: Path, corpus_dir: Path, monk
         data = history.read_bytes()
         assert len(data) > 0
         # wandb 0.31 ships no Python reader of its .wandb files: look for the strings in the records
-        for key in (b"train/loss", b"val/loss", b"time/utilization", b"bytes/cum_sent", b"obs", b"inner_steps"):
+        for key in (b"train/loss", b"val/loss", b"time/utilization", b"time/steps_per_s", b"obs", b"inner_steps"):
             assert key in data, key
         assert b"test" in data  # the group: the run's name
         names |= {w for w in ("worker0", "worker1") if w.encode() in data}
