@@ -197,6 +197,6 @@ def export(ckpt: Path, out: Path, config: str | None = None) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     module.save_pretrained(str(out))  # type: ignore[operator]  # a transformers PreTrainedModel
     written = [f"{type(module).__name__} weights and config"]
-    if save_tokenizer(str(getattr(cfg.data, "tokenizer", "bytes")), out):
+    if save_tokenizer(cfg.data.tokenizer, out):
         written.append("tokenizer")
     return written

@@ -249,7 +249,7 @@ def check_data_fits(model: nn.Module, data: DataConfig) -> None:
     not fit the model: byte-level data (data.tokenizer = "bytes") needs 256 ids. The vocabulary
     of a tokenizer or a token corpus is checked against the model when the data loads."""
     vocab = model_vocab_size(model)
-    byte_level = getattr(data, "tokenizer", "bytes") == "bytes" and data.corpus != "tokens"
+    byte_level = data.tokenizer == "bytes" and data.corpus in ("stdlib", "text", "hf")  # not token ids
     if byte_level and vocab is not None and vocab < 256:
         raise ConfigError(
             f"the model's vocab_size is {vocab} but the byte-level data (data.tokenizer = 'bytes') has 256 ids; "

@@ -95,7 +95,7 @@ def sample(
     if num_tokens < 0 or top_k < 0 or temperature < 0:
         raise ConfigError("--tokens, --top-k and --temperature must not be negative")
     cfg, model = load_trained(ckpt, config)
-    encode, decode = text_codec(str(getattr(cfg.data, "tokenizer", "bytes")))
+    encode, decode = text_codec(cfg.data.tokenizer)
     ids = encode(prompt)
     if not ids:
         raise ConfigError("--prompt is empty (or encodes to no token): give at least one character")

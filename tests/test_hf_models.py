@@ -250,3 +250,26 @@ def test_training_refuses_a_vocab_below_the_bytes(tmp_path: Path, corpus_dir: Pa
     cfg = _with_model(tiny_config(tmp_path, corpus_dir), {"kind": "hf", "config": {**LLAMA, "vocab_size": 100}})
     with pytest.raises(ConfigError, match="vocab_size is 100 but the byte-level data"):
         train_threads(cfg, 1)
+
+
+def test_export_and_sample_with_a_tokenizer(tmp_path: Path, corpus_dir: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    texts = [f.read_text() for f in sorted((corpus_dir / "json").glob("*.py"))]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    vocab = tok.get_vocab_size()
+    model = {"kind": "hf", "config": {**LLAMA, "vocab_size": vocab}}
+    cfg = tiny_config(tmp_path, corpus_dir, steps=4, data={"tokenizer": str(tmp_path / "tokenizer.json")})
+    train_threads(_with_model(cfg, model), 1)
+    written = export(tmp_path / "checkpoints", tmp_path / "hf")
+    assert "tokenizer" in written
+    loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    assert loaded.encode("import json", add_special_tokens=False) == tok.encode("import json").ids
+
+    from dilo.sample import sample
+
+    text = sample(tmp_path / "checkpoints", "def ", 8, seed=0)
+    assert isinstance(text, str) and text
