@@ -106,7 +106,9 @@ class TensorBoardSink:
             if "val/loss" in values and "progress/tokens" in values:
                 tokens = int(values["progress/tokens"])
                 self._writer.add_scalar("val/loss_by_tokens", values["val/loss"], global_step=tokens)
-        elif event == "end":
+        if values is not None or event == "end":
+            # one small write a round: a live `tensorboard --logdir` sees every round, and a worker
+            # that dies keeps its curves up to its last round
             self._writer.flush()
 
     def close(self) -> None:

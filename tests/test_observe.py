@@ -165,3 +165,19 @@ def test_elastic_workers_report_their_speed_to_the_round_logs(
         for r in recs:
             assert set(r["member_steps_per_s"]) == {"w0", "w1"}
             assert all(v > 0 for v in r["member_steps_per_s"].values())
+
+
+def test_tensorboard_sees_each_round_before_the_run_ends(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dilo.trackers import TensorBoardSink
+
+    sink = TensorBoardSink(tmp_path / "w")
+    sink.write({"event": "resume", "step": 40})  # a resumed run: steps/s counts from step 40
+    sink.write({"event": "round", "step": 50, "loss": 2.0, "inner_s": 5.0, "round_s": 10.0, "val_loss": None})
+    acc = EventAccumulator(str(tmp_path / "w"))
+    acc.Reload()  # read while the writer is still open
+    assert [(e.step, e.value) for e in acc.Scalars("time/steps_per_s")] == [(50, 2.0)]
+    assert [e.value for e in acc.Scalars("time/utilization")] == [0.5]
+    assert "val/loss" not in acc.Tags()["scalars"]  # None is not a value
+    sink.close()
