@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed model steps per arm (default 20)")
     parser.add_argument("--batches", type=int, default=500, help="timed next_batch calls per arm (default 500)")
     parser.add_argument("--bpe", type=int, default=8192, help="BPE vocabulary for the tokenizer arms (default 8192)")
+    parser.add_argument("--note", default="", help="a sentence added to the table's note (e.g. the machine's load)")
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="dilo-bench-data-") as tmp:
@@ -137,6 +138,7 @@ def main() -> None:
         f"{torch.__version__}, {torch.get_num_threads()} threads. `dilo data prepare --train-bpe {args.bpe}` "
         f"(training the BPE and writing the shards) took {prepare_s:.1f} s. Model step: the quickstart "
         "model, batch 16 x 128, AdamW, fp32, at each arm's vocabulary. Setup is paid once per worker start."
+        + (f" {args.note}" if args.note else "")
     )
     write_json("data", {**machine(), **vars(args), "prepare_s": prepare_s, "rows": rows})
     (RESULTS / "data.md").write_text(note + "\n\n" + table + "\n")
