@@ -15,6 +15,7 @@ from dilo import cli, metrics, wire
 from dilo.coordinator import Coordinator
 from dilo.errors import ConfigError
 from dilo.outer.star import StarCodec
+from dilo.train import train
 from tests.conftest import tiny_config, train_threads
 from tests.test_async import DirectClient
 from tests.test_elastic import FAST, _at, _log, _records, _run_threads, _serving
@@ -181,3 +182,13 @@ def test_tensorboard_sees_each_round_before_the_run_ends(tmp_path: Path) -> None
     assert [e.value for e in acc.Scalars("time/utilization")] == [0.5]
     assert "val/loss" not in acc.Tags()["scalars"]  # None is not a value
     sink.close()
+
+
+def test_a_missing_package_stops_the_worker_before_its_first_step(
+    tmp_path: Path, corpus_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    cfg = tiny_config(tmp_path, corpus_dir, workers=1, log={"wandb": True})
+    with pytest.raises(ConfigError, match=r"pip install 'dilo\[wandb\]'"):
+        train(cfg)
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()
