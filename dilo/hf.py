@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dilo.config.sections import HFModelConfig
+from dilo.config import HFModelConfig
 from dilo.errors import ConfigError
 
 INSTALL_HINT = "pip install 'dilo[hf]'"

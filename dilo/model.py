@@ -3,7 +3,8 @@
 `GPT` is a decoder-only transformer in the GPT-2 mould (pre-LayerNorm blocks, causal
 self-attention through `scaled_dot_product_attention`, a 4x GELU MLP, learned positions, a
 final LayerNorm and an output head tied to the token embedding). It is sized for CPU runs and
-tests; anything larger comes in through `ImportModelConfig`.
+tests; anything larger comes in as a Hugging Face model (`HFModelConfig`, kind = "hf") or
+through an import builder (`ImportModelConfig`); see dilo/hf.py for both.
 
     model = build_model(cfg.model, seed=cfg.seed)   # same seed -> bit-identical weights
     loss = model(x, y)                              # x, y: int64 [B, T]; scalar mean cross-entropy
@@ -11,12 +12,15 @@ tests; anything larger comes in through `ImportModelConfig`.
     print(num_params(model))
 
 The contract for every model, built-in or imported: `model(x, y)` returns the scalar loss.
+`build_model` makes it hold: a Hugging Face model comes wrapped (`HFCausalLM`), an import
+builder declares its calling convention (`call = "xy"` or `"hf"`) and is probed on one tiny batch.
 
 Seeding. Workers may be threads of one process, and threads share torch's global RNG, so the
 built-in GPT never touches it: it is created on the meta device and initialised from a private
-`torch.Generator`. An imported builder can only be seeded through the global RNG; that is done
-under a process-wide lock inside `torch.random.fork_rng`, so the caller's RNG state comes back
-unchanged, but a thread drawing random numbers concurrently (dropout, say) can still perturb it.
+`torch.Generator`. An imported builder or a Hugging Face model can only be seeded through the
+global RNG; that is done under a process-wide lock inside `torch.random.fork_rng`, so the
+caller's RNG state comes back unchanged, but a thread drawing random numbers concurrently
+(dropout, say) can still perturb it.
 """
 
 from __future__ import annotations
@@ -31,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dilo.config import DataConfig, GPTConfig, ImportModelConfig
-from dilo.config.sections import HFModelConfig
+from dilo.config import DataConfig, GPTConfig, HFModelConfig, ImportModelConfig
 from dilo.errors import ConfigError
 
 # Serialises builders that must seed the global RNG (see the module docstring).

@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from dilo.config import RunConfig, from_dict
-from dilo.config.sections import HFModelConfig
+from dilo.config import HFModelConfig, RunConfig, from_dict
 from dilo.errors import ConfigError
 from dilo.export import export, load_trained, to_gpt2
 from dilo.model import GPT, build_model, check_data_fits, params_of
@@ -273,3 +272,17 @@ def test_export_and_sample_with_a_tokenizer(tmp_path: Path, corpus_dir: Path) ->
 
     text = sample(tmp_path / "checkpoints", "def ", 8, seed=0)
     assert isinstance(text, str) and text
+
+
+def test_a_trained_builtin_gpt_exports_with_the_same_logits(tmp_path: Path, corpus_dir: Path) -> None:
+    train_threads(tiny_config(tmp_path, corpus_dir, steps=4), 1)
+    (tmp_path / "logs" / "worker0.jsonl").rename(tmp_path / "moved.jsonl")
+    with pytest.raises(ConfigError, match="--config CONFIG"):  # no log with the run's config
+        export(tmp_path / "checkpoints", tmp_path / "hf")
+    toml = write_toml(tiny_config(tmp_path, corpus_dir, steps=4), tmp_path / "run.toml")
+    assert export(tmp_path / "checkpoints" / "worker0", tmp_path / "hf", config=str(toml))[0].startswith("GPT2LMHead")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    _, ours = load_trained(tmp_path / "checkpoints", config=str(toml))
+    x, _ = _batch(3)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=x).logits, ours(x), rtol=1e-4, atol=1e-4)
