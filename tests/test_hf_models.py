@@ -286,3 +286,16 @@ def test_a_trained_builtin_gpt_exports_with_the_same_logits(tmp_path: Path, corp
     x, _ = _batch(3)
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=x).logits, ours(x), rtol=1e-4, atol=1e-4)
+
+
+def test_transformers_is_imported_only_for_hf_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    code = (
+        "import sys, dilo.config, dilo.model, dilo.cli\n"
+        "assert 'transformers' not in sys.modules, 'transformers imported'\n"
+        "from dilo.config import load\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if the package were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'dilo\[hf\]'"):
+        build_model(HFModelConfig(config=LLAMA), seed=0)
