@@ -119,6 +119,8 @@ def test_resume_on_an_hf_corpus_is_bit_identical(tmp_path: Path) -> None:
         tmp_path / "part", Path(files[0]), data=data, steps=8, checkpoint={"every": 1, "resume": True}
     )
     assert train_threads(resumed, 2)[0]["steps"] == 8
+    events = [r["event"] for r in read_jsonl(tmp_path / "part" / "logs" / "worker0.jsonl")]
+    assert events.count("resume") == 1 and events.index("resume") > events.index("round")
     for rank in range(2):
         a, b = _rounds(tmp_path / "full", rank), _rounds(tmp_path / "part", rank)
         assert [r["loss"] for r in a] == [r["loss"] for r in b]
@@ -303,3 +305,23 @@ def test_data_config_keys_go_together() -> None:
         DataConfig(corpus="import")
     with pytest.raises(DataError, match="neither 'bytes' nor an existing tokenizer.json"):
         load_island(DataConfig(corpus="text", paths=[__file__], tokenizer="no/such/tokenizer.json"), 0, 1, seed=0)
+
+
+def test_by_column_trains_two_workers_on_their_languages(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "a.jsonl", _rows(600))
+    data = {"corpus": "hf", "islands": "by_column", "island_column": "lang"}
+    cfg = tiny_config(tmp_path / "run", path, data=data, steps=8)
+    out = train_threads(cfg, 2)
+    assert all(s["steps"] == 8 for s in out) and out[0]["val_loss"] < out[0]["initial_val_loss"]
+
+
+def test_hf_text_format_reads_each_file_as_one_document(tmp_path: Path) -> None:
+    for i in range(6):
+        (tmp_path / f"doc{i}.md").write_text(f"# document {i}\n\n" + "some words on a line\n" * 40)
+    cfg = DataConfig(corpus="hf", paths=[str(tmp_path)], format="text", islands="by_source", seq_len=16)
+    plans = plan_islands(cfg, 2, seed=0)
+    sources = [set(p.sources) for p in plans]  # whole files per island
+    assert sources[0] and sources[1] and not sources[0] & sources[1]
+    assert sources[0] | sources[1] <= {f"doc{i}.md" for i in range(6)}
+    docs = [d for i in range(2) for d in _island_docs(load_island(cfg, i, 2, seed=0))]
+    assert all(d.startswith("# document ") and d.count("\n") == 42 for d in docs)
