@@ -45,9 +45,18 @@ Islands, over the training stream (the training files concatenated in listing or
 - by_column (hf): every distinct value of `data.island_column` (e.g. a language) goes whole to
   one island, balanced by tokens the same way: the realistic non-IID case.
 
+Cost. hf, import and a tokenizer on stdlib / text tokenize the whole corpus into memory on every
+worker at start (every worker needs the token counts to balance the islands; about 1 MB/s of text
+per core with a BPE, see BENCHMARKS.md); for a large corpus, `dilo data prepare` it once into
+token shards and train on `corpus = "tokens"`, which memory-maps them.
+
 Sampling. An island is cut into non-overlapping windows of seq_len + 1 tokens, visited in a
 fresh random permutation each epoch; the permutation is seeded from (seed, island, epoch), so
 the cursor (epoch, position) is all the state there is.
+
+Modules: corpus (listing, split, meta.json), islands (plans, Island, load_island / load_validation),
+tokenizer, hf (local files through datasets), documents (tokenize and pack: hf, import, tokenizers
+on byte corpora), prepare (`dilo data prepare`).
 """
 
 from __future__ import annotations
