@@ -10,8 +10,9 @@ Two ways in:
   calling convention (`forward(input_ids=..., labels=...)` returning an object with `.loss`);
   `HFCallAdapter` turns it into dilo's. `call = "xy"` (the default) is dilo's own convention.
 
-Either way `probe_call` runs one tiny batch (1 x 8 zeros) at build time, so a forward that does
-not fit fails at start with a ConfigError naming `model.call` and what came back.
+`probe_call` (through `dilo.model.check_call`, when training starts) runs one tiny batch
+(1 x 8 zeros), so a forward that does not fit fails at once with a ConfigError naming
+`model.call` and what came back.
 
 Why HFCausalLM computes the loss itself: dilo's y is already x shifted by one; passing labels
 would make transformers shift once more. It takes the logits and the mean cross-entropy against
@@ -108,7 +109,8 @@ def _describe(out: object) -> str:
 def probe_call(model: nn.Module, call: str, what: str) -> None:
     """Run `model(x, y)` on one batch of 1 x 8 zeros and check that it is a scalar loss; raise a
     ConfigError naming `model.call` and what came back when it is not. `what` names the model."""
-    x = torch.zeros(1, 8, dtype=torch.long)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x = torch.zeros(1, 8, dtype=torch.long, device=device)
     fix = (
         "set model.call = 'hf' if its forward takes input_ids= and labels= and returns an object with .loss"
         if call == "xy"
@@ -117,6 +119,8 @@ def probe_call(model: nn.Module, call: str, what: str) -> None:
     expected = (
         "forward(x, y) -> scalar loss" if call == "xy" else "forward(input_ids=x, labels=x) -> an object with .loss"
     )
+    training = model.training
+    model.eval()  # no batch-norm statistics or dropout from the probe
     try:
         with torch.no_grad():
             out = model(x, x)
@@ -124,6 +128,8 @@ def probe_call(model: nn.Module, call: str, what: str) -> None:
         raise ConfigError(
             f"{what} with model.call={call!r} ({expected}) failed on a 1 x 8 batch: {type(e).__name__}: {e}; {fix}"
         ) from None
+    finally:
+        model.train(training)
     if not (isinstance(out, Tensor) and out.numel() == 1 and out.dtype.is_floating_point):
         raise ConfigError(
             f"{what} with model.call={call!r} ({expected}) returned {_describe(out)}, not a scalar loss; {fix}"

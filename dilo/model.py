@@ -13,7 +13,8 @@ through an import builder (`ImportModelConfig`); see dilo/hf.py for both.
 
 The contract for every model, built-in or imported: `model(x, y)` returns the scalar loss.
 `build_model` makes it hold: a Hugging Face model comes wrapped (`HFCausalLM`), an import
-builder declares its calling convention (`call = "xy"` or `"hf"`) and is probed on one tiny batch.
+builder declares its calling convention (`call = "xy"` or `"hf"`), which `check_call` probes on
+one tiny batch before training.
 
 Seeding. Workers may be threads of one process, and threads share torch's global RNG, so the
 built-in GPT never touches it: it is created on the meta device and initialised from a private
@@ -150,9 +151,10 @@ class GPT(nn.Module):
 def build_model(cfg: GPTConfig | ImportModelConfig | HFModelConfig, seed: int) -> nn.Module:
     """Build the configured model on CPU; the same cfg and seed give bit-identical weights.
 
-    Whatever the kind, the result follows dilo's contract (`model(x, y)` -> scalar loss): a
-    transformers model (kind = "hf") or an imported module with call = "hf" comes wrapped (see
-    dilo/hf.py), and an imported module's forward is checked on one tiny batch."""
+    A transformers model (kind = "hf") or an imported module with call = "hf" comes wrapped so
+    that dilo's contract holds (`model(x, y)` -> scalar loss; see dilo/hf.py). `check_call`
+    checks an imported module's forward before dilo's loop calls it (a coordinator, or the
+    caller's own loop, may hold a module whose forward has another signature)."""
     if isinstance(cfg, GPTConfig):
         return GPT(cfg, generator=torch.Generator().manual_seed(seed))
     if isinstance(cfg, HFModelConfig):
@@ -166,12 +168,10 @@ def build_model(cfg: GPTConfig | ImportModelConfig | HFModelConfig, seed: int) -
             f"model.builder={cfg.builder!r} returned {type(model).__name__}, not a torch.nn.Module; "
             "the builder must return a module whose forward(x, y) gives the scalar loss"
         )
-    from dilo.hf import HFCallAdapter, probe_call
-
     if cfg.call == "hf":
+        from dilo.hf import HFCallAdapter
+
         model = HFCallAdapter(model)
-    # under the lock and a forked RNG too: dropout in the probe must not move the caller's RNG
-    _seeded(lambda: probe_call(model, cfg.call, f"model.builder={cfg.builder!r}"), seed)
     return model
 
 
@@ -245,6 +245,18 @@ def model_vocab_size(model: nn.Module) -> int | None:
         if isinstance(m, nn.Embedding):
             return int(m.num_embeddings)
     return None
+
+
+def check_call(model: nn.Module, cfg: GPTConfig | ImportModelConfig | HFModelConfig, seed: int) -> None:
+    """Raise a ConfigError that says what to fix when an imported module's forward does not follow
+    its declared `model.call` (one batch of 1 x 8 zeros, on the model's device). dilo's training
+    loop calls this before the model's first forward; a coordinator never does."""
+    if isinstance(cfg, ImportModelConfig):
+        from dilo.hf import probe_call
+
+        call, what = cfg.call, f"model.builder={cfg.builder!r}"
+        # under the lock and a forked RNG: a forward drawing random numbers must not move the caller's RNG
+        _seeded(lambda: probe_call(model, call, what), seed)
 
 
 def check_data_fits(model: nn.Module, data: DataConfig) -> None:

@@ -26,7 +26,7 @@ from dilo.config import RunConfig, load
 from dilo.data import Island, load_island, load_validation
 from dilo.errors import DiloError
 from dilo.inner import InnerLoop
-from dilo.model import check_data_fits, model_vocab_size, num_params, params_of
+from dilo.model import check_call, check_data_fits, model_vocab_size, num_params, params_of
 from dilo.process import apply_threads, install_stop_handlers, setup_logging
 from dilo.report import Totals, stopped_message, summarize, to_json
 from dilo.state import load_worker_state, save_worker_state
@@ -88,6 +88,7 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
     joined = outer.start()  # static: rank 0's parameters; elastic: the coordinator's; gossip: the peers
     if observe is not None:
         observe(outer)
+    check_call(model, cfg.model, cfg.seed)  # an imported forward follows model.call: before its first use
     if world.rank != first_island:  # DILO_ISLAND=auto: the coordinator handed out another island
         island = _island_data(cfg, world, vocab)
     # bytes count from here: the start-up broadcast or JOIN is not training traffic
