@@ -13,11 +13,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from dilo.config import InnerConfig
+from dilo.errors import ConfigError
 from dilo.model import params_of
 
 Batch = tuple[Tensor, Tensor]
@@ -44,6 +47,30 @@ def build_optimizer(model: nn.Module, cfg: InnerConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
 
 
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Activation checkpointing: each block of the model's layer stack (its first nn.ModuleList)
+    recomputes its activations in the backward pass; a Hugging Face model inside `model` uses its
+    own gradient_checkpointing_enable. Parameter names do not change."""
+    for m in model.modules():
+        enable = getattr(m, "gradient_checkpointing_enable", None)  # a transformers PreTrainedModel
+        if callable(enable):
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return
+    layers = next((m for m in model.modules() if isinstance(m, nn.ModuleList)), None)
+    if layers is None or not len(layers):
+        raise ConfigError("inner.activation_checkpointing needs a model with its blocks in an nn.ModuleList")
+    for block in layers:
+        block.forward = _checkpointed(block.forward)
+
+
+def _checkpointed(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def run(*args: Any, **kwargs: Any) -> Tensor:
+        out: Tensor = checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return out
+
+    return run
+
+
 class InnerLoop:
     def __init__(self, model: nn.Module, cfg: InnerConfig, *, total_steps: int) -> None:
         self.model = model
@@ -58,6 +85,10 @@ class InnerLoop:
             if cfg.precision == "bf16"
             else contextlib.nullcontext
         )
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(model)
+        # the compiled module shares the model's parameters: strategies and checkpoints see no difference
+        self._forward: Callable[..., Any] = torch.compile(model) if cfg.compile else model
 
     def step(self, next_batch: Callable[[], Batch], grad_hook: Callable[[nn.Module], None] | None = None) -> float:
         """One optimizer step over `grad_accum` micro-batches; returns the mean loss."""
@@ -69,7 +100,7 @@ class InnerLoop:
         for _ in range(self.cfg.grad_accum):
             x, y = next_batch()
             with self._autocast():
-                loss = self.model(x, y)
+                loss = self._forward(x, y)
             (loss / self.cfg.grad_accum).backward()
             total += float(loss.detach())
         if grad_hook is not None:

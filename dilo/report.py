@@ -92,5 +92,11 @@ def stopped_message(rounds: int, steps: int, error: str | None, ckpt_dir: Path, 
     )
 
 
+def throughput(tokens: float, inner_s: float, flops_per_token: float, peak_tflops: float) -> dict[str, float]:
+    """This rank's tokens/s in the round's compute, and its model FLOPs utilization when the peak is known."""
+    rate = tokens / inner_s if inner_s > 0 else 0.0
+    return {"tokens_per_s": rate, **({"mfu": rate * flops_per_token / (peak_tflops * 1e12)} if peak_tflops else {})}
+
+
 def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True)

@@ -28,7 +28,7 @@ from dilo.errors import DiloError
 from dilo.inner import InnerLoop
 from dilo.model import check_call, check_data_fits, model_vocab_size, num_params, params_of
 from dilo.process import apply_threads, install_stop_handlers, setup_logging
-from dilo.report import Totals, stopped_message, summarize, to_json
+from dilo.report import Totals, stopped_message, summarize, throughput, to_json
 from dilo.state import load_worker_state, save_worker_state
 from dilo.worlds import World
 
@@ -112,6 +112,7 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
         }
     )
     bar = metrics.Progress(cfg.steps, outer.steps, enabled=cfg.log.progress and main, desc=f"{cfg.outer.kind}")
+    flops_per_token = 6.0 * sum(p.numel() for p in model.parameters())  # forward and backward, dense
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.inner.grad_accum * world.island_ranks
     wall_t0 = clock.now() - totals.wall_s
     round_t0 = clock.now()
@@ -166,6 +167,7 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
             **{"cum_bytes_sent": totals.bytes_sent, "cum_bytes_recv": totals.bytes_recv},
             **{"inner_s": report.inner_s, "sync_s": report.sync_s + report.comm_s, "eval_s": clock.now() - eval_t0},
             **{"round_s": clock.now() - round_t0, "wall_s": totals.wall_s, "time": clock.now()},
+            **throughput(report.tokens / world.island_ranks, report.inner_s, flops_per_token, cfg.log.peak_tflops),
             **{"committed": sync.committed, "participants": sync.participants, "anchor_hash": sync.anchor_hash},
             "reason": sync.reason,
             "failure": sync.failure.value if sync.failure is not None else None,

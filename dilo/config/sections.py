@@ -174,8 +174,14 @@ class InnerConfig(Frozen):
     grad_accum: int = Field(1, gt=0)
     """Micro-batches accumulated per optimizer step."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 runs forward and backward under bf16 autocast; parameters, optimizer state,
-    anchors and pseudo-gradients stay fp32."""
+    """bf16 runs forward and backward under bf16 autocast (on the CPU and on CUDA); parameters,
+    optimizer state, anchors and pseudo-gradients stay fp32."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping
+    them: less memory for a longer step (Hugging Face models: gradient_checkpointing_enable)."""
+    compile: bool = False
+    """Run the forward and backward through torch.compile (worth it on a GPU; the first steps
+    compile)."""
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> InnerConfig:
@@ -303,6 +309,10 @@ class LogConfig(Frozen):
     """Show a live progress bar on worker 0."""
     plot: bool = True
     """Write loss plots (PNG) next to the logs at the end of the run."""
+    peak_tflops: float = Field(0.0, ge=0.0)
+    """The accelerator's peak dense TFLOP/s at the training precision (e.g. 989 for an H100 /
+    H200 in bf16); with it each round logs its model FLOPs utilization (`mfu`: 6 x parameters x
+    tokens/s over the peak). 0: not logged."""
     tensorboard: bool = False
     """Also write TensorBoard event files, one run per worker: out_dir/tensorboard/<worker>/
     (`tensorboard --logdir out_dir/tensorboard`); needs pip install 'dilo[tensorboard]'."""
