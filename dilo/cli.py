@@ -177,8 +177,6 @@ def _supervise(
     while True:
         try:
             codes = [p.poll() for p in workers]
-            if all(c is not None for c in codes):
-                break
             bad = [(f"worker {i}", c) for i, c in enumerate(codes) if c not in (None, 0, 130)]
             if coordinator is not None and coordinator.poll() not in (None, 0) and not interrupted:
                 bad.append(("the coordinator", coordinator.returncode))
@@ -194,6 +192,8 @@ def _supervise(
                 for p in workers:
                     if p.poll() is None:
                         p.kill()
+            if all(p.poll() is not None for p in workers):  # every worker is done (or failed, said above)
+                break
             time.sleep(0.1)
         except KeyboardInterrupt:
             interrupted += 1

@@ -99,7 +99,7 @@ def test_the_gossip_tracker_builds_no_model(tmp_path: Path, corpus_dir: Path, mo
     def no_model(*args: Any) -> Any:
         raise AssertionError("a tracker built the model")
 
-    monkeypatch.setattr("dilo.coordinator.global_model.build_model", no_model)
+    monkeypatch.setattr("dilo.coordinator.global_model.build_run_model", no_model)
     cfg = tiny_config(tmp_path, corpus_dir, workers=2, outer={"kind": "gossip"}, membership=FAST)
     coord = Coordinator(cfg, inproc=True)
     assert coord.params == [] and coord.limits.max_frames == 0
