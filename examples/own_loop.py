@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import dilo
 
 CONFIG = Path(__file__).with_suffix(".toml")
+_SEEDING = threading.Lock()
 
 
 def build_model(width: int = 64) -> nn.Module:
@@ -79,8 +81,9 @@ def train(
     world: dilo.World, *, checkpoint: Path | None = None, resume: bool = False, stop_after: int | None = None
 ) -> dict[str, Any]:
     """The whole training loop of one worker; returns its final loss and parameters' hash."""
-    torch.manual_seed(world.cfg.seed)  # the same initial parameters in every run (rank 0's are broadcast)
-    model = build_model()
+    with _SEEDING:  # the same initial parameters in every run (workers may be threads of one process)
+        torch.manual_seed(world.cfg.seed)
+        model = build_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     outer = dilo.wrap(model, optimizer, world)  # the config's outer step and codec
     data = Shard(dataset(world.cfg.seed), world.rank, world.size, batch_size=32, seed=world.cfg.seed + world.rank)
