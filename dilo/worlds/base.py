@@ -13,6 +13,7 @@ a strategy), evaluates and sums through it, and closes it; it never asks which k
 
 from __future__ import annotations
 
+import abc
 import os
 import socket
 import time
@@ -133,11 +134,12 @@ class World(Protocol):
         ...
 
 
-class Closing:
+class Closing(abc.ABC):
     """`with world:` closes it on the way out (leaving the coordinator when the block succeeded)."""
 
+    @abc.abstractmethod
     def close(self, *, leaving: bool) -> None:
-        raise NotImplementedError
+        """Each world closes its own sockets, threads and groups."""
 
     def __enter__(self) -> Self:
         return self
