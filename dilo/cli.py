@@ -9,6 +9,7 @@
     dilo merge CKPT... --out FILE [--variance-corrected]     average independently trained checkpoints
     dilo keys DIR                                             CURVE key pairs for encrypted ZeroMQ traffic
     dilo export CKPT --out DIR [--config CONFIG]              a checkpoint as a Hugging Face model directory
+        [--adapter-only]                                      (LoRA adapters merged in, or the peft adapter alone)
     dilo sample CKPT --prompt TEXT [--tokens N ...]           continue a prompt with a checkpoint's model
     dilo data prepare INPUT... --out DIR [--train-bpe N]      pre-tokenize files into token shards
     dilo config show CONFIG [--section.key=value ...]         the resolved configuration
@@ -315,7 +316,7 @@ def _cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
 
     from dilo.export import export
 
-    written = export(Path(args.ckpt), Path(args.out), config=args.config)
+    written = export(Path(args.ckpt), Path(args.out), config=args.config, adapter_only=args.adapter_only)
     print(f"dilo export: wrote {' and '.join(written)} to {args.out}", file=sys.stderr)
     return 0
 
@@ -382,6 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("ckpt", help=ckpt_help)
     p_exp.add_argument("--out", required=True, help="output directory (AutoModelForCausalLM.from_pretrained reads it)")
     p_exp.add_argument("--config", default=None, help=config_help)
+    p_exp.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="a LoRA run: write only the peft adapter (PeftModel.from_pretrained over the base model reads it); "
+        "by default its adapters are merged into the base weights and a plain model is written",
+    )
     p_smp = sub.add_parser("sample", help="continue a prompt with a checkpoint's model")
     p_smp.add_argument("ckpt", help=ckpt_help)
     p_smp.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")

@@ -3,6 +3,7 @@
     dilo export runs/NAME/checkpoints/worker0/round_000008.safetensors --out hf_model/
     dilo export runs/NAME/checkpoints --out hf_model/        # the newest round of worker0
     dilo export CKPT --out hf_model/ --config configs/run.toml
+    dilo export CKPT --out adapter/ --adapter-only     # a LoRA run's peft adapter alone
 
 The model is rebuilt from the run's configuration (the "start" record of the worker's log,
 `<run_dir>/logs/<worker>.jsonl`, or --config) and the checkpoint's parameters are loaded into it.
@@ -13,6 +14,13 @@ Then:
   is GPT-2-shaped: fused qkv, 4x MLP, learned positions, pre-LayerNorm with eps 1e-5; its exact
   GELU is GPT-2's activation_function = "gelu"; nn.Linear weights are transposed into GPT-2's
   Conv1D layout), so the logits match;
+- a LoRA run (lora.r > 0): the model is rebuilt with its adapters, as training builds it
+  (dilo.adapters.build_run_model; the checkpoint holds the adapters, the base comes from the seed
+  or model.path), and the adapters are merged into the base weights by peft's merge_and_unload
+  before the above, so the directory holds a plain model (no peft needed) with the LoRA model's
+  logits; with --adapter-only the peft adapter alone is written instead (adapter_config.json and
+  adapter_model.safetensors, for PeftModel.from_pretrained over the base). With outer.local the
+  exported adapters are the exporting worker's own;
 - a configured tokenizer (data.tokenizer other than "bytes") is saved next to the weights.
 
 `AutoModelForCausalLM.from_pretrained(DIR)` then loads it (and `AutoTokenizer.from_pretrained(DIR)`
@@ -23,16 +31,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from dilo.config import RunConfig, from_dict, load
+from dilo.adapters import build_run_model
+from dilo.config import LoraConfig, RunConfig, from_dict, load
 from dilo.errors import ConfigError
 from dilo.hf import HFCallAdapter, HFCausalLM, _transformers
-from dilo.model import GPT, build_model, params_of
+from dilo.model import GPT, params_of
 from dilo.state import ROUND_FILE, load_worker_state, locate, rounds_of
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 def find_checkpoint(path: Path) -> tuple[Path, int, str]:
@@ -85,11 +97,7 @@ def load_trained(ckpt: Path, config: str | None = None) -> tuple[RunConfig, nn.M
     parameters and buffers loaded."""
     ckpt_dir, round_idx, who = find_checkpoint(ckpt)
     cfg = load(config) if config else run_config(ckpt_dir, who)
-    if getattr(getattr(cfg, "lora", None), "r", 0):
-        raise ConfigError(
-            "this run trained LoRA adapters (lora.r > 0); exporting and sampling them is not supported yet"
-        )
-    model = build_model(cfg.model, cfg.seed)
+    model = build_run_model(cfg)  # as training built it: with the LoRA adapters when lora.r > 0
     state = load_worker_state(ckpt_dir, round_idx, who)
     params = params_of(model)
     if len(params) != len(state["params"]):
@@ -175,6 +183,76 @@ def hf_module(model: nn.Module) -> nn.Module:
     )
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside dilo's wrappers (the transformers model of kind = "hf"), else `model`."""
+    if isinstance(model, HFCausalLM):
+        return model.hf
+    return model.inner if isinstance(model, HFCallAdapter) else model
+
+
+def _rewrap(model: nn.Module, inner: nn.Module) -> nn.Module:
+    """`model`'s wrapper around a new inner module (the merged one)."""
+    if isinstance(model, HFCausalLM):
+        return HFCausalLM(inner)
+    return HFCallAdapter(inner) if isinstance(model, HFCallAdapter) else inner
+
+
+def to_peft(model: nn.Module, lora: LoraConfig) -> PeftModel:
+    """A trained LoRA run's model (adapters injected by dilo.adapters.apply_lora) as a peft PeftModel
+    over the same base weights, holding the same adapter values, so that peft's `merge_and_unload`
+    and `save_pretrained` apply. `model` is taken apart in the process: use the result instead.
+
+    Training injects the adapters without a PeftModel (so that parameter names stay the model's
+    own); here the injected layers are unloaded (no merge), the base is wrapped by get_peft_model
+    with the run's LoRA settings, and the trained adapter tensors are copied in by name."""
+    import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    inner = _unwrapped(model)
+    trained = {name: p.detach().clone() for name, p in inner.named_parameters() if "lora_" in name}
+    injected = [name for name, m in inner.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name in injected:
+        parent_name, _, child = name.rpartition(".")
+        parent = inner.get_submodule(parent_name)
+        layer = parent.get_submodule(child)
+        assert isinstance(layer, BaseTunerLayer)
+        base = layer.get_base_layer()
+        setattr(parent, child, base)
+    if hasattr(inner, "peft_config"):
+        del inner.peft_config  # left by inject_adapter_in_model; get_peft_model sets its own
+    is_hf = callable(getattr(inner, "save_pretrained", None)) and not isinstance(inner, GPT)
+    peft_cfg = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM" if is_hf else None,
+    )
+    with torch.random.fork_rng(devices=[]):  # the fresh adapters' draws are overwritten below anyway
+        wrapped = peft.get_peft_model(inner, peft_cfg)
+    assert isinstance(wrapped, peft.PeftModel)
+    prefix = "base_model.model."
+    target = {name.removeprefix(prefix): p for name, p in wrapped.named_parameters() if "lora_" in name}
+    if set(target) != set(trained):
+        raise ConfigError(
+            f"the run's {len(trained)} LoRA tensors do not match peft's {len(target)} for lora = {lora}: "
+            "pass the run's own config as --config"
+        )
+    with torch.no_grad():
+        for name, value in trained.items():
+            target[name].copy_(value)
+    return wrapped
+
+
+def merge_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+    """The run's model with its LoRA adapters merged into the base weights (W + alpha/r * B A, by
+    peft's merge_and_unload): a plain model with the same logits and no peft layers."""
+    merged: nn.Module = to_peft(model, lora).merge_and_unload()
+    for p in merged.parameters():
+        p.requires_grad_(True)  # the base was frozen for training; a plain model trains everything
+    return _rewrap(model, merged).eval()
+
+
 def save_tokenizer(spec: str, out: Path) -> bool:
     """Save the tokenizer `data.tokenizer` names into `out` (as AutoTokenizer reads it); False for bytes."""
     if spec == "bytes":
@@ -190,13 +268,31 @@ def save_tokenizer(spec: str, out: Path) -> bool:
     return True
 
 
-def export(ckpt: Path, out: Path, config: str | None = None) -> list[str]:
-    """Write the checkpoint's model (and tokenizer) to `out`; returns what was written, for the log."""
+def export(ckpt: Path, out: Path, config: str | None = None, *, adapter_only: bool = False) -> list[str]:
+    """Write the checkpoint's model (and tokenizer) to `out`; returns what was written, for the log.
+
+    A LoRA run (lora.r > 0) is written with its adapters merged into the base weights, a plain
+    model; `adapter_only` writes the peft adapter alone instead (adapter_config.json and the
+    adapter's weights, for PeftModel.from_pretrained over the base model)."""
     cfg, model = load_trained(ckpt, config)
-    module = hf_module(model)
+    lora = cfg.lora.r > 0
+    if adapter_only:
+        if not lora:
+            raise ConfigError("--adapter-only: this run trained no LoRA adapters (lora.r = 0); export it without")
+        if isinstance(_unwrapped(model), GPT):
+            raise ConfigError(
+                "--adapter-only: the built-in GPT is exported as a GPT-2 model that no adapter of its layers fits; "
+                "export it without --adapter-only (the adapters are merged), or train model.kind = 'hf'"
+            )
+        module: nn.Module = to_peft(model, cfg.lora)
+        written = [f"LoRA adapter (r={cfg.lora.r}, {', '.join(cfg.lora.target_modules)}) and its config"]
+    else:
+        if lora:
+            model = merge_lora(model, cfg.lora)
+        module = hf_module(model)
+        written = [f"{type(module).__name__} weights and config" + (" (LoRA merged)" if lora else "")]
     out.mkdir(parents=True, exist_ok=True)
-    module.save_pretrained(str(out))  # type: ignore[operator]  # a transformers PreTrainedModel
-    written = [f"{type(module).__name__} weights and config"]
+    module.save_pretrained(str(out))  # type: ignore[operator]  # a transformers PreTrainedModel or a PeftModel
     if save_tokenizer(cfg.data.tokenizer, out):
         written.append("tokenizer")
     return written

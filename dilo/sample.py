@@ -2,10 +2,11 @@
 
     dilo sample runs/NAME/checkpoints --prompt "def " --tokens 200 --temperature 0.8 --top-k 50 --seed 0
 
-The checkpoint is found and loaded as by `dilo export` (see dilo/export.py). Text goes in and
-out as bytes for byte-level data (data.tokenizer = "bytes"; invalid UTF-8 is shown as U+FFFD),
-else through the configured tokenizer. Sampling is plain autoregressive decoding over the whole
-window (no KV cache: these are small models), cropped to the model's context.
+The checkpoint is found and loaded as by `dilo export` (see dilo/export.py; a LoRA run's model
+with its adapters). Text goes in and out as bytes for byte-level data (data.tokenizer = "bytes";
+invalid UTF-8 is shown as U+FFFD), else through the configured tokenizer. Sampling is plain
+autoregressive decoding over the whole window (no KV cache: these are small models), cropped to
+the model's context.
 """
 
 from __future__ import annotations
