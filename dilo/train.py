@@ -25,7 +25,7 @@ from dilo.adapters import build_run_model
 from dilo.config import RunConfig, load
 from dilo.data import Island, load_island, load_validation
 from dilo.errors import DiloError
-from dilo.inner import InnerLoop
+from dilo.inner import InnerLoop, resolve_precision
 from dilo.model import check_call, check_data_fits, model_vocab_size, num_params, params_of
 from dilo.process import apply_threads, install_stop_handlers, setup_logging
 from dilo.report import Totals, stopped_message, summarize, throughput, to_json
@@ -107,6 +107,7 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
             "time": clock.now(),
             # the island, version and members this worker started with, and its parameters' hash
             "joined": joined.record(),
+            "precision": resolve_precision(cfg.inner.precision, next(model.parameters()).device.type),
             "exchange": outer.describe(),  # which codec each parameter group uses, through which collective
             "config": cfg.model_dump(mode="json"),
         }

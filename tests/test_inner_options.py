@@ -3,7 +3,9 @@ computes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -79,3 +81,66 @@ def test_rounds_log_tokens_per_second_and_mfu(tmp_path: Path, corpus_dir: Path) 
     for r in rounds:
         assert r["tokens_per_s"] == pytest.approx(4 * 4 * 32 / r["inner_s"])  # 4 steps of 4 x 32 tokens
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * 6 * n / 1e12)
+
+
+@pytest.fixture
+def cpu_flags(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Pretend to be a CPU with the given feature flags and architecture."""
+    from dilo import inner
+
+    def pretend(flags: set[str], machine: str = "x86_64") -> None:
+        monkeypatch.setattr(inner, "_cpu_flags", lambda: flags)
+        monkeypatch.setattr(inner.platform, "machine", lambda: machine)
+        inner.native_bf16.cache_clear()
+        inner.resolve_precision.cache_clear()
+
+    yield pretend
+    inner.native_bf16.cache_clear()
+    inner.resolve_precision.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("flags", "machine", "expected"),
+    [
+        ({"avx", "avx2", "fma"}, "x86_64", "fp32"),  # AVX2 only: bf16 would be emulated
+        ({"avx512f", "avx512_bf16"}, "x86_64", "bf16"),
+        ({"amx_tile", "amx_bf16"}, "x86_64", "bf16"),
+        ({"fp", "asimd", "bf16"}, "aarch64", "bf16"),
+        ({"fp", "asimd"}, "aarch64", "fp32"),
+        (set(), "x86_64", "fp32"),  # no /proc/cpuinfo (macOS): fp32
+    ],
+)
+def test_auto_precision_picks_bf16_only_where_it_is_native(
+    cpu_flags: Any, flags: set[str], machine: str, expected: str
+) -> None:
+    from dilo.inner import resolve_precision
+
+    cpu_flags(flags, machine)
+    assert resolve_precision("auto", "cpu") == expected
+    assert resolve_precision("fp32", "cpu") == "fp32"  # an explicit choice is kept
+
+
+def test_explicit_bf16_without_native_support_warns_and_is_kept(
+    cpu_flags: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dilo.inner import autocast, resolve_precision
+
+    cpu_flags({"avx2"})
+    with caplog.at_level("WARNING", logger="dilo.inner"):
+        assert resolve_precision("bf16", "cpu") == "bf16"
+    assert "precision = 'auto'" in caplog.text
+    with autocast("bf16", "cpu")():
+        assert torch.is_autocast_enabled("cpu")
+    with autocast("auto", "cpu")():
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_the_start_record_names_the_precision_in_use(tmp_path: Path, corpus_dir: Path, cpu_flags: Any) -> None:
+    from dilo.metrics import read_jsonl
+    from tests.conftest import train_threads
+
+    cpu_flags({"avx2"})
+    cfg = tiny_config(tmp_path, corpus_dir, steps=4, inner={"precision": "auto", "warmup_steps": 2})
+    train_threads(cfg, 1)
+    start = next(r for r in read_jsonl(tmp_path / "logs" / "worker0.jsonl") if r["event"] == "start")
+    assert start["precision"] == "fp32"

@@ -173,9 +173,11 @@ class InnerConfig(Frozen):
     """Clip the global gradient norm to this value; 0 turns clipping off."""
     grad_accum: int = Field(1, gt=0)
     """Micro-batches accumulated per optimizer step."""
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """bf16 runs forward and backward under bf16 autocast (on the CPU and on CUDA); parameters,
-    optimizer state, anchors and pseudo-gradients stay fp32."""
+    optimizer state, anchors and pseudo-gradients stay fp32. auto: bf16 where the device has bf16
+    arithmetic in hardware (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 / AMX, arm64 BF16),
+    fp32 elsewhere: emulated bf16 on other CPUs is many times slower than fp32."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass instead of keeping
     them: less memory for a longer step (Hugging Face models: gradient_checkpointing_enable)."""
