@@ -174,8 +174,8 @@ def main(argv: list[str]) -> int:
     tok_key = "" if meta["tokenizer"] == "bytes" else f', tokenizer = "{meta["tokenizer"]}"'
     print(
         f"dilo data prepare: wrote {len(meta['shards'])} shards ({meta['num_tokens']:,} {meta['dtype']} tokens) "
-        f'to {out}; train on them with [data] corpus = "tokens", paths = ["{out}"]{tok_key} and '
-        f"[model] vocab_size = {meta['vocab_size']}",
+        f'to {out}; train on them with [data] corpus = "tokens", paths = ["{out}"]{tok_key} and a model '
+        f'of at least {meta["vocab_size"]} ids ([model] vocab_size, or vocab_size in a kind = "hf" config)',
         file=sys.stderr,
     )
     return 0
