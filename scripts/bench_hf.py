@@ -35,6 +35,8 @@ from typing import Any
 
 from benchlib import REPO, RESULTS, machine, markdown_table, run_arm, update_benchmarks_md, write_json
 
+from dilo.config.load import toml_value
+
 VOCAB = 2048
 LLAMA = {
     "model_type": "llama",
@@ -77,10 +79,6 @@ def count_params() -> int:
     return sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
 
 
-def inline(table: dict[str, Any]) -> str:
-    return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in table.items()) + " }"
-
-
 def write_config(root: Path, shards: Path, eval_batches: int) -> Path:
     path = root / "hf-bench.toml"
     path.write_text(
@@ -90,7 +88,7 @@ def write_config(root: Path, shards: Path, eval_batches: int) -> Path:
                 "seed = 0",
                 "[model]",
                 'kind = "hf"',
-                f"config = {inline(LLAMA)}",
+                f"config = {toml_value(LLAMA)}",
                 "[data]",
                 'corpus = "tokens"',
                 f'paths = ["{shards}"]',

@@ -47,6 +47,8 @@ from typing import Any
 
 from benchlib import REPO, RESULTS, machine, markdown_table, run_arm, update_benchmarks_md, write_json
 
+from dilo.config import to_toml
+
 LLAMA: dict[str, Any] = {
     "model_type": "llama",
     "hidden_size": 128,
@@ -64,25 +66,8 @@ FINETUNE_FILES = ["README.md", "docs/*.md", "configs/*.toml", "examples/*.toml"]
 hash of their names holds out: docs/DESIGN.md and configs/fedavg.toml, about a fifth of the bytes)."""
 
 
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
 def write_toml(path: Path, top: dict[str, Any], sections: dict[str, dict[str, Any]]) -> Path:
-    lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
-    for name, table in sections.items():
-        lines += ["", f"[{name}]", *(f"{k} = {toml_value(v)}" for k, v in table.items())]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(to_toml({**top, **sections}))
     return path
 
 

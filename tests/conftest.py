@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import sysconfig
 import threading
@@ -14,7 +13,7 @@ import pytest
 import torch.distributed as dist
 
 import dilo
-from dilo.config import RunConfig, from_dict
+from dilo.config import RunConfig, from_dict, to_toml
 from dilo.train import train
 from dilo.worlds import Placement
 
@@ -32,6 +31,19 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(f, dest)
     return out
+
+
+TINY_LLAMA: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 64,
+    "vocab_size": 256,
+    "max_position_embeddings": 64,
+}
+"""A Hugging Face Llama of about 40k parameters, for `[model] kind = "hf", config = TINY_LLAMA`."""
 
 
 def tiny_config(run_dir: Path, corpus: Path, **sections: Any) -> RunConfig:
@@ -86,24 +98,9 @@ def train_threads(cfg: RunConfig, n: int, **kwargs: Any) -> list[dict[str, Any]]
 def write_toml(cfg: RunConfig, path: Path) -> Path:
     """The config as a TOML file for the command-line tools (only what differs from the defaults)."""
     data = cfg.model_dump(mode="json", exclude_defaults=True)
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list) and all(not isinstance(x, dict) for x in v):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        raise TypeError(f"write_toml cannot write {v!r}")
-
-    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
     for section, table in data.items():
-        if isinstance(table, dict) and table:
-            kind = getattr(getattr(cfg, section), "kind", None)
-            if kind is not None and "kind" not in table:
-                table = {"kind": kind, **table}  # a kind that is the default still names the table's fields
-            lines += ["", f"[{section}]", *(f"{k} = {value(v)}" for k, v in table.items())]
-    path.write_text("\n".join(lines) + "\n")
+        kind = getattr(getattr(cfg, section), "kind", None)
+        if isinstance(table, dict) and table and kind is not None and "kind" not in table:
+            data[section] = {"kind": kind, **table}  # a kind that is the default still names the table's fields
+    path.write_text(to_toml({k: v for k, v in data.items() if v != {}}))
     return path

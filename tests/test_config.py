@@ -52,7 +52,7 @@ def test_overrides_are_typed_and_nested() -> None:
         (["--outer.lrr=1"], "unknown key 'outer.lrr'; allowed keys here: inner_steps, kind, local, lr, momentum"),
         (["--bogus=1"], "unknown key 'bogus'"),
         (["--outer.kind=foo"], "'diloco', 'fedavg', 'ddp'"),
-        (["--inner.precision=fp8"], "inner.precision: Input should be 'fp32' or 'bf16' (got 'fp8')"),
+        (["--inner.precision=fp8"], "inner.precision: Input should be 'fp32', 'bf16' or 'auto' (got 'fp8')"),
         (["--inner.lr=-1"], "inner.lr: Input should be greater than 0"),
         (["--inner.lr=abc"], "inner.lr: Input should be a valid number"),
         (["--model.n_head=3"], "n_head=3 must divide d_model=128"),

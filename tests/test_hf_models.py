@@ -19,20 +19,10 @@ from dilo.config import HFModelConfig, RunConfig, from_dict
 from dilo.errors import ConfigError
 from dilo.export import export, load_trained, to_gpt2
 from dilo.model import GPT, build_model, check_data_fits, params_of
+from tests.conftest import TINY_LLAMA as LLAMA
 from tests.conftest import tiny_config, train_threads, write_toml
 
 transformers = pytest.importorskip("transformers")
-
-LLAMA: dict[str, Any] = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 64,
-    "vocab_size": 256,
-    "max_position_embeddings": 64,
-}
 
 
 def _with_model(cfg: RunConfig, model: dict[str, Any]) -> RunConfig:

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -18,21 +17,12 @@ from dilo.config import RunConfig, from_dict
 from dilo.errors import ConfigError
 from dilo.export import export, load_trained
 from dilo.model import build_model
+from tests.conftest import TINY_LLAMA as LLAMA
 from tests.conftest import tiny_config, train_threads
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-LLAMA: dict[str, Any] = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 64,
-    "vocab_size": 256,
-    "max_position_embeddings": 64,
-}
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 # merged weights compute x (W + s B A)^T where the LoRA model computes x W^T + s (x A^T) B^T: the same
 # sums in another order, so fp32 rounding differs a little (seen: ~1e-7 on logits of ~0.5)

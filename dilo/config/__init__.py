@@ -22,7 +22,7 @@ The package, by responsibility (importing it never imports torch):
 from __future__ import annotations
 
 from dilo.config.base import Frozen
-from dilo.config.load import from_dict, load, parse_overrides, schema
+from dilo.config.load import from_dict, load, parse_overrides, schema, to_toml
 from dilo.config.network import CoordinatorConfig, MembershipConfig, TransportConfig
 from dilo.config.outer import AsyncConfig, DDPConfig, DiLoCoConfig, FedAvgConfig, GossipConfig, OuterConfig
 from dilo.config.run import RunConfig
@@ -77,4 +77,5 @@ __all__ = [
     "load",
     "parse_overrides",
     "schema",
+    "to_toml",
 ]

@@ -3,6 +3,7 @@ pydantic's errors to messages that name the dotted key as the user writes it."""
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 import typing
@@ -92,6 +93,31 @@ def load(path: str | Path | None = None, overrides: list[str] | dict[str, Any] |
                 raw = {**raw, section: {}}
         raw = _merge(raw, extra)
     return from_dict(raw, source=str(path) if path else "config")
+
+
+def toml_value(v: Any) -> str:
+    """One TOML value: booleans, numbers, strings, arrays and (inline) tables."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"no TOML form for {v!r}")
+
+
+def to_toml(raw: dict[str, Any]) -> str:
+    """A config dict as the TOML `load` reads back: top-level keys, then one [table] per section
+    (tables inside a section, such as an hf model's config, are written inline)."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
+    for name, table in raw.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{name}]", *(f"{k} = {toml_value(v)}" for k, v in table.items())]
+    return "\n".join(lines) + "\n"
 
 
 def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
