@@ -4,10 +4,10 @@ written, or with --adapter-only the peft adapter alone; tiny Llamas from an inli
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,10 +30,17 @@ TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
 def _dilo(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "dilo.cli", *args], capture_output=True, text=True, timeout=120, env=env
-    )
+    """`dilo ARGS` in this process (the command-line path is tested as a subprocess in
+    test_hf_models; here a new interpreter would re-import torch, transformers and peft each time)."""
+    from dilo.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse
+            code = int(e.code or 0)
+    return subprocess.CompletedProcess(["dilo", *args], code, out.getvalue(), err.getvalue())
 
 
 def _batch(seed: int = 0) -> torch.Tensor:
