@@ -4,11 +4,11 @@ cannot serve."""
 
 from __future__ import annotations
 
-import hashlib
 import tracemalloc
 
 import pytest
 import torch
+import xxhash
 
 from dilo.errors import ConfigError
 from dilo.outer import mixing
@@ -20,10 +20,22 @@ from tests.conftest import tiny_config
 
 
 def _reference_digest(tensors: list[torch.Tensor]) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """XXH3-64 of all the tensors' bytes joined, copied the plain way."""
+    joined = b"".join(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors)
+    return xxhash.xxh3_64_hexdigest(joined)
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf")])
+def test_all_finite_agrees_with_isfinite(bad: float | None) -> None:
+    from dilo.outer.base import all_finite
+
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(5, 7, generator=g), torch.zeros(0), torch.randn(11, generator=g).to(torch.bfloat16)]
+    tensors.append(torch.full((3,), 3e38))  # finite values near the fp32 limit are finite
+    if bad is not None:
+        tensors[2][4] = bad
+    assert all_finite(tensors) == all(bool(torch.isfinite(t).all()) for t in tensors) == (bad is None)
+    assert all_finite([]) and all_finite([torch.zeros(0)])
 
 
 def test_tensor_digest_matches_the_bytes_and_copies_nothing() -> None:

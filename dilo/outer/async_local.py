@@ -29,7 +29,7 @@ from dilo import wire
 from dilo.bodies import AsyncResultBody, StateBody, parse
 from dilo.errors import PeerLost, ProtocolError, SyncTimeout
 from dilo.model import param_names, params_of
-from dilo.outer.base import Anchor, Failure, Joined, SyncReport, Tail
+from dilo.outer.base import Anchor, Failure, Joined, SyncReport, Tail, all_finite
 from dilo.outer.exchange import describe_groups
 from dilo.outer.star import REJOIN_CODES, StarCodec, StarLink, adopt_parameters, joined_from, worker_key
 
@@ -100,7 +100,7 @@ class AsyncLocalSGD:
         t0 = time.perf_counter()
         sent0, recv0 = self.client.counter.sent, self.client.counter.recv
         deltas = self.anchor.pseudo_grad(params_of(model))
-        contributes = tail.contributes and all(bool(torch.isfinite(d).all()) for d in deltas)
+        contributes = tail.contributes and all_finite(deltas)
         tensors = self.star.encode_push(deltas, self.pushes, self.key, contributes=contributes)
         self.pushes += 1
         body = {

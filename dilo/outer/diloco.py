@@ -44,6 +44,7 @@ from dilo.outer.base import (
     Joined,
     SyncReport,
     Tail,
+    all_finite,
     broadcast_params,
     params_of,
 )
@@ -113,7 +114,7 @@ class DiLoCo:
         sent0, recv0 = self.transport.counter.sent, self.transport.counter.recv
         params = params_of(model)
         deltas = self.anchor.pseudo_grad(params)
-        if tail.contributes and not all(bool(torch.isfinite(d).all()) for d in deltas):
+        if tail.contributes and not all_finite(deltas):
             log.warning("non-finite pseudo-gradient on rank %d: not sending it this round", self.transport.rank)
             tail.contributes = False
         round_idx = self.rounds

@@ -32,7 +32,7 @@ from dilo.compress.sparse import TopK
 from dilo.config import DDPConfig
 from dilo.errors import ConfigError, PeerLost, ProtocolError, SyncTimeout
 from dilo.model import param_names, params_of
-from dilo.outer.base import Anchor, Failure, Joined, SyncReport, Tail
+from dilo.outer.base import Anchor, Failure, Joined, SyncReport, Tail, all_finite
 from dilo.outer.exchange import SHARDS_PER_GROUP, Group, _plain, build_groups, describe_groups
 from dilo.transport.base import ByteCounter
 
@@ -300,7 +300,7 @@ class StarDiLoCo:
         sent0, recv0 = self.client.counter.sent, self.client.counter.recv
         params = params_of(model)
         deltas = self.anchor.pseudo_grad(params)
-        contributes = tail.contributes and all(bool(torch.isfinite(d).all()) for d in deltas)
+        contributes = tail.contributes and all_finite(deltas)
         tensors = self.star.encode_push(deltas, self.round, self.key, contributes=contributes)
         body = {
             "weight": tail.weight if contributes else 0.0,
