@@ -104,7 +104,7 @@ def randomk_indices(n: int, k: int, seed: int) -> Tensor:
         return torch.randperm(n, generator=gen)[:k].sort().values
     draws = k + 2 * k * k // n + 64  # expected repeats are about draws^2 / 2n
     while True:
-        # torch.unique: Tensor.unique is unannotated in torch's stubs
+        # torch.unique: Tensor.unique has no type annotation in torch
         distinct: Tensor = torch.unique(torch.randint(0, n, (draws,), generator=gen), sorted=True)
         if distinct.numel() >= k:
             break

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 # Public torch.distributed names that torch/distributed/__init__.py imports without re-exporting them,
-# so strict mypy (no implicit re-export) refuses them; their types still come from torch's stubs.
+# so strict mypy (no implicit re-export) refuses them; their types still come from torch's type annotations.
 from torch.distributed import PrefixStore, Store, TCPStore  # type: ignore[attr-defined]
 
 from dilo.errors import PeerLost, SyncTimeout, TransportError
@@ -60,7 +60,7 @@ def resolve_backend(backend: str) -> str:
 class _Group(Protocol):
     """The collectives this transport calls on its Gloo / NCCL group.
 
-    torch's stubs declare them on ProcessGroup only, not on the Backend classes (ProcessGroupGloo,
+    torch's type annotations declare them on ProcessGroup only, not on the Backend classes (ProcessGroupGloo,
     ProcessGroupNCCL) that implement them, so the group built below is cast to this.
     """
 
