@@ -35,7 +35,7 @@ class _Cast:
     dtype: torch.dtype
 
     def encode(self, x: Tensor, ctx: Context) -> Encoded:
-        check_finite(x)
+        check_finite(x, ctx)
         limit = torch.finfo(self.dtype).max
         # x is finite, so an inf after the cast is an overflow: saturate it. (Fixing the half-size
         # result in place is cheaper than clamping an fp32 copy first.)

@@ -35,7 +35,7 @@ class ErrorFeedback:
 
     def encode(self, x: Tensor, ctx: Context) -> Encoded:
         # Checked before touching the residual, so a refused round leaves it as it was.
-        check_finite(x)
+        check_finite(x, ctx)
         flat = x.detach().reshape(-1).float()
         r = self.residuals.get(ctx.part)
         if r is not None and r.numel() != flat.numel():

@@ -55,7 +55,7 @@ class TopK:
         self.chunk = chunk
 
     def encode(self, x: Tensor, ctx: Context) -> Encoded:
-        check_finite(x)
+        check_finite(x, ctx)
         flat = x.detach().reshape(-1).float()
         n = flat.numel()
         if self.chunk == 0:
@@ -140,7 +140,7 @@ class RandomK:
         self.fraction = fraction
 
     def encode(self, x: Tensor, ctx: Context) -> Encoded:
-        check_finite(x)
+        check_finite(x, ctx)
         flat = x.detach().reshape(-1).float()
         n = flat.numel()
         seed = ctx.shared_seed() & ((1 << _SEED_BITS) - 1)

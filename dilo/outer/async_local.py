@@ -99,8 +99,9 @@ class AsyncLocalSGD:
     def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
         t0 = time.perf_counter()
         sent0, recv0 = self.client.counter.sent, self.client.counter.recv
-        deltas = self.anchor.pseudo_grad(params_of(model))
-        contributes = tail.contributes and all_finite(deltas)
+        delta = self.anchor.pseudo_grad(params_of(model))
+        contributes = tail.contributes and all_finite([delta])
+        deltas = self.anchor.split(delta)
         tensors = self.star.encode_push(deltas, self.pushes, self.key, contributes=contributes)
         self.pushes += 1
         body = {

@@ -251,18 +251,45 @@ class FlatLayout:
 
 
 class Anchor:
-    """fp32 copy of the global parameters at the start of a round (theta_start).
+    """fp32 copy of the global parameters at the start of a round (theta_start), in one flat
+    contiguous buffer.
 
-    Anchors are `nn.Parameter`s so that torch.optim can run the outer step on them, with the
-    pseudo-gradient written into `.grad`.
+    `params` are `nn.Parameter` views into `flat`, so that torch.optim can run the outer step on
+    them (the pseudo-gradient written into `.grad`) while the digest, the finiteness check and the
+    collectives see one buffer. The pseudo-gradient goes into a flat buffer that is reused every
+    round (`pseudo_grad`): no allocation on the round's path.
     """
 
     def __init__(self, params: Sequence[Tensor]) -> None:
-        self.params = [nn.Parameter(p.detach().float().clone()) for p in params]
+        self.shapes = [p.shape for p in params]
+        self.numels = [p.numel() for p in params]
+        device = params[0].device if params else torch.device("cpu")
+        self.flat = torch.empty(sum(self.numels), dtype=torch.float32, device=device)
+        views = self.split(self.flat)
+        with torch.no_grad():
+            for v, p in zip(views, params):
+                v.copy_(p.detach())
+        self.params = [nn.Parameter(v) for v in views]
+        self._delta: Tensor | None = None
 
-    def pseudo_grad(self, params: Sequence[Tensor]) -> list[Tensor]:
-        """delta = anchor - params: old minus new, so it points like a gradient."""
-        return [a.detach() - p.detach().float() for a, p in zip(self.params, params)]
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """Per-parameter views of a flat buffer laid out like the anchor."""
+        return [v.view(s) for v, s in zip(torch.split(flat, self.numels), self.shapes)]
+
+    def empty_like(self) -> Tensor:
+        return torch.empty_like(self.flat)
+
+    @torch.no_grad()
+    def pseudo_grad(self, params: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
+        """delta = anchor - params (old minus new, so it points like a gradient), one pass per
+        parameter into a flat buffer: `out`, or one the anchor keeps and overwrites next call."""
+        if out is None:
+            if self._delta is None:
+                self._delta = self.empty_like()
+            out = self._delta
+        for a, p, d in zip(self.params, params, self.split(out)):
+            torch.sub(a, p.detach(), out=d)
+        return out
 
     @torch.no_grad()
     def restore_into(self, params: Sequence[Tensor]) -> None:
@@ -275,7 +302,7 @@ class Anchor:
             a.copy_(p)
 
     def digest(self) -> str:
-        return tensor_digest(self.params)
+        return tensor_digest([self.flat])
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:

@@ -83,7 +83,7 @@ class DiLoCo:
             seed=seed,
             bucket_mb=bucket_mb,
         )
-        self.optimizer = torch.optim.SGD(self.anchor.params, lr=lr, momentum=momentum, nesterov=nesterov)
+        self.optimizer = torch.optim.SGD(self.anchor.params, lr=lr, momentum=momentum, nesterov=nesterov, foreach=True)
         self.rounds = 0
         """Rounds attempted (committed or not): the same count on every worker, so it seeds codecs."""
 
@@ -113,25 +113,26 @@ class DiLoCo:
         t0 = time.perf_counter()
         sent0, recv0 = self.transport.counter.sent, self.transport.counter.recv
         params = params_of(model)
-        deltas = self.anchor.pseudo_grad(params)
-        if tail.contributes and not all_finite(deltas):
+        delta = self.anchor.pseudo_grad(params)
+        checked = all_finite([delta])
+        if tail.contributes and not checked:
             log.warning("non-finite pseudo-gradient on rank %d: not sending it this round", self.transport.rank)
             tail.contributes = False
         round_idx = self.rounds
         self.rounds += 1
         try:
-            result = self.exchange.mean(deltas, tail.tensor(), round_idx)
+            result = self.exchange.mean_flat(delta, tail.tensor(), round_idx, finite=checked)
         except TransportError as e:
             log.error("outer sync failed on rank %d: %s; restoring the anchor", self.transport.rank, e)
             self.anchor.restore_into(params)
             tails = tail.tensor().reshape(1, -1)
             return self._report(False, t0, sent0, recv0, tails, reason=repr(e), failure=Failure.TRANSPORT)
-        if result.mean is None:
+        if result.flat is None:
             self.anchor.restore_into(params)
             return self._report(
                 False, t0, sent0, recv0, result.tails, reason="no worker contributed", failure=Failure.NO_CONTRIBUTION
             )
-        for a, g in zip(self.anchor.params, result.mean):
+        for a, g in zip(self.anchor.params, self.anchor.split(result.flat)):
             a.grad = g
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

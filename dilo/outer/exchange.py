@@ -25,6 +25,7 @@ nobody waits for it, and its error-feedback residual is left untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -56,7 +57,11 @@ class Group:
     """As build_codec made it: a flat codec (maybe wrapped in ErrorFeedback) or a bare PowerSGD."""
     feedback: bool
     layout: FlatLayout
+    pieces: list[tuple[int, int]] = field(default_factory=list)
+    """(offset, numel) of each of the group's parameters in the flat vector of all parameters."""
     owner_residual: Tensor | None = None
+    padded: Tensor | None = None
+    """The zero-padded copy of the group's vector that reduce-scatter cuts into shards (reused)."""
     lowrank_residual: list[Tensor] = field(default_factory=list)
 
     @property
@@ -64,6 +69,33 @@ class Group:
         """The codec of a group whose kind is not "powersgd" (PowerSGD has no flat encode / decode)."""
         assert not isinstance(self.codec, PowerSGD), f"{self.label}: PowerSGD is not a flat codec"
         return self.codec
+
+    @property
+    def span(self) -> tuple[int, int] | None:
+        """(start, end) in the flat vector of all parameters when the group's parameters lie next
+        to each other there (always, without overrides), else None."""
+        if not self.pieces:
+            return None
+        start, end = self.pieces[0][0], self.pieces[0][0]
+        for offset, numel in self.pieces:
+            if offset != end:
+                return None
+            end += numel
+        return start, end
+
+    def take(self, flat: Tensor) -> Tensor:
+        """The group's values from the flat vector of all parameters: a view when they are contiguous."""
+        span = self.span
+        if span is not None:
+            return flat[span[0] : span[1]]
+        return torch.cat([flat[o : o + n] for o, n in self.pieces])
+
+    def put(self, flat: Tensor, values: Tensor) -> None:
+        """Write the group's values back into the flat vector of all parameters."""
+        done = 0
+        for offset, numel in self.pieces:
+            flat[offset : offset + numel].copy_(values[done : done + numel])
+            done += numel
 
     @property
     def kind(self) -> str:
@@ -77,10 +109,13 @@ class Group:
 
 @dataclass
 class ExchangeResult:
-    mean: list[Tensor] | None
-    """The weighted mean pseudo-gradient per parameter, or None when nobody contributed."""
+    flat: Tensor | None
+    """The weighted mean pseudo-gradient, laid out like the flat vector of all parameters, or None
+    when nobody contributed."""
     tails: Tensor
     """[W, 4] float64: every worker's tail, in rank order."""
+    mean: list[Tensor] | None = None
+    """Per-parameter views of `flat`."""
 
 
 @overload
@@ -103,6 +138,9 @@ def build_groups(names: list[str], shapes: list[torch.Size], spec: CodecSpec, bu
     for i, name in enumerate(names):
         k = next((j + 1 for j, o in enumerate(overrides) if re.search(o.pattern, name)), 0)
         members[k].append(i)
+    offsets = [0]
+    for shape in shapes:
+        offsets.append(offsets[-1] + shape.numel())
     groups = []
     for k, (s, idx) in enumerate(zip(specs, members)):
         if not idx:
@@ -111,7 +149,8 @@ def build_groups(names: list[str], shapes: list[torch.Size], spec: CodecSpec, bu
         layout = FlatLayout(
             [shapes[i] for i in idx], [shapes[i].numel() for i in idx], max(1, int(bucket_mb * 2**20 / 4))
         )
-        groups.append(Group(k, label, idx, build_codec(s), bool(s.feedback), layout))
+        pieces = [(offsets[i], shapes[i].numel()) for i in idx]
+        groups.append(Group(k, label, idx, build_codec(s), bool(s.feedback), layout, pieces))
     return groups
 
 
@@ -153,13 +192,23 @@ class Exchange:
 
     @torch.no_grad()
     def mean(self, deltas: list[Tensor], tail: Tensor, round_idx: int) -> ExchangeResult:
-        """The weighted mean of every worker's pseudo-gradient. A failed collective raises its
-        TransportError with the error-feedback memory as it was before the call: the round left
-        no trace (encoding had already folded this round's delta into the residuals, and a shard
-        owner may have re-encoded its mean, for a payload nobody applied)."""
+        """`mean_flat` for a list of per-parameter pseudo-gradients (left untouched)."""
+        flat = torch.cat([d.detach().reshape(-1).float() for d in deltas]) if deltas else torch.zeros(0)
+        return self.mean_flat(flat, tail, round_idx)
+
+    @torch.no_grad()
+    def mean_flat(self, flat: Tensor, tail: Tensor, round_idx: int, *, finite: bool = False) -> ExchangeResult:
+        """The weighted mean of every worker's pseudo-gradient, given as one flat fp32 vector in
+        parameter order. The vector is the exchange's to overwrite (the fp32 all-reduce scales and
+        sums it in place; the mean may come back in it).
+
+        A failed collective raises its TransportError with the error-feedback memory as it was
+        before the call: the round left no trace (encoding had already folded this round's delta
+        into the residuals, and a shard owner may have re-encoded its mean, for a payload nobody
+        applied). finite: the caller checked `flat` for NaN and Inf (the codecs do not scan it again)."""
         saved = self._feedback_snapshot()
         try:
-            return self._mean(deltas, tail, round_idx)
+            return self._mean(flat, tail, round_idx, finite)
         except TransportError:
             self._restore_feedback(saved)
             raise
@@ -179,7 +228,7 @@ class Exchange:
                 g.codec.residuals = residuals
             g.owner_residual, g.lowrank_residual = owner, lowrank
 
-    def _mean(self, deltas: list[Tensor], tail: Tensor, round_idx: int) -> ExchangeResult:
+    def _mean(self, flat: Tensor, tail: Tensor, round_idx: int, finite: bool) -> ExchangeResult:
         t = self.transport
         tails = torch.stack(t.all_gather(tail.reshape(1, -1).to(torch.float64))).reshape(t.size, -1)
         weights = [float(w) if c > 0 else 0.0 for w, c in zip(tails[:, TAIL_WEIGHT], tails[:, TAIL_COUNT])]
@@ -187,36 +236,51 @@ class Exchange:
         if total <= 0.0:
             return ExchangeResult(None, tails)
         mine = weights[t.rank]
-        out: list[Tensor | None] = [None] * len(deltas)
+        if mine <= 0:
+            flat.zero_()  # a worker that does not contribute takes part with zeros
+        whole = len(self.groups) == 1 and self.groups[0].span == (0, flat.numel())
+        out = None if whole else torch.empty_like(flat)
         for g in self.groups:
-            tensors = [deltas[i] if mine > 0 else torch.zeros_like(deltas[i]) for i in g.params]
-            ctx = Context(seed=self.seed, round=round_idx, rank=t.rank, part=g.index * SHARDS_PER_GROUP)
+            ctx = Context(
+                seed=self.seed,
+                round=round_idx,
+                rank=t.rank,
+                part=g.index * SHARDS_PER_GROUP,
+                checked=finite or mine <= 0,
+            )
+            values = g.take(flat)
             if g.kind == "powersgd":
-                means = self._powersgd(g, tensors, ctx, mine, total)
+                means = self._powersgd(g, g.layout.unflatten(values), ctx, mine, total)
+                mean_flat = torch.cat([m.reshape(-1) for m in means])
             else:
-                flat = g.layout.flatten(tensors)
                 codec = g.flat_codec if mine > 0 else _plain(g.flat_codec)
                 if g.kind == "all_reduce":
-                    mean_flat = self._all_reduce(codec, flat, ctx, mine, total)
+                    mean_flat = self._all_reduce(codec, values, ctx, mine, total)
                 elif g.kind == "reduce_scatter":
-                    mean_flat = self._reduce_scatter(g, codec, flat, ctx, weights, total)
+                    mean_flat = self._reduce_scatter(g, codec, values, ctx, weights, total)
                 else:
-                    mean_flat = self._all_gather(codec, flat, ctx, weights, total)
-                means = g.layout.unflatten(mean_flat)
-            for i, m in zip(g.params, means):
-                out[i] = m
-        assert all(m is not None for m in out)
-        return ExchangeResult([m for m in out if m is not None], tails)
+                    mean_flat = self._all_gather(codec, values, ctx, weights, total)
+            if out is None:
+                out = mean_flat
+            else:
+                g.put(out, mean_flat)
+        assert out is not None
+        return ExchangeResult(out, tails, [v.view(s) for v, s in zip(torch.split(out, self._numels), self.shapes)])
+
+    @property
+    def _numels(self) -> list[int]:
+        return [s.numel() for s in self.shapes]
 
     def _all_reduce(self, codec: Codec, flat: Tensor, ctx: Context, mine: float, total: float) -> Tensor:
         e = codec.encode(flat, ctx)
-        summed = {k: v.clone() for k, v in e.tensors.items()}
-        floats = [v for v in summed.values() if v.is_floating_point()]
-        for v in floats:
-            v.mul_(mine)
+        # the payload may be `flat` itself (fp32): scaled and summed in place, no copy
+        floats = [v for v in e.tensors.values() if v.is_floating_point()]
+        if mine != 1.0:
+            for v in floats:
+                v.mul_(mine)
         # non-float payload parts (random-k's seed) are identical on every worker: not summed
         self.transport.all_reduce_([b for v in floats for b in torch.split(v, self.bucket_elems)])
-        return _plain(codec).decode(type(e)(summed, e.numel)).div_(total)
+        return _plain(codec).decode(e).div_(total)
 
     @property
     def bucket_elems(self) -> int:
@@ -228,8 +292,13 @@ class Exchange:
         t, plain = self.transport, _plain(codec)
         n, size, rank = flat.numel(), self.transport.size, self.transport.rank
         shard = max(1, math.ceil(n / size / plain.block)) * plain.block
-        padded = torch.zeros(shard * size, dtype=torch.float32, device=flat.device)
-        padded[:n] = flat
+        if n == shard * size:
+            padded = flat
+        else:  # one zero-padded buffer per group, reused every round (the tail stays zero)
+            if g.padded is None or g.padded.numel() != shard * size or g.padded.device != flat.device:
+                g.padded = torch.zeros(shard * size, dtype=torch.float32, device=flat.device)
+            padded = g.padded
+            padded[:n] = flat
         payloads = [codec.encode(padded[j * shard : (j + 1) * shard], _part(ctx, j)) for j in range(size)]
         received = t.all_to_all([pack(p) for p in payloads])
         acc = torch.zeros(shard, dtype=torch.float32, device=flat.device)
@@ -308,7 +377,7 @@ class Exchange:
 
 
 def _part(ctx: Context, shard: int) -> Context:
-    return Context(seed=ctx.seed, round=ctx.round, rank=ctx.rank, part=ctx.part + shard)
+    return dataclasses.replace(ctx, part=ctx.part + shard)
 
 
 __all__ = ["Exchange", "ExchangeResult", "Group", "build_groups", "describe_groups"]

@@ -299,8 +299,9 @@ class StarDiLoCo:
         t0 = time.perf_counter()
         sent0, recv0 = self.client.counter.sent, self.client.counter.recv
         params = params_of(model)
-        deltas = self.anchor.pseudo_grad(params)
-        contributes = tail.contributes and all_finite(deltas)
+        delta = self.anchor.pseudo_grad(params)
+        contributes = tail.contributes and all_finite([delta])
+        deltas = self.anchor.split(delta)
         tensors = self.star.encode_push(deltas, self.round, self.key, contributes=contributes)
         body = {
             "weight": tail.weight if contributes else 0.0,
