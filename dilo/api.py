@@ -253,7 +253,9 @@ class Outer:
             self._set_mark()
             return None
         weight = float(r.tokens or r.steps) if self._weighted else 1.0
-        tail = Tail(weight=weight, contributes=True, stop=stop, tokens=r.tokens, steps=r.steps, inner_s=r.inner_s)
+        tail = Tail(
+            weight=weight, contributes=True, stop=stop, tokens=r.tokens, steps=r.steps, inner_s=r.inner_s, last=last
+        )
         t0 = clock.now()
         report = self.strategy.sync(self.model, tail=tail)
         sync_s = clock.now() - t0

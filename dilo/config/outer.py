@@ -41,6 +41,10 @@ class DiLoCoConfig(KeepsLocal):
     weighting: Literal["uniform", "tokens"] = "uniform"
     """uniform: plain mean over contributors; tokens: weight each pseudo-gradient by the
     tokens its worker trained on this round."""
+    overlap: bool = False
+    """One-step-delayed outer step: the exchange of round t runs in the background while round
+    t + 1 trains; its outer step is applied at the end of round t + 1, and that round's local
+    progress is moved onto the new anchor (docs/ALGORITHMS.md). Static worlds (Gloo, NCCL)."""
 
 
 class FedAvgConfig(KeepsLocal):

@@ -118,6 +118,9 @@ class Tail:
     """Inner steps of this round (async: measures the worker's speed; not part of the tensor)."""
     inner_s: float = 0.0
     """Seconds those steps took (not part of the tensor)."""
+    last: bool = False
+    """The loop ends after this round (outer.overlap finishes its exchange in the round; not part
+    of the tensor)."""
 
     def tensor(self) -> Tensor:
         t = torch.zeros(TAIL_LEN, dtype=torch.float64)

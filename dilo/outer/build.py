@@ -84,6 +84,7 @@ def _lead_strategy(
         codec=cfg.codec,
         seed=cfg.seed,
         bucket_mb=cfg.transport.bucket_mb,
+        overlap=isinstance(o, DiLoCoConfig) and o.overlap,
     )
 
 

@@ -24,18 +24,21 @@ bit-identical.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 from torch import nn
 
 from dilo.config import CodecSpec
-from dilo.errors import TransportError
+from dilo.errors import ConfigError, TransportError
 from dilo.model import param_names
 from dilo.outer.base import (
     TAIL_COUNT,
+    TAIL_LEN,
     TAIL_STOP,
     TAIL_TOKENS,
     Anchor,
@@ -48,7 +51,7 @@ from dilo.outer.base import (
     broadcast_params,
     params_of,
 )
-from dilo.outer.exchange import Exchange
+from dilo.outer.exchange import Exchange, ExchangeResult
 from dilo.transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,7 @@ class DiLoCo:
         codec: Any = None,
         seed: int = 0,
         bucket_mb: float = 32.0,
+        overlap: bool = False,
     ) -> None:
         if nesterov and momentum == 0.0:
             raise ValueError("outer nesterov=True needs momentum > 0; set outer.momentum or outer.nesterov=false")
@@ -86,6 +90,12 @@ class DiLoCo:
         self.optimizer = torch.optim.SGD(self.anchor.params, lr=lr, momentum=momentum, nesterov=nesterov, foreach=True)
         self.rounds = 0
         """Rounds attempted (committed or not): the same count on every worker, so it seeds codecs."""
+        self.overlap = overlap
+        self._base: torch.Tensor | None = None
+        """outer.overlap: the fp32 parameters this round started from (its progress is measured from them)."""
+        self._buffers: list[torch.Tensor] = []
+        self._pending: Future[ExchangeResult] | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def due(self, step: int) -> bool:
         """True after the last inner step of a round (steps count from 0)."""
@@ -94,12 +104,16 @@ class DiLoCo:
     def broadcast_initial(self, model: nn.Module, src: int = 0) -> None:
         """Make every worker start from rank src's parameters (threads share one RNG; joiners need it)."""
         self.anchor.load_from(broadcast_params(model, self.layout, self.transport, src))
+        if self.overlap:
+            self._base = self.anchor.flat.clone()
 
     def start(self, model: nn.Module, *, resumed: bool) -> Joined:
         """A fresh run starts from rank 0's parameters; a resumed one from the checkpoint every
         rank loaded (its round boundary, where all parameters equal the anchor)."""
         if not resumed:
             self.broadcast_initial(model)
+        elif self.overlap and self._base is None:
+            self._base = self.anchor.flat.clone()
         return Joined()
 
     def reduce_grads(self, model: nn.Module) -> None:
@@ -110,6 +124,8 @@ class DiLoCo:
 
     @torch.no_grad()
     def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
+        if self.overlap:
+            return self._sync_overlapped(model, tail)
         t0 = time.perf_counter()
         sent0, recv0 = self.transport.counter.sent, self.transport.counter.recv
         params = params_of(model)
@@ -139,6 +155,89 @@ class DiLoCo:
         self.anchor.restore_into(params)
         return self._report(True, t0, sent0, recv0, result.tails)
 
+    def _sync_overlapped(self, model: nn.Module, tail: Tail) -> SyncReport:
+        """One-step-delayed outer step (outer.overlap; docs/ALGORITHMS.md):
+
+            delta_t = base_t - x_t                    this round's own progress, from where it started
+            wait for the mean of delta_(t-1); anchor <- OuterOpt(anchor, mean)
+            x <- anchor - delta_t; base_(t+1) <- x    the progress moved onto the new anchor
+            send delta_t in the background; train round t + 1 meanwhile
+
+        The last round (and the one at which the workers agreed to stop) exchanges in the round and
+        ends on the anchor, as without overlap."""
+        t0 = time.perf_counter()
+        sent0, recv0 = self.transport.counter.sent, self.transport.counter.recv
+        params = params_of(model)
+        assert self._base is not None, "start() comes before the first sync"
+        if len(self._buffers) < 2:  # the round in flight owns one buffer, this round the other
+            self._buffers = [self.anchor.empty_like(), self.anchor.empty_like()]
+        delta = self._buffers[self.rounds % 2]
+        for b, p, d in zip(self.anchor.split(self._base), params, self.anchor.split(delta)):
+            torch.sub(b, p.detach(), out=d)
+        checked = all_finite([delta])
+        if tail.contributes and not checked:
+            log.warning("non-finite pseudo-gradient on rank %d: not sending it this round", self.transport.rank)
+            tail.contributes = False
+        round_idx = self.rounds
+        self.rounds += 1
+        tails = torch.zeros(1, TAIL_LEN, dtype=torch.float64)  # nothing applied yet (the first round)
+        committed, reason, failure = True, "first round of outer.overlap: its exchange runs behind the next", None
+        seen = self._pending is not None
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            try:
+                result = pending.result()
+            except TransportError as e:
+                log.error("outer sync failed on rank %d: %s", self.transport.rank, e)
+                return self._report(False, t0, sent0, recv0, tails, reason=repr(e), failure=Failure.TRANSPORT)
+            tails = result.tails
+            committed, reason = self._apply(result)
+            failure = None if committed else Failure.NO_CONTRIBUTION
+        if not checked:
+            delta.zero_()  # the local progress is lost: restart from the anchor
+        # a stop is agreed from the tails every worker received (round t - 1's), never from its own
+        stop = seen and bool(tails.sum(0)[TAIL_STOP] > 0)
+        if tail.last or stop:  # finish in this round: everyone ends on the same anchor
+            earlier = int(tails.sum(0)[TAIL_TOKENS]) if self.rounds > 1 else 0
+            try:
+                result = self.exchange.mean_flat(delta, tail.tensor(), round_idx, finite=True)
+            except TransportError as e:
+                log.error("outer sync failed on rank %d: %s", self.transport.rank, e)
+                return self._report(False, t0, sent0, recv0, tails, reason=repr(e), failure=Failure.TRANSPORT)
+            committed, reason = self._apply(result)
+            self.anchor.restore_into(params)
+            self._base.copy_(self.anchor.flat)
+            failure = None if committed else Failure.NO_CONTRIBUTION
+            report = self._report(committed, t0, sent0, recv0, result.tails, reason=reason, failure=failure)
+            return dataclasses.replace(report, stop=report.stop or stop, tokens=report.tokens + earlier)
+        for a, d, b, p in zip(self.anchor.params, self.anchor.split(delta), self.anchor.split(self._base), params):
+            torch.sub(a, d, out=b)
+            p.copy_(b)
+            if p.dtype != b.dtype:
+                b.copy_(p)  # measure the next round's progress from what the model holds
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="dilo-overlap")
+        self._pending = self._pool.submit(self.exchange.mean_flat, delta, tail.tensor(), round_idx, finite=True)
+        return self._report(committed, t0, sent0, recv0, tails, reason=reason, failure=failure, stop=stop)
+
+    def _apply(self, result: ExchangeResult) -> tuple[bool, str]:
+        """One outer step on the anchor with the exchanged mean: (committed, reason)."""
+        if result.flat is None:
+            return False, "no worker contributed"
+        for a, g in zip(self.anchor.params, self.anchor.split(result.flat)):
+            a.grad = g
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True, ""
+
+    def _finish_pending(self) -> ExchangeResult | None:
+        """Wait for the exchange in flight (a checkpoint holds its result, not a half-done collective)."""
+        if self._pending is None:
+            return None
+        result = self._pending.result()
+        self._pending = _done(result)
+        return result
+
     def _report(
         self,
         committed: bool,
@@ -148,6 +247,7 @@ class DiLoCo:
         tails: torch.Tensor,
         reason: str = "",
         failure: Failure | None = None,
+        stop: bool | None = None,
     ) -> SyncReport:
         total = tails.sum(0)
         return SyncReport(
@@ -156,7 +256,7 @@ class DiLoCo:
             bytes_sent=self.transport.counter.sent - sent0,
             bytes_recv=self.transport.counter.recv - recv0,
             sync_s=time.perf_counter() - t0,
-            stop=bool(total[TAIL_STOP] > 0),
+            stop=bool(total[TAIL_STOP] > 0) if stop is None else stop,
             tokens=int(total[TAIL_TOKENS]),
             reason=reason,
             failure=failure,
@@ -164,12 +264,19 @@ class DiLoCo:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "anchor": [a.detach() for a in self.anchor.params],
             "optimizer": self.optimizer.state_dict(),
             "rounds": self.rounds,
             "exchange": self.exchange.state_dict(),
         }
+        if self.overlap:
+            pending = self._finish_pending()
+            state["overlap"] = {
+                "base": self._base,
+                "pending": None if pending is None else {"flat": pending.flat, "tails": pending.tails},
+            }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -178,3 +285,18 @@ class DiLoCo:
         self.optimizer.load_state_dict(state["optimizer"])
         self.rounds = int(state["rounds"])
         self.exchange.load_state_dict(state["exchange"])
+        if self.overlap:
+            saved = state.get("overlap")
+            if saved is None:
+                raise ConfigError(
+                    "this checkpoint was written without outer.overlap: resume it with outer.overlap=false"
+                )
+            self._base = saved["base"].clone()
+            pending = saved["pending"]
+            self._pending = None if pending is None else _done(ExchangeResult(pending["flat"], pending["tails"]))
+
+
+def _done(result: ExchangeResult) -> Future[ExchangeResult]:
+    future: Future[ExchangeResult] = Future()
+    future.set_result(result)
+    return future

@@ -6,6 +6,8 @@ collectives, so the fast paths can be checked against them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -62,3 +64,38 @@ def diloco_round(
     """One DiLoCo outer step from the workers' end-of-round parameters."""
     delta = mean_pseudo_grad(anchor, workers, weights)
     return nesterov_step(anchor, delta, momentum_buf, lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def overlapped_diloco(
+    anchor: list[Tensor],
+    move: Callable[[int, int, list[Tensor]], list[Tensor]],
+    rounds: int,
+    workers: int,
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+) -> tuple[list[Tensor], list[list[Tensor]]]:
+    """outer.overlap, one loop over rounds and workers. move(t, i, x): what worker i's inner steps
+    subtract from its parameters x in round t. Round t's mean is applied at the end of round t + 1,
+    whose own progress (delta_i = base_i - x_i) is then moved onto the new anchor; the last round
+    exchanges at once and everyone ends on the anchor. Returns (anchor, each worker's parameters)."""
+    n = workers
+    g, buf = [a.clone() for a in anchor], None
+    x = [[a.clone() for a in anchor] for _ in range(n)]
+    base = [[a.clone() for a in anchor] for _ in range(n)]
+    pending: list[Tensor] | None = None
+    for t in range(rounds):
+        x = [[p - m for p, m in zip(x[i], move(t, i, x[i]))] for i in range(n)]
+        deltas = [[b - p for b, p in zip(base[i], x[i])] for i in range(n)]
+        mean = [torch.stack([d[j] for d in deltas]).double().mean(0).float() for j in range(len(g))]
+        if pending is not None:
+            g, buf = nesterov_step(g, pending, buf, lr=lr, momentum=momentum, nesterov=nesterov)
+        if t == rounds - 1:
+            g, buf = nesterov_step(g, mean, buf, lr=lr, momentum=momentum, nesterov=nesterov)
+            x = [[a.clone() for a in g] for _ in range(n)]
+        else:
+            x = [[a - d for a, d in zip(g, deltas[i])] for i in range(n)]
+            base = [[p.clone() for p in x[i]] for i in range(n)]
+            pending = mean
+    return g, x

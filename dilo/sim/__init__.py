@@ -63,6 +63,11 @@ def simulate(cfg: RunConfig, *, timeout_s: float | None = None) -> dict[str, Any
             "dilo sim runs DiLoCo, FedAvg, DDP and async; gossip talks over real sockets: try it with "
             "`dilo run configs/gossip.toml` on loopback"
         )
+    if getattr(cfg.outer, "overlap", False):
+        raise ConfigError(
+            "dilo sim does not model outer.overlap (its exchange runs on a background thread of a real "
+            "process group): set outer.overlap=false, or run it with `dilo run`"
+        )
     cfg = cfg.model_copy(update={"log": cfg.log.model_copy(update={"progress": False})})
     n = cfg.workers
     sched = Scheduler()

@@ -105,6 +105,13 @@ class StaticWorld(Closing):
         )
         self._transports.append(self.transport)
         self.outer_transport = self.transport
+        if k == 1 and getattr(self.cfg.outer, "overlap", False):
+            # the overlapped exchange runs on a background thread: a group of its own, so that it
+            # never interleaves with the validation and totals collectives of the loop's thread
+            self.outer_transport = TorchDistTransport(
+                store, placement.rank, placement.size, backend=t.backend, timeout_s=t.timeout_s, prefix="dilo/outer"
+            )
+            self._transports.append(self.outer_transport)
         if k > 1:
             self.group = TorchDistTransport(
                 store, local, k, backend=t.backend, timeout_s=t.timeout_s, prefix=f"dilo/island{island}"
