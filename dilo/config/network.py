@@ -78,8 +78,10 @@ class MembershipConfig(Frozen):
     from the environment, else host-pid."""
     heartbeat_s: float = Field(1.0, gt=0.0)
     """Seconds between two heartbeats of a worker."""
-    heartbeat_timeout_s: float = Field(10.0, gt=0.0)
-    """A worker silent for this long leaves the view."""
+    heartbeat_timeout_s: float = Field(5.0, gt=0.0)
+    """A worker silent for this long leaves the view (five missed heartbeats by default: a dead
+    worker's round closes about 5 s after its last heartbeat; heartbeats have a thread and socket of
+    their own, so a busy worker keeps sending them)."""
     round_timeout_s: float = Field(120.0, gt=0.0)
     """A synchronous round closes at this deadline with whoever pushed (at least min_workers)."""
     min_workers: int = Field(1, gt=0)
