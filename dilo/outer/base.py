@@ -283,14 +283,16 @@ class Anchor:
         return torch.empty_like(self.flat)
 
     @torch.no_grad()
-    def pseudo_grad(self, params: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
+    def pseudo_grad(self, params: Sequence[Tensor], out: Tensor | None = None, base: Tensor | None = None) -> Tensor:
         """delta = anchor - params (old minus new, so it points like a gradient), one pass per
-        parameter into a flat buffer: `out`, or one the anchor keeps and overwrites next call."""
+        parameter into a flat buffer: `out`, or one the anchor keeps and overwrites next call.
+        base: a flat vector laid out like the anchor to measure from instead of the anchor."""
         if out is None:
             if self._delta is None:
                 self._delta = self.empty_like()
             out = self._delta
-        for a, p, d in zip(self.params, params, self.split(out)):
+        start = self.params if base is None else self.split(base)
+        for a, p, d in zip(start, params, self.split(out)):
             torch.sub(a, p.detach(), out=d)
         return out
 

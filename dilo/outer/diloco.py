@@ -129,11 +129,7 @@ class DiLoCo:
         t0 = time.perf_counter()
         sent0, recv0 = self.transport.counter.sent, self.transport.counter.recv
         params = params_of(model)
-        delta = self.anchor.pseudo_grad(params)
-        checked = all_finite([delta])
-        if tail.contributes and not checked:
-            log.warning("non-finite pseudo-gradient on rank %d: not sending it this round", self.transport.rank)
-            tail.contributes = False
+        delta, checked = self._pseudo_grad(params, tail)
         round_idx = self.rounds
         self.rounds += 1
         try:
@@ -143,17 +139,20 @@ class DiLoCo:
             self.anchor.restore_into(params)
             tails = tail.tensor().reshape(1, -1)
             return self._report(False, t0, sent0, recv0, tails, reason=repr(e), failure=Failure.TRANSPORT)
-        if result.flat is None:
-            self.anchor.restore_into(params)
-            return self._report(
-                False, t0, sent0, recv0, result.tails, reason="no worker contributed", failure=Failure.NO_CONTRIBUTION
-            )
-        for a, g in zip(self.anchor.params, self.anchor.split(result.flat)):
-            a.grad = g
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        committed, reason = self._apply(result)
         self.anchor.restore_into(params)
-        return self._report(True, t0, sent0, recv0, result.tails)
+        failure = None if committed else Failure.NO_CONTRIBUTION
+        return self._report(committed, t0, sent0, recv0, result.tails, reason=reason, failure=failure)
+
+    def _pseudo_grad(self, params: list[nn.Parameter], tail: Tail, **where: Any) -> tuple[torch.Tensor, bool]:
+        """The round's flat pseudo-gradient (Anchor.pseudo_grad's `out` / `base`) and whether it is
+        finite; a non-finite one is not sent (the tail stops contributing)."""
+        delta = self.anchor.pseudo_grad(params, **where)
+        checked = all_finite([delta])
+        if tail.contributes and not checked:
+            log.warning("non-finite pseudo-gradient on rank %d: not sending it this round", self.transport.rank)
+            tail.contributes = False
+        return delta, checked
 
     def _sync_overlapped(self, model: nn.Module, tail: Tail) -> SyncReport:
         """One-step-delayed outer step (outer.overlap; docs/ALGORITHMS.md):
@@ -171,13 +170,7 @@ class DiLoCo:
         assert self._base is not None, "start() comes before the first sync"
         if len(self._buffers) < 2:  # the round in flight owns one buffer, this round the other
             self._buffers = [self.anchor.empty_like(), self.anchor.empty_like()]
-        delta = self._buffers[self.rounds % 2]
-        for b, p, d in zip(self.anchor.split(self._base), params, self.anchor.split(delta)):
-            torch.sub(b, p.detach(), out=d)
-        checked = all_finite([delta])
-        if tail.contributes and not checked:
-            log.warning("non-finite pseudo-gradient on rank %d: not sending it this round", self.transport.rank)
-            tail.contributes = False
+        delta, checked = self._pseudo_grad(params, tail, out=self._buffers[self.rounds % 2], base=self._base)
         round_idx = self.rounds
         self.rounds += 1
         tails = torch.zeros(1, TAIL_LEN, dtype=torch.float64)  # nothing applied yet (the first round)

@@ -178,15 +178,11 @@ class Exchange:
         self.seed = seed
         self.bucket_mb = bucket_mb
         self.shapes = shapes
+        self.numels = [s.numel() for s in shapes]
         self.groups = build_groups(names, shapes, spec, bucket_mb)
 
     def describe(self) -> list[str]:
-        return [
-            f"{g.label}: {_plain(g.codec)!r} via {g.kind}"
-            + (" + error feedback" if g.feedback else "")
-            + f", {g.layout.total:,} values"
-            for g in self.groups
-        ]
+        return describe_groups(self.groups)
 
     # -----------------------------------------------------------------------------------------
 
@@ -265,11 +261,7 @@ class Exchange:
             else:
                 g.put(out, mean_flat)
         assert out is not None
-        return ExchangeResult(out, tails, [v.view(s) for v, s in zip(torch.split(out, self._numels), self.shapes)])
-
-    @property
-    def _numels(self) -> list[int]:
-        return [s.numel() for s in self.shapes]
+        return ExchangeResult(out, tails, [v.view(s) for v, s in zip(torch.split(out, self.numels), self.shapes)])
 
     def _all_reduce(self, codec: Codec, flat: Tensor, ctx: Context, mine: float, total: float) -> Tensor:
         e = codec.encode(flat, ctx)
