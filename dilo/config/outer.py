@@ -45,6 +45,46 @@ class DiLoCoConfig(KeepsLocal):
     """One-step-delayed outer step: the exchange of round t runs in the background while round
     t + 1 trains; its outer step is applied at the end of round t + 1, and that round's local
     progress is moved onto the new anchor (docs/ALGORITHMS.md). Static worlds (Gloo, NCCL)."""
+    fragments: int = Field(1, ge=1)
+    """Streaming DiLoCo (Douillard et al., arXiv:2501.18512): P fragments of whole transformer
+    blocks, synced on a staggered schedule: one fragment every inner_steps / P steps, each one
+    every inner_steps. 1: the whole model at once. Static worlds (Gloo, NCCL)."""
+    fragment_pattern: Literal["strided", "sequential"] = "strided"
+    """Which blocks make a fragment: strided (fragment p holds blocks p, p + P, ...; the paper's
+    choice) or sequential (consecutive blocks)."""
+    fragment_delay: int = Field(0, ge=0)
+    """tau: inner steps a fragment's exchange runs in the background before its outer step is
+    applied (the paper uses 1 to 5). 0: applied in the step it is sent. Below inner_steps / P."""
+    mixing: float = Field(0.5, ge=0.0, le=1.0)
+    """alpha: after its outer step a fragment becomes alpha * local + (1 - alpha) * global, so
+    the tau steps trained meanwhile are half kept at 0.5; 0 keeps only the global value."""
+
+    @property
+    def streaming(self) -> bool:
+        """Streaming DiLoCo is on: several fragments, or a delayed outer step."""
+        return self.fragments > 1 or self.fragment_delay > 0
+
+    @model_validator(mode="after")
+    def _check_streaming(self) -> DiLoCoConfig:
+        if not self.streaming:
+            return self
+        if self.overlap:
+            raise ValueError(
+                "outer.overlap and Streaming DiLoCo (outer.fragments / outer.fragment_delay) both hide the "
+                "exchange behind compute: choose one"
+            )
+        if self.inner_steps % self.fragments:
+            raise ValueError(
+                f"outer.inner_steps={self.inner_steps} must be a multiple of outer.fragments={self.fragments}: "
+                "one fragment syncs every inner_steps / fragments steps"
+            )
+        period = self.inner_steps // self.fragments
+        if self.fragment_delay >= period:
+            raise ValueError(
+                f"outer.fragment_delay={self.fragment_delay} must be below inner_steps / fragments = {period}: "
+                "a fragment's outer step lands before the next fragment is sent"
+            )
+        return self
 
 
 class FedAvgConfig(KeepsLocal):

@@ -129,6 +129,12 @@ class RunConfig(Frozen):
                 "outer.overlap runs the exchange behind the next round over torch.distributed: it needs "
                 "membership.kind='static' (torchrun, Slurm, `dilo run`); set outer.overlap=false"
             )
+        if isinstance(self.outer, DiLoCoConfig) and self.outer.streaming and self.membership.kind != "static":
+            raise ValueError(
+                "Streaming DiLoCo (outer.fragments / outer.fragment_delay) exchanges fragments over "
+                "torch.distributed: it needs membership.kind='static' (torchrun, Slurm, `dilo run`); "
+                "set outer.fragments=1 and outer.fragment_delay=0"
+            )
         if self.inner.warmup_steps >= self.steps:
             raise ValueError(f"inner.warmup_steps={self.inner.warmup_steps} must be below steps={self.steps}")
         return self

@@ -11,6 +11,7 @@ that are shared (dilo/adapters.py `SharedView`); the island still averages every
 | outer.kind        | static world (torchrun, `dilo run`) | coordinator            | gossip         |
 |-------------------|-------------------------------------|------------------------|----------------|
 | diloco / fedavg   | DiLoCo over the lead ranks' group   | StarDiLoCo             | -              |
+| diloco, streaming | StreamingDiLoCo (same group)        | refused                | -              |
 | ddp               | DDP over every rank                 | refused                | -              |
 | async             | refused (config validation)         | AsyncLocalSGD          | -              |
 | gossip            | -                                   | -                      | Gossip (P2P)   |
@@ -33,6 +34,7 @@ from dilo.outer.diloco import DiLoCo
 from dilo.outer.gossip import Gossip
 from dilo.outer.island import IslandSync
 from dilo.outer.star import StarDiLoCo
+from dilo.outer.streaming import StreamingDiLoCo
 
 
 def build_strategy(cfg: RunConfig, model: nn.Module, links: Links) -> Strategy:
@@ -74,6 +76,22 @@ def _lead_strategy(
     if links.outer is None:
         raise ConfigError(f"outer.kind={o.kind!r} needs a static world's transport or a coordinator")
     momentum, nesterov = (o.momentum, o.nesterov) if isinstance(o, DiLoCoConfig) else (0.0, False)
+    if isinstance(o, DiLoCoConfig) and o.streaming:
+        return StreamingDiLoCo(
+            model,
+            links.outer,
+            inner_steps=o.inner_steps,
+            fragments=o.fragments,
+            delay=o.fragment_delay,
+            mixing=o.mixing,
+            pattern=o.fragment_pattern,
+            lr=o.lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            codec=cfg.codec,
+            seed=cfg.seed,
+            bucket_mb=cfg.transport.bucket_mb,
+        )
     return DiLoCo(
         model,
         links.outer,

@@ -99,3 +99,68 @@ def overlapped_diloco(
             base = [[p.clone() for p in x[i]] for i in range(n)]
             pending = mean
     return g, x
+
+
+def streaming_diloco(
+    anchor: list[Tensor],
+    fragment: list[int],
+    move: Callable[[int, int, list[Tensor]], list[Tensor]],
+    steps: int,
+    workers: int,
+    *,
+    inner_steps: int,
+    fragments: int,
+    delay: int,
+    alpha: float,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+) -> tuple[list[Tensor], list[list[Tensor]]]:
+    """Streaming DiLoCo, one loop over inner steps and workers. fragment[j]: parameter j's
+    fragment. move(s, i, x): what worker i's inner step s subtracts from its parameters x.
+    Fragment (k - 1) mod P is sent after step k * H / P and applied `delay` steps later (at once
+    when 0): outer SGD on its parameters only, then x <- alpha * x + (1 - alpha) * anchor. The last
+    step applies the fragment in flight, exchanges every fragment's progress, takes one outer step
+    of all of them and puts every worker on the anchor. Returns (anchor, each worker's parameters)."""
+    n, period = workers, inner_steps // fragments
+    g = [a.clone() for a in anchor]
+    buf: list[Tensor | None] = [None] * len(g)  # per-parameter momentum, from its first outer step
+    x = [[a.clone() for a in anchor] for _ in range(n)]
+
+    def mean_delta(j: int) -> Tensor:
+        return torch.stack([g[j] - x[i][j] for i in range(n)]).double().mean(0).float()
+
+    def outer_step(means: dict[int, Tensor]) -> None:
+        for j, d in means.items():
+            if momentum == 0.0:
+                g[j] = g[j] - lr * d
+                continue
+            prev = buf[j]
+            m = d.clone() if prev is None else momentum * prev + d
+            buf[j] = m
+            g[j] = g[j] - lr * (d + momentum * m if nesterov else m)
+
+    def apply(q: int, means: dict[int, Tensor]) -> None:
+        outer_step(means)
+        for i in range(n):
+            for j in means:
+                x[i][j] = torch.lerp(x[i][j], g[j], 1.0 - alpha)
+
+    pending: tuple[int, dict[int, Tensor]] | None = None
+    for s in range(steps):
+        x = [[p - m for p, m in zip(x[i], move(s, i, x[i]))] for i in range(n)]
+        c = s + 1
+        if pending is not None and (c == steps or (c - delay) % period == 0):
+            apply(*pending)
+            pending = None
+        if c == steps:
+            outer_step({j: mean_delta(j) for j in range(len(g))})
+            x = [[a.clone() for a in g] for _ in range(n)]
+            break
+        if c % period == 0:
+            q = (c // period - 1) % fragments
+            pending = (q, {j: mean_delta(j) for j in range(len(g)) if fragment[j] == q})
+            if delay == 0:
+                apply(*pending)
+                pending = None
+    return g, x

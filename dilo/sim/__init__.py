@@ -68,6 +68,11 @@ def simulate(cfg: RunConfig, *, timeout_s: float | None = None) -> dict[str, Any
             "dilo sim does not model outer.overlap (its exchange runs on a background thread of a real "
             "process group): set outer.overlap=false, or run it with `dilo run`"
         )
+    if getattr(cfg.outer, "streaming", False):
+        raise ConfigError(
+            "dilo sim does not model Streaming DiLoCo (its fragments are exchanged on a background thread "
+            "of a real process group): set outer.fragments=1 and outer.fragment_delay=0, or use `dilo run`"
+        )
     cfg = cfg.model_copy(update={"log": cfg.log.model_copy(update={"progress": False})})
     n = cfg.workers
     sched = Scheduler()

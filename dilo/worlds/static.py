@@ -105,8 +105,8 @@ class StaticWorld(Closing):
         )
         self._transports.append(self.transport)
         self.outer_transport = self.transport
-        if k == 1 and getattr(self.cfg.outer, "overlap", False):
-            # the overlapped exchange runs on a background thread: a group of its own, so that it
+        if k == 1 and (getattr(self.cfg.outer, "overlap", False) or getattr(self.cfg.outer, "streaming", False)):
+            # the overlapped / streamed exchange runs on a background thread: a group of its own, so that it
             # never interleaves with the validation and totals collectives of the loop's thread
             self.outer_transport = TorchDistTransport(
                 store, placement.rank, placement.size, backend=t.backend, timeout_s=t.timeout_s, prefix="dilo/outer"
