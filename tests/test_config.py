@@ -49,7 +49,7 @@ def test_overrides_are_typed_and_nested() -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["--outer.lrr=1"], "unknown key 'outer.lrr'; allowed keys here: inner_steps, kind, local, lr, momentum"),
+        (["--outer.lrr=1"], "unknown key 'outer.lrr'; allowed keys here: fragment_delay, fragment_pattern"),
         (["--bogus=1"], "unknown key 'bogus'"),
         (["--outer.kind=foo"], "'diloco', 'fedavg', 'ddp'"),
         (["--inner.precision=fp8"], "inner.precision: Input should be 'fp32', 'bf16' or 'auto' (got 'fp8')"),

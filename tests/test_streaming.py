@@ -12,10 +12,12 @@ from torch import nn
 
 from dilo.config import CodecSpec
 from dilo.errors import ConfigError
+from dilo.metrics import read_jsonl
 from dilo.model import param_names
 from dilo.outer import reference
 from dilo.outer.base import Tail, params_of
 from dilo.outer.streaming import StreamingDiLoCo, fragment_of
+from dilo.state import load_worker_state, rounds_of
 from dilo.transport.torch_dist import TorchDistTransport, connect_store
 from tests.conftest import run_workers, tiny_config, train_threads, write_toml
 from tests.test_outer import _drift
@@ -186,10 +188,10 @@ def test_streaming_config_is_validated(tmp_path: Path, corpus_dir: Path) -> None
         tiny_config(tmp_path, corpus_dir, outer=outer(fragments=2), membership={"kind": "coordinator"})
 
 
-def _streaming_config(tmp_path: Path, corpus_dir: Path):
+def _streaming_config(tmp_path: Path, corpus_dir: Path, **kw):
     model = {"n_layer": 2, "n_head": 2, "d_model": 32, "context": 32}
     outer = {"kind": "diloco", "inner_steps": 4, "fragments": 2, "fragment_delay": 1, "lr": 0.4}
-    return tiny_config(tmp_path, corpus_dir, model=model, outer=outer, codec={"kind": "int4", "block": 32})
+    return tiny_config(tmp_path, corpus_dir, model=model, outer=outer, codec={"kind": "int4", "block": 32}, **kw)
 
 
 def _same_final_anchor(run_dir: Path, n: int) -> None:
@@ -220,3 +222,15 @@ def test_streaming_trains_processes(tmp_path: Path, corpus_dir: Path) -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     _same_final_anchor(tmp_path, 2)
+
+
+def test_streaming_islands_of_two_ranks(tmp_path: Path, corpus_dir: Path) -> None:
+    """2 islands x 2 ranks: the lead ranks stream the fragments, each island follows its lead."""
+    train_threads(_streaming_config(tmp_path, corpus_dir, transport={"timeout_s": 20, "island_ranks": 2}), 4)
+    names = ["worker0", "worker0.1", "worker1", "worker1.1"]
+    logs = {n: [r for r in read_jsonl(tmp_path / "logs" / f"{n}.jsonl") if r["event"] == "round"] for n in names}
+    for i in range(len(logs["worker0"])):
+        assert len({log[i]["anchor_hash"] for log in logs.values()}) == 1
+    ckpt = tmp_path / "checkpoints"
+    finals = [load_worker_state(ckpt, rounds_of(ckpt, n)[-1], n)["params"] for n in names]
+    assert all(torch.equal(a, b) for f in finals[1:] for a, b in zip(finals[0], f))

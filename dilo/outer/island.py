@@ -46,8 +46,10 @@ log = logging.getLogger("dilo.outer.island")
     H_STALENESS,
     H_SCHEDULE,
     H_ROUND_STEPS,
-) = range(12)
-HEADER_LEN = 12
+    H_HASH_HI,
+    H_HASH_LO,
+) = range(14)
+HEADER_LEN = 14
 REASON_BYTES = 240
 
 
@@ -174,10 +176,16 @@ def _write_header(h: torch.Tensor, r: SyncReport, round_steps: int) -> None:
     h[H_STALENESS] = -1 if r.staleness is None else r.staleness
     h[H_SCHEDULE] = -1 if r.schedule_step is None else r.schedule_step
     h[H_ROUND_STEPS] = round_steps
+    # the lead's anchor hash (64 bits as two exact 32-bit halves): a follower's parameters need not
+    # be the anchor (outer.overlap, Streaming DiLoCo), so it reports the island's anchor, not its own
+    digest = int(r.anchor_hash, 16) if r.anchor_hash else -1
+    h[H_HASH_HI], h[H_HASH_LO] = (-1, -1) if digest < 0 else (digest >> 32, digest & 0xFFFFFFFF)
 
 
 def _read_header(h: torch.Tensor, reason: str, anchor_hash: str) -> SyncReport:
     committed = bool(h[H_COMMITTED] > 0)
+    if h[H_HASH_HI] >= 0:
+        anchor_hash = f"{(int(h[H_HASH_HI]) << 32) | int(h[H_HASH_LO]):016x}"
     return SyncReport(
         committed=committed,
         participants=int(h[H_PARTICIPANTS]),
