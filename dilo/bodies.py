@@ -176,8 +176,6 @@ class RoundResultBody(Reply):
     boot: str
     member_stats: dict[str, dict[str, float | None]] = Field(default_factory=dict)
     """Per contributing member: its update's norm and its cosine to the mean."""
-    left_out: list[str] = Field(default_factory=list)
-    """Members whose push overflowed the mean."""
     reason: str = ""
     """Why the round was not committed ("" when it was)."""
 

@@ -32,6 +32,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -139,9 +140,25 @@ def save_worker_state(ckpt_dir: Path, round_idx: int, who: str, state: dict[str,
 
     Returns the .json file that marks the pair complete. Raises OSError when the disk refuses.
     """
-    d = ckpt_dir / who
+    return write_snapshot(ckpt_dir, round_idx, who, snapshot(state), keep)
+
+
+Snapshot = tuple[str, dict[str, torch.Tensor]]
+"""A state dict as it will be written: its JSON (tensors replaced by markers) and private copies
+of its tensors."""
+
+
+def snapshot(state: dict[str, Any]) -> Snapshot:
+    """Copy a state's tensors (a memory copy, on the caller's thread), so that training can go on
+    changing them while the copy is written."""
     tensors: dict[str, torch.Tensor] = {}
     meta = json.dumps(split_tensors(state, "s", tensors))
+    return meta, tensors
+
+
+def write_snapshot(ckpt_dir: Path, round_idx: int, who: str, snap: Snapshot, keep: int = 2) -> Path:
+    meta, tensors = snap
+    d = ckpt_dir / who
     json_path = checkpoint_path(ckpt_dir, round_idx, who)
     for attempt in (1, 2):
         d.mkdir(parents=True, exist_ok=True)
@@ -160,6 +177,53 @@ def save_worker_state(ckpt_dir: Path, round_idx: int, who: str, state: dict[str,
             log.warning("%s vanished while writing %s (%s); recreating it and retrying once", d, json_path.name, e)
     _prune(d, keep)
     return json_path
+
+
+class CheckpointWriter:
+    """Checkpoints written behind training: `save` copies the state's tensors and returns; a
+    background thread writes the files (atomically, as `save_worker_state` does) while the next
+    round trains. One write at a time and in order: `save` first waits for the write before it,
+    so a crash loses at most the checkpoint being written, and the one before is complete.
+
+        writer = CheckpointWriter(ckpt_dir, "worker0")
+        failed = writer.save(round_idx, state)             # [(round, OSError)] found since the last call
+        failed = writer.save(round_idx, state, wait=True)  # ... this one's too (the end of a run)
+        writer.close()
+
+    A failing disk does not stop training: its OSError is handed back by a later `save` or
+    `wait`; any other error is raised there."""
+
+    def __init__(self, ckpt_dir: Path, who: str, keep: int = 2) -> None:
+        self.ckpt_dir, self.who, self.keep = ckpt_dir, who, keep
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[int, Future[Path]] | None = None
+
+    def save(self, round_idx: int, state: dict[str, Any], *, wait: bool = False) -> list[tuple[int, OSError]]:
+        failed = self.wait()
+        snap = snapshot(state)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"dilo-checkpoint-{self.who}")
+        future = self._pool.submit(write_snapshot, self.ckpt_dir, round_idx, self.who, snap, self.keep)
+        self._pending = (round_idx, future)
+        return failed + self.wait() if wait else failed
+
+    def wait(self) -> list[tuple[int, OSError]]:
+        """Wait for the write in flight: [(its round, its OSError)] if the disk refused it."""
+        if self._pending is None:
+            return []
+        (round_idx, future), self._pending = self._pending, None
+        try:
+            future.result()
+        except OSError as e:
+            return [(round_idx, e)]
+        return []
+
+    def close(self) -> list[tuple[int, OSError]]:
+        failed = self.wait()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        return failed
 
 
 def _prune(d: Path, keep: int) -> None:

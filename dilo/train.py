@@ -29,7 +29,7 @@ from dilo.inner import InnerLoop, resolve_precision
 from dilo.model import check_call, check_data_fits, model_vocab_size, num_params, params_of
 from dilo.process import apply_threads, install_stop_handlers, setup_logging
 from dilo.report import Totals, stopped_message, summarize, throughput, to_json
-from dilo.state import load_worker_state, save_worker_state
+from dilo.state import CheckpointWriter, load_worker_state
 from dilo.worlds import World
 
 log = logging.getLogger("dilo.train")
@@ -122,76 +122,90 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
     def sync_grads(_: torch.nn.Module) -> None:
         outer.sync_grads()  # DDP / islands: averaged here, before clipping
 
-    while not outer.done and outer.steps < world.step_limit:
-        t0, comm0 = clock.now(), outer.comm_s
-        clock.step_begin()
-        loss = inner.step(lambda: _to(island.next_batch(), device), grad_hook=sync_grads)
-        clock.step_done(clock.now() - t0 - (outer.comm_s - comm0))  # a slowed-down or simulated worker
-        bar.update()
-        report = outer.step(
-            loss=loss, tokens=tokens_per_step, inner_s=clock.now() - t0 - (outer.comm_s - comm0), stop=stop.is_set()
-        )
-        if report is None:
-            continue
-        # ---------------------------------------------------------------- end of a round
-        sync = report.sync
-        if sync.schedule_step is not None:
-            inner.step_count = sync.schedule_step  # async: the schedule follows the world's progress
-        rounds_this_call += 1
-        totals.tokens += report.tokens // world.island_ranks  # this rank's share
-        totals.global_tokens += sync.tokens
-        totals.inner_s += report.inner_s
-        totals.sync_s += report.sync_s + report.comm_s
-        val_loss, eval_t0 = None, clock.now()
-        if outer.done or (cfg.log.eval_every and outer.rounds % cfg.log.eval_every == 0):
-            val_loss = totals.val_loss = world.evaluate(model, val_batches)
-        totals.eval_s += clock.now() - eval_t0
-        totals.bytes_sent, totals.bytes_recv = world.counter.sent - bytes0[0], world.counter.recv - bytes0[1]
-        totals.wall_s = clock.now() - wall_t0
-        # checkpoint before the round's record, which says whether it failed
-        stopping = sync.stop or (max_rounds is not None and rounds_this_call >= max_rounds)
-        checkpoint_error = None
-        if outer.done or stopping or (cfg.checkpoint.every and outer.rounds % cfg.checkpoint.every == 0):
-            state = {**outer.state_dict(), "loop": {"inner_step": inner.step_count}}
-            state.update(data=island.state_dict(), rng=torch.get_rng_state(), totals=totals.state_dict())
-            try:
-                save_worker_state(ckpt_dir, outer.rounds, world.log_name, state)
-            except OSError as e:  # a full or failing disk costs this checkpoint, not the run
-                checkpoint_error = f"{e.filename or ckpt_dir}: {e.strerror or e}"
-                going_on = "" if outer.done or stopping else "; training goes on"
-                log.error("round %d: checkpoint failed%s: %s", outer.rounds, going_on, checkpoint_error)
-        record = {
-            "event": "round",
-            **{"round": outer.rounds, "step": outer.steps, "tokens": totals.tokens},
-            **{"global_tokens": totals.global_tokens, "loss": report.loss, "val_loss": val_loss, "lr": inner.lr},
-            **{"bytes_sent": sync.bytes_sent, "bytes_recv": sync.bytes_recv},
-            **{"cum_bytes_sent": totals.bytes_sent, "cum_bytes_recv": totals.bytes_recv},
-            **{"inner_s": report.inner_s, "sync_s": report.sync_s + report.comm_s, "eval_s": clock.now() - eval_t0},
-            **{"round_s": clock.now() - round_t0, "wall_s": totals.wall_s, "time": clock.now()},
-            **throughput(report.tokens / world.island_ranks, report.inner_s, flops_per_token, cfg.log.peak_tflops),
-            **{"committed": sync.committed, "participants": sync.participants, "anchor_hash": sync.anchor_hash},
-            "reason": sync.reason,
-            "failure": sync.failure.value if sync.failure is not None else None,
-            "version": sync.version if sync.version >= 0 else outer.rounds_committed,
-            **sync.extra,
-        }
-        if checkpoint_error is not None:
-            record["checkpoint_error"] = checkpoint_error
-        sink.write(record)
-        bar.show(
-            round=outer.rounds,
-            loss=report.loss,
-            val=totals.val_loss if totals.val_loss is not None else "-",
-            tok_s=int(totals.global_tokens / max(totals.wall_s, 1e-9)),
-            sent=metrics.human_bytes(totals.bytes_sent),
-        )
-        round_t0 = clock.now()
-        if stopping and not outer.done:
-            stopped = True
-            message = stopped_message(outer.rounds, outer.steps, checkpoint_error, ckpt_dir, world.log_name)
-            if checkpoint_error is not None or main:  # a failed checkpoint is this worker's own news
-                bar.print(message)
-            break
+    writer = CheckpointWriter(ckpt_dir, world.log_name)
+    record_errors: list[str] = []  # failed checkpoints, for the next round's record
+    try:
+        while not outer.done and outer.steps < world.step_limit:
+            t0, comm0 = clock.now(), outer.comm_s
+            clock.step_begin()
+            loss = inner.step(lambda: _to(island.next_batch(), device), grad_hook=sync_grads)
+            clock.step_done(clock.now() - t0 - (outer.comm_s - comm0))  # a slowed-down or simulated worker
+            bar.update()
+            report = outer.step(
+                loss=loss, tokens=tokens_per_step, inner_s=clock.now() - t0 - (outer.comm_s - comm0), stop=stop.is_set()
+            )
+            if report is None:
+                continue
+            # ---------------------------------------------------------------- end of a round
+            sync = report.sync
+            if sync.schedule_step is not None:
+                inner.step_count = sync.schedule_step  # async: the schedule follows the world's progress
+            rounds_this_call += 1
+            totals.tokens += report.tokens // world.island_ranks  # this rank's share
+            totals.global_tokens += sync.tokens
+            totals.inner_s += report.inner_s
+            totals.sync_s += report.sync_s + report.comm_s
+            val_loss, eval_t0 = None, clock.now()
+            if outer.done or (cfg.log.eval_every and outer.rounds % cfg.log.eval_every == 0):
+                val_loss = totals.val_loss = world.evaluate(model, val_batches)
+            totals.eval_s += clock.now() - eval_t0
+            totals.bytes_sent, totals.bytes_recv = world.counter.sent - bytes0[0], world.counter.recv - bytes0[1]
+            totals.wall_s = clock.now() - wall_t0
+            # checkpoint before the round's record, which says whether it failed
+            stopping = sync.stop or (max_rounds is not None and rounds_this_call >= max_rounds)
+            checkpoint_error, failed = None, []
+            final = outer.done or stopping
+            if final or (cfg.checkpoint.every and outer.rounds % cfg.checkpoint.every == 0):
+                state = {**outer.state_dict(), "loop": {"inner_step": inner.step_count}}
+                state.update(data=island.state_dict(), rng=torch.get_rng_state(), totals=totals.state_dict())
+                # written behind the next round; the run's last one is waited for
+                failed = writer.save(outer.rounds, state, wait=final)
+            for r, e in failed:  # a full or failing disk costs that checkpoint, not the run
+                error = f"{e.filename or ckpt_dir}: {e.strerror or e}"
+                going_on = "" if final and r == outer.rounds else "; training goes on"
+                log.error("round %d: checkpoint failed%s: %s", r, going_on, error)
+                if r == outer.rounds:
+                    checkpoint_error = error
+                else:
+                    record_errors.append(error)
+            record = {
+                "event": "round",
+                **{"round": outer.rounds, "step": outer.steps, "tokens": totals.tokens},
+                **{"global_tokens": totals.global_tokens, "loss": report.loss, "val_loss": val_loss, "lr": inner.lr},
+                **{"bytes_sent": sync.bytes_sent, "bytes_recv": sync.bytes_recv},
+                **{"cum_bytes_sent": totals.bytes_sent, "cum_bytes_recv": totals.bytes_recv},
+                **{"inner_s": report.inner_s, "sync_s": report.sync_s + report.comm_s, "eval_s": clock.now() - eval_t0},
+                **{"round_s": clock.now() - round_t0, "wall_s": totals.wall_s, "time": clock.now()},
+                **throughput(report.tokens / world.island_ranks, report.inner_s, flops_per_token, cfg.log.peak_tflops),
+                **{"committed": sync.committed, "participants": sync.participants, "anchor_hash": sync.anchor_hash},
+                "reason": sync.reason,
+                "failure": sync.failure.value if sync.failure is not None else None,
+                "version": sync.version if sync.version >= 0 else outer.rounds_committed,
+                **sync.extra,
+            }
+            if checkpoint_error is not None or record_errors:
+                record["checkpoint_error"] = "; ".join(
+                    [*record_errors, *([checkpoint_error] if checkpoint_error else [])]
+                )
+                record_errors.clear()
+            sink.write(record)
+            bar.show(
+                round=outer.rounds,
+                loss=report.loss,
+                val=totals.val_loss if totals.val_loss is not None else "-",
+                tok_s=int(totals.global_tokens / max(totals.wall_s, 1e-9)),
+                sent=metrics.human_bytes(totals.bytes_sent),
+            )
+            round_t0 = clock.now()
+            if stopping and not outer.done:
+                stopped = True
+                message = stopped_message(outer.rounds, outer.steps, checkpoint_error, ckpt_dir, world.log_name)
+                if checkpoint_error is not None or main:  # a failed checkpoint is this worker's own news
+                    bar.print(message)
+                break
+    finally:
+        for r, e in writer.close():
+            log.error("round %d: checkpoint failed: %s", r, e)
     bar.close()
 
     # summary, identical on every worker of a static world

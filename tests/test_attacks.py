@@ -313,16 +313,15 @@ def _three_pushes(coord: Coordinator, pushes: list[tuple[float, float]]) -> dict
     return {identity.decode(): m for identity, m in _replies(coord)}
 
 
-def test_a_push_that_overflows_the_mean_is_left_out(tmp_path: Path, corpus_dir: Path) -> None:
+def test_a_push_that_overflowed_a_float32_mean_leaves_it_finite(tmp_path: Path, corpus_dir: Path) -> None:
     coord = Coordinator(_cfg(tmp_path, corpus_dir, start_quorum=3), inproc=True)
-    before = [p.detach().clone() for p in coord.params]
-    # the largest weight accepted, times a finite float32 value: the float32 sum overflows
+    # the largest weight accepted times a finite float32 value overflowed the float32 sum; the
+    # float64 running sum holds it, and the mean is never larger than the largest value
     results = _three_pushes(coord, [(2.0**40, 1e30), (1.0, 1e-3), (1.0, 1e-3)])
     body = results["w1"].body
-    assert body["committed"] is True and body["participants"] == 2 and body["left_out"] == ["w0"]
+    assert body["committed"] is True and body["participants"] == 3
     assert all(bool(torch.isfinite(p).all()) for p in coord.params)
-    assert any(not torch.equal(p, b) for p, b in zip(coord.params, before))  # the others' mean was applied
-    assert coord.rejected["overflow"] == 1 and coord.status()["last_round"]["left_out"] == ["w0"]
+    assert body["member_stats"]["w0"]["norm"] > 1e30  # the operator sees who dominated the mean
 
 
 def test_an_outer_step_that_would_overflow_is_undone(tmp_path: Path, corpus_dir: Path) -> None:

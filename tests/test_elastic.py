@@ -840,8 +840,9 @@ def test_coordinator_sigkill_and_resume(tmp_path: Path, corpus_dir: Path) -> Non
     closed = [line for line in _tail(coord, 100_000).splitlines() if "closed:" in line]
     killed_at = int(closed[-1].rsplit("version ", 1)[1]) if closed else 0
     print(f"the killed coordinator had reached version {killed_at}")
-    assert resumed_at >= killed_at  # checkpoints are written before RESULTs: no version a worker saw is lost
-    assert final_version >= 12 - 1  # at most one round lost
+    # checkpoints are written behind the next round: at most the version being written is lost
+    assert resumed_at >= killed_at - 1
+    assert final_version >= 12 - 2  # the round in progress, and at most that version
     recs = [_records(_log(run, w)) for w in ("w0", "w1")]
     assert all(len(r) == 12 for r in recs)
     assert all(sum(x["reason"] == "round lost" for x in r) <= 1 for r in recs)

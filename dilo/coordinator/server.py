@@ -10,11 +10,15 @@ config fingerprint, tensor names, shapes, dtypes, finite values; dilo/bodies.py:
 bad message is answered with ERROR naming the cause, counted and logged; the state is untouched
 and the others are served.
 
-The state is checkpointed atomically every `coordinator.checkpoint_every` versions (before the
-replies that announce the version go out) and on the way out of serve(); `--resume` restarts
-from the newest checkpoint and the workers re-join with their ids, so a crash loses at most the
-round in progress. Every ACK, WELCOME and RESULT carries `boot`, an id of this process, so that
-workers notice a restart even when it was quicker than their request timeout.
+The state is checkpointed atomically every `coordinator.checkpoint_every` versions and on the
+way out of serve(). A version's checkpoint is a memory copy in the round's path; the files are
+written on a background thread while the workers train the next round (one write at a time, so
+the previous checkpoint is always complete). `--resume` restarts from the newest checkpoint and
+the workers re-join with their ids, so a crash loses the round in progress and at most one
+committed version (the one whose checkpoint was being written); workers that already hold it
+find the coordinator older than themselves and re-join from its state. Every ACK, WELCOME and
+RESULT carries `boot`, an id of this process, so that workers notice a restart even when it was
+quicker than their request timeout.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from dilo.errors import ConfigError
 from dilo.guard import RateLimiter, RejectLog
 from dilo.outer.base import tensor_digest
 from dilo.session import Sessions, challenge_reply
-from dilo.state import load_worker_state, rounds_of, save_worker_state
+from dilo.state import CheckpointWriter, load_worker_state, rounds_of, save_worker_state
 from dilo.transport.zmq_star import bind as zmq_bind
 from dilo.transport.zmq_star import frames_nbytes
 
@@ -94,6 +98,8 @@ class Coordinator:
         self.policy: RoundPolicy = build_policy(self)
         self.limits = self.policy.limits
         self.ckpt_dir = cfg.run_dir / "coordinator"
+        self.writer = CheckpointWriter(self.ckpt_dir, "coordinator")
+        self._hash: tuple[tuple[int, int, int], str] | None = None
         if resume:
             self._load_checkpoint()
         self.outbox: list[tuple[bytes, list[Any]]] = []
@@ -131,7 +137,12 @@ class Coordinator:
         return self.rejects.total
 
     def anchor_hash(self) -> str:
-        return tensor_digest(list(self.params))
+        """The global parameters' hash, computed once per version (RESULTs, handouts and logs of
+        one version share it)."""
+        key = (self.version, self.round_index, self.epoch)
+        if self._hash is None or self._hash[0] != key:
+            self._hash = (key, tensor_digest(list(self.params)))
+        return self._hash[1]
 
     # ------------------------------------------------------------------------------- sending
 
@@ -220,7 +231,8 @@ class Coordinator:
                 self.close()
 
     def close(self) -> None:
-        """Close the socket and its context; a second call does nothing."""
+        """Close the socket and its context (after the checkpoint in flight); a second call does nothing."""
+        self._log_failures(self.writer.close())
         sock, ctx, self.sock, self.ctx = self.sock, self.ctx, None, None
         if sock is not None:
             sock.close(0)
@@ -403,17 +415,24 @@ class Coordinator:
     # ------------------------------------------------------------------------------- checkpoints
 
     def checkpoint_due(self) -> None:
-        """Checkpoint a new version when `checkpoint_every` says so; a failing disk is logged and
-        the coordinator serves on (it must not strand the workers waiting for their replies)."""
+        """Checkpoint a new version when `checkpoint_every` says so, in the background; a failing
+        disk is logged and the coordinator serves on (it must not strand the workers waiting for
+        their replies)."""
         every = self.cfg.coordinator.checkpoint_every
         if every and self.version % every == 0:
-            try:
-                self.checkpoint()
-            except OSError:
-                log.exception("checkpoint of version %d failed; serving on without it", self.version)
+            self._log_failures(self.writer.save(self.version, self._state()))
+
+    def _log_failures(self, failed: list[tuple[int, OSError]]) -> None:
+        for version, e in failed:
+            log.error("checkpoint of version %d failed; serving on without it: %s", version, e)
 
     def checkpoint(self) -> Path:
-        state = {
+        """Write the current state now (after the background write in flight)."""
+        self._log_failures(self.writer.wait())
+        return save_worker_state(self.ckpt_dir, self.version, "coordinator", self._state())
+
+    def _state(self) -> dict[str, Any]:
+        return {
             **self.policy.state_dict(),
             "version": self.version,
             "round": self.round_index,
@@ -422,7 +441,6 @@ class Coordinator:
             "tokens": self.global_tokens,
             "fingerprint": self.fingerprint,
         }
-        return save_worker_state(self.ckpt_dir, self.version, "coordinator", state)
 
     def _load_checkpoint(self) -> None:
         rounds = rounds_of(self.ckpt_dir, "coordinator")

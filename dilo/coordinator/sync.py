@@ -7,10 +7,12 @@ contributed. Pushes based on an older version are answered with the current stat
 as late); a joiner gets the current state at once and never blocks a round in progress. A worker
 that leaves the view (LEAVE, or silence) is no longer waited for.
 
-No round can make the global state non-finite: a push that overflows the mean is left out (and
-named in the log, the RESULT and STATUS), and an outer step that would still produce NaN or Inf
+The mean is folded in as pushes arrive (dilo/outer/aggregate.py `RunningMean`: float64, memory
+O(model) whatever the number of workers); a second push of the same worker in a round only
+changes where its RESULT goes. No round can make the global state non-finite: every decoded push
+is finite, the float64 sum cannot overflow, and an outer step that would still produce NaN or Inf
 is undone and the round is not committed. A committed version is checkpointed (every
-`coordinator.checkpoint_every`) before any RESULT announces it.
+`coordinator.checkpoint_every`) in the background, while the workers train the next round.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dilo import wire
 from dilo.bodies import JoinBody, PushBody, RoundResultBody, dump
 from dilo.coordinator.global_model import GlobalModel
 from dilo.coordinator.policy import Member
-from dilo.outer.aggregate import finite, member_stats, outliers
+from dilo.outer.aggregate import RunningMean, finite, outliers
 from dilo.outer.star import load_outer_state, outer_optimizer, outer_state_tensors
 
 if TYPE_CHECKING:
@@ -44,13 +46,13 @@ class Push:
     contributes: bool
     tokens: int
     loss: float
-    flats: list[torch.Tensor] | None
 
 
 @dataclass
 class Round:
     index: int
     members: set[str]
+    mean: RunningMean
     pushes: dict[str, Push] = field(default_factory=dict)
     first_push: float | None = None
 
@@ -66,7 +68,8 @@ class SyncRounds:
         self.star = self.model.star
         self.optimizer = outer_optimizer(coord.cfg, self.params)
         self.inner_steps = int(getattr(coord.cfg.outer, "inner_steps", 1))
-        self.round = Round(0, set())
+        self.sizes = [g.layout.total for g in self.star.groups]
+        self.round = self._new_round(0, set())
         self.speeds: dict[str, float] = {}
         """Inner steps per second of each member, from its last push that reported them."""
 
@@ -104,22 +107,18 @@ class SyncRounds:
             coord.late += 1
             coord.send(identity, coord.state_message(wire.MsgType.STATE, {"reason": "late"}), msg.worker, to=msg)
             return
-        flats = self.model.decode(msg) if body.contributes else None
-        if not self.round.members:
-            self.round.members = set(coord.members)
+        r = self.round
+        contributes = body.contributes and body.weight > 0
+        if contributes and msg.worker not in r.pushes:
+            r.mean.add(msg.worker, body.weight, self.model.decode(msg))  # decode raises before any change
+        if not r.members:
+            r.members = set(coord.members)
         now = coord.clock()
-        self.round.first_push = self.round.first_push or now
-        self.round.pushes[msg.worker] = Push(
-            identity,
-            msg.worker,
-            msg.sid,
-            msg.seq,
-            body.weight,
-            body.contributes and body.weight > 0,
-            body.tokens,
-            body.loss,
-            flats,
-        )
+        r.first_push = r.first_push or now
+        push = Push(identity, msg.worker, msg.sid, msg.seq, body.weight, contributes, body.tokens, body.loss)
+        first = r.pushes.setdefault(msg.worker, push)
+        if first is not push:  # counted once: the second push only says where the RESULT goes
+            first.identity, first.sid, first.seq = push.identity, push.sid, push.seq
         coord.members[msg.worker].pushes += 1
         if body.steps > 0 and body.inner_s > 0:
             self.speeds[msg.worker] = body.steps / body.inner_s
@@ -153,34 +152,30 @@ class SyncRounds:
         """Close the round: the weighted mean of its contributions, one outer step, RESULT to every
         pusher (see the module docstring for what a round that overflows does)."""
         coord, r = self.coord, self.round
-        contributors = [(w, p) for w, p in sorted(r.pushes.items()) if p.contributes and p.flats]
+        contributors = r.mean.members
         tokens = sum(p.tokens for p in r.pushes.values())
         coord.global_tokens += tokens
         tensors: dict[str, torch.Tensor] = {}
         committed, reason = False, ""
         stats: dict[str, dict[str, float | None]] = {}
-        left_out: list[str] = []
         try:
-            means, left_out = self._finite_mean(contributors)
-            if means is not None:
-                stats = member_stats([(w, p.flats) for w, p in contributors if w not in left_out and p.flats], means)
+            if contributors:
+                stats = r.mean.stats()
                 for w, s in stats.items():
                     s["steps_per_s"] = self._speed(w)
-                tensors, reason = self._outer_step(means, r.index)
+                tensors, reason = self._outer_step(r.mean.mean(), r.index)
                 committed = not reason
-            elif contributors:
-                reason = "every contribution overflowed the mean"
         except Exception as e:  # noqa: BLE001 - a round that cannot close must still answer its workers
             log.exception("round %d could not be closed; not committed", r.index)
             tensors, committed, reason = {}, False, f"internal error closing the round: {type(e).__name__}"
         if committed:
             coord.version += 1
-        coord.last_round = {"round": r.index, "members": stats, "left_out": left_out, "reason": reason}
+        coord.last_round = {"round": r.index, "members": stats, "reason": reason}
         result = RoundResultBody(
             version=coord.version,
             round=r.index,
             committed=committed,
-            participants=len(contributors) - len(left_out) if committed else 0,
+            participants=len(contributors) if committed else 0,
             tokens=tokens,
             anchor_hash=coord.anchor_hash(),
             inner_steps=self.inner_steps,
@@ -188,17 +183,13 @@ class SyncRounds:
             epoch=coord.epoch,
             boot=coord.boot,
             member_stats=stats,
-            left_out=left_out,
             reason=reason,
         )
         coord.round_index += 1
         # the next round waits only for today's members: a worker joining later never blocks it
-        self.round = Round(coord.round_index, set(coord.members))
+        self.round = self._new_round(coord.round_index, set(coord.members))
         if committed:
-            # Write-ahead: on disk before any worker sees the new version. Checkpointing after the
-            # RESULTs left a window where a crash lost a version the workers had already moved to
-            # (they then dropped the round they had trained on top of it too: two rounds lost).
-            coord.checkpoint_due()
+            coord.checkpoint_due()  # a memory copy here; the files are written behind the next round
         body = dump(result)
         for w, p in sorted(r.pushes.items()):
             reply = wire.Message(type=wire.MsgType.RESULT, worker="coordinator", base=coord.version, body=body,
@@ -218,24 +209,6 @@ class SyncRounds:
                 "round %d: the update of %s stands out (norm %s, cosine to the mean %s): check that worker",
                 r.index, w, stats[w]["norm"], stats[w]["cos"],
             )  # fmt: skip
-
-    def _finite_mean(self, contributors: list[tuple[str, Push]]) -> tuple[list[torch.Tensor] | None, list[str]]:
-        """The weighted mean of the contributions; while it is not finite, leave out the push with
-        the largest weighted magnitude (the one that overflows the sum) and try again."""
-        left: list[tuple[str, Push]] = list(contributors)
-        out: list[str] = []
-        while left:
-            means = self.star.weighted_mean([(p.weight, p.flats) for _, p in left if p.flats])
-            if finite(means):
-                return means, out
-            worker, _ = max(left, key=lambda wp: _magnitude(wp[1]))
-            self.coord.rejects.reject(
-                "overflow", f"round {self.round.index}: the push of {worker!r} overflows the mean"
-            )
-            log.error("round %d: the push of %s overflows the mean; it is left out", self.round.index, worker)
-            out.append(worker)
-            left = [(w, p) for w, p in left if w != worker]
-        return None, out
 
     def _outer_step(self, means: list[torch.Tensor], round_idx: int) -> tuple[dict[str, torch.Tensor], str]:
         """Encode the mean, apply it with the outer optimizer: (the RESULT tensors, "") or, when the
@@ -283,9 +256,7 @@ class SyncRounds:
         self.model.restore(state["params"])
         load_outer_state(self.optimizer, self.params, state["outer"])
         self.star.load_state_dict(state["star"])
-        self.round = Round(self.coord.round_index, set())
+        self.round = self._new_round(self.coord.round_index, set())
 
-
-def _magnitude(p: Push) -> float:
-    """weight x the largest |value| of a push, in float64: what it can add to a float32 sum."""
-    return p.weight * max((float(f.abs().max()) for f in p.flats or [] if f.numel()), default=0.0)
+    def _new_round(self, index: int, members: set[str]) -> Round:
+        return Round(index, members, RunningMean(self.sizes))

@@ -2,7 +2,8 @@
 to see a member whose update stands out (its norm, its cosine to the round's mean).
 
     if not finite(means): ...                       # one aminmax per tensor
-    stats = member_stats([(worker, flats), ...], means)
+    mean = RunningMean(sizes); mean.add(worker, weight, flats)   # as pushes arrive
+    stats = mean.stats()
     for w in outliers(stats): log.warning(...)
 """
 
@@ -23,28 +24,58 @@ def finite(tensors: list[torch.Tensor]) -> bool:
     return True
 
 
-def member_stats(
-    contributions: list[tuple[str, list[torch.Tensor] | None]], means: list[torch.Tensor]
-) -> dict[str, dict[str, float | None]]:
-    """Per member: the norm of its decoded pseudo-gradient and its cosine to the round's mean, so an
-    operator can see a scaled or sign-flipped update (robust aggregation would also act on it)."""
+SAMPLE = 1 << 16
+"""Coordinates of each push kept for the cosine to the mean (a fixed strided sample)."""
 
-    def norm(xs: list[torch.Tensor]) -> float:
-        return math.sqrt(sum(float(torch.linalg.vector_norm(x)) ** 2 for x in xs))
 
-    mean_norm = norm(means)
-    out: dict[str, dict[str, float | None]] = {}
-    for w, flats in contributions:
-        if not flats:
-            continue
-        n = norm(flats)
-        dot = sum(float(torch.dot(f, m)) for f, m in zip(flats, means))
-        cos = dot / (n * mean_norm) if n > 0 and mean_norm > 0 else float("nan")
-        out[w] = {
-            "norm": round(n, 6) if math.isfinite(n) else None,
-            "cos": round(cos, 4) if math.isfinite(cos) else None,
-        }
-    return out
+class RunningMean:
+    """The weighted mean of a round's pushes, folded in as they arrive: memory O(model), not
+    O(workers x model).
+
+    The sum is float64: a float32 value times the largest accepted weight cannot overflow it, and
+    the mean (never larger than the largest value) is finite in float32 again. Per member it keeps
+    the exact norm of its update and a fixed strided sample of at most SAMPLE coordinates, on
+    which `stats` computes the cosine to the mean (exact for models of up to SAMPLE values)."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.stride = max(1, math.ceil(sum(sizes) / SAMPLE))
+        self.sums = [torch.zeros(n, dtype=torch.float64) for n in sizes]
+        self.total = 0.0
+        self.norms: dict[str, float] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, worker: str, weight: float, flats: list[torch.Tensor]) -> None:
+        for acc, f in zip(self.sums, flats):
+            acc.add_(f, alpha=weight)
+        self.total += weight
+        self.norms[worker] = math.sqrt(sum(float(torch.linalg.vector_norm(f, dtype=torch.float64)) ** 2 for f in flats))
+        self.samples[worker] = [f[:: self.stride].double() for f in flats]
+
+    @property
+    def members(self) -> list[str]:
+        return sorted(self.norms)
+
+    def mean(self) -> list[torch.Tensor]:
+        assert self.total > 0, "the mean needs at least one contribution"
+        return [(acc / self.total).float() for acc in self.sums]
+
+    def stats(self) -> dict[str, dict[str, float | None]]:
+        """Per member: the norm of its decoded pseudo-gradient and its cosine to the round's mean,
+        so an operator can see a scaled or sign-flipped update."""
+        mean = [(acc[:: self.stride] / self.total) for acc in self.sums]
+        mean_norm = math.sqrt(sum(float(m.dot(m)) for m in mean))
+        out: dict[str, dict[str, float | None]] = {}
+        for w in self.members:
+            sample = self.samples[w]
+            n = math.sqrt(sum(float(x.dot(x)) for x in sample))
+            dot = sum(float(x.dot(m)) for x, m in zip(sample, mean))
+            cos = dot / (n * mean_norm) if n > 0 and mean_norm > 0 else float("nan")
+            norm = self.norms[w]
+            out[w] = {
+                "norm": round(norm, 6) if math.isfinite(norm) else None,
+                "cos": round(cos, 4) if math.isfinite(cos) else None,
+            }
+        return out
 
 
 def outliers(stats: dict[str, dict[str, float | None]]) -> list[str]:

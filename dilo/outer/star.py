@@ -42,9 +42,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("dilo.outer.star")
 
 DOWNLINK_PART = SHARDS_PER_GROUP - 1
-REJOIN_CODES = ("not_member", "session", "identity", "replay")
+REJOIN_CODES = ("not_member", "session", "identity", "replay", "bad_base")
 """Refusals that a fresh JOIN cures: the coordinator forgot us, our session is not its current one,
-or a copy of our message reached it first (an attacker's replay that overtook the original)."""
+a copy of our message reached it first (an attacker's replay that overtook the original), or it
+restarted from a checkpoint older than the version we hold (bad_base: it takes us back to its)."""
 
 
 class StarLink(Protocol):
@@ -340,10 +341,12 @@ class StarDiLoCo:
         self.version, self.round = b.version, b.round + 1
         self.members = tuple(b.members)
         self.round_steps = b.inner_steps or self.round_steps
-        if self.anchor.digest() != b.anchor_hash:
+        digest = self.anchor.digest()  # once per round: the check, and the round's report
+        if digest != b.anchor_hash:
             log.warning("anchor differs from the coordinator's after round %d: pulling its state", b.round)
             self.resyncs += 1
             self._adopt(self.client.pull(), model)
+            digest = self.anchor.digest()
         self.anchor.restore_into(params)
         failure: Failure | None = None
         if not committed:
@@ -360,6 +363,7 @@ class StarDiLoCo:
             reason=b.reason,
             failure=failure,
             extra=_round_stats(b),
+            anchor_hash=digest,
         )
 
     def _rejoin_and_repush(
@@ -404,6 +408,7 @@ class StarDiLoCo:
         tokens: int | None = None,
         failure: Failure | None = None,
         extra: dict[str, Any] | None = None,
+        anchor_hash: str | None = None,
     ) -> SyncReport:
         return SyncReport(
             committed=committed,
@@ -415,7 +420,7 @@ class StarDiLoCo:
             tokens=tail.tokens if tokens is None else tokens,
             reason=reason,
             failure=failure,
-            anchor_hash=self.anchor.digest(),
+            anchor_hash=self.anchor.digest() if anchor_hash is None else anchor_hash,
             extra=extra or {},
         )
 
@@ -445,6 +450,4 @@ def _round_stats(body: RoundResultBody) -> dict[str, Any]:
     speeds = {w: v["steps_per_s"] for w, v in body.member_stats.items() if v.get("steps_per_s") is not None}
     if speeds:
         out["member_steps_per_s"] = speeds
-    if body.left_out:
-        out["left_out"] = list(body.left_out)
     return out
