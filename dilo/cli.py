@@ -226,7 +226,7 @@ def _cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
     print(
         f"dilo coordinator: run {cfg.name!r} at version {coord.version}, listening on {cfg.coordinator.bind}; "
         f"workers connect with --membership.address={coord.address}"
-        + (" (HMAC on)" if secret else "")
+        + (" (MAC on)" if secret else "")
         + (" (CURVE on)" if cfg.membership.curve_dir else ""),
         file=sys.stderr,
         flush=True,

@@ -4,7 +4,7 @@
     if not limiter.allow(identity):      # over its budget: drop without a reply, count it
         rejects.count("rate")
     ...
-    rejects.reject("auth", "bad HMAC: wrong secret?")   # logged once per code, then in summaries
+    rejects.reject("auth", "bad MAC: wrong secret?")   # logged once per code, then in summaries
     rejects.flush()                                     # on the server's timer: one line per period
 
 A flood of junk must cost the server little per message and nothing on disk: the limiter drops

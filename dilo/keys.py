@@ -2,7 +2,7 @@
 
 CURVE encrypts every frame and proves the server's identity to the client (a client that has
 the wrong server key never completes the handshake). It does not check who the client is:
-any client may connect, so pair it with the HMAC secret of `dilo.wire` to keep strangers out.
+any client may connect, so pair it with the shared secret of `dilo.wire` to keep strangers out.
 
     server_key, client_key = generate(Path("keys"))   # once; copy client.* and server.pub to workers
     apply_server(router, Path("keys/server.key"))      # before router.bind(...)
@@ -34,7 +34,7 @@ def _require_curve() -> None:
     if not curve_available():
         raise ConfigError(
             f"libzmq {zmq.zmq_version()} has no CURVE support: install a pyzmq wheel (bundled libzmq has it) "
-            "or drop transport key files and rely on the HMAC secret"
+            "or drop transport key files and rely on the shared secret"
         )
 
 

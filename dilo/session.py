@@ -1,6 +1,6 @@
 """Sessions: what makes every authenticated message unique, so that a captured one cannot be replayed.
 
-HMAC (dilo/wire.py) proves who wrote a message, not that it is new. A session adds freshness:
+The MAC (dilo/wire.py) proves who wrote a message, not that it is new. A session adds freshness:
 
     sender                                       receiver (coordinator, gossip peer)
     HELLO   {nonce: n}                   ──►     sessions.challenge(peer) -> c     (no state kept)
@@ -17,7 +17,7 @@ HMAC (dilo/wire.py) proves who wrote a message, not that it is new. A session ad
   each number is accepted once, a little reordering is fine (a worker's heartbeat and request
   sockets share one counter and their messages may overtake each other), and a number that fell
   more than `window` behind is refused.
-- `sid` and `seq` sit in the header under the HMAC, so neither can be changed without the secret.
+- `sid` and `seq` sit in the header under the MAC, so neither can be changed without the secret.
   Replies echo the request's `sid` and `seq`, and the sender takes only replies of its own session.
 - A receiver that restarts draws a new key: every old session and challenge becomes invalid and
   the senders say HELLO again.

@@ -2,8 +2,10 @@
 
 The envelope is `msgpack([header_bytes, mac])`: `header_bytes` is a packed msgpack map that a
 pydantic `Header` validates (version, type, run, worker, seq, base version, config fingerprint,
-a type-specific body and one descriptor per tensor), and `mac` is HMAC-SHA256 over
-`header_bytes` followed by every tensor frame, or nil when no secret is configured. Signing the
+a type-specific body and one descriptor per tensor), and `mac` is a keyed BLAKE3 MAC over
+`header_bytes` followed by every tensor frame, or nil when no secret is configured (the key is
+derived from the secret with BLAKE3's key derivation; keyed BLAKE3 is a PRF, and hashes at about
+3 GB/s per core against HMAC-SHA256's 1 GB/s, so a joiner's state is not held up by its MAC). Signing the
 packed bytes, not a re-packed map, means sender and receiver never disagree on a canonical form.
 Tensor frames are the raw bytes of each tensor, sent and received without copies.
 
@@ -19,7 +21,7 @@ oversized frame before it is even allocated.
 
 Zero-copy sends keep a reference to the tensors' memory until libzmq has written them: do not
 modify a sent tensor in place until the send completed (or send a clone), or the peer receives
-torn data and a bad HMAC.
+torn data and a bad MAC.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from hashlib import sha256
 from pathlib import Path
 from typing import Annotated, Any
 
+import blake3
 import msgpack  # untyped: ignore_missing_imports in pyproject.toml
 import torch
 import zmq
@@ -50,8 +52,9 @@ from pydantic import (
 
 from dilo.errors import ConfigError, ProtocolError
 
-PROTOCOL_VERSION = 2
-"""2: sessions (the `sid` header field, HELLO / CHALLENGE; dilo/session.py)."""
+PROTOCOL_VERSION = 3
+"""2: sessions (the `sid` header field, HELLO / CHALLENGE; dilo/session.py). 3: keyed BLAKE3 MACs."""
+_KEY_CONTEXT = "dilo wire 2026-12 message authentication"
 
 _DTYPE_LIST = ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in _DTYPE_LIST}
@@ -245,10 +248,21 @@ def encode(msg: Message, secret: bytes | None = None) -> list[bytes | memoryview
 
 
 def _mac(secret: bytes, header_bytes: bytes, frames: Sequence[bytes | memoryview]) -> bytes:
-    h = hmac.new(secret, header_bytes, sha256)
+    h = blake3.blake3(header_bytes, key=_key(secret))
     for f in frames:
         h.update(f)
     return h.digest()
+
+
+_KEYS: dict[bytes, bytes] = {}
+
+
+def _key(secret: bytes) -> bytes:
+    """The 32-byte MAC key of a secret (derived once per secret)."""
+    key = _KEYS.get(secret)
+    if key is None:
+        key = _KEYS[secret] = blake3.blake3(secret, derive_key_context=_KEY_CONTEXT).digest()
+    return key
 
 
 def _view(f: FrameLike) -> memoryview:
@@ -270,7 +284,7 @@ def decode(
     """Validate frames and rebuild the message; raises only `WireError`.
 
     Checks, in order: frame count and sizes (before parsing), envelope and header msgpack,
-    protocol version, header fields, HMAC, run id, config fingerprint, frame count against
+    protocol version, header fields, MAC, run id, config fingerprint, frame count against
     descriptors, each frame's length against its shape and dtype.
     """
     try:
@@ -323,7 +337,7 @@ def _decode(
                 "set DILO_SECRET or membership.secret_file",
             )
         if not hmac.compare_digest(_mac(secret, header_bytes, views[1:]), mac):
-            raise WireError("auth", "bad HMAC: wrong secret?")
+            raise WireError("auth", "bad MAC: wrong secret?")
     elif mac is not None:
         raise WireError("auth", "message is authenticated but no secret is configured here")
 
@@ -431,7 +445,7 @@ def check_shapes(msg: Message, expected: dict[str, tuple[tuple[int, ...], str]])
 
 
 def load_secret(env: str = "DILO_SECRET", file: str | None = None) -> bytes | None:
-    """The HMAC secret: the stripped content of `file` if given, else `$env`, else None."""
+    """The shared secret: the stripped content of `file` if given, else `$env`, else None."""
     if file is not None:
         try:
             secret = Path(file).read_bytes().strip()

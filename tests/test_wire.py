@@ -1,4 +1,4 @@
-"""The wire protocol: round trips, every validation failure as a WireError, HMAC, caps, CURVE keys."""
+"""The wire protocol: round trips, every validation failure as a WireError, MACs, caps, CURVE keys."""
 
 from __future__ import annotations
 
@@ -97,11 +97,11 @@ def rewrite(frames: list[Any], fn: Callable[[dict[str, Any]], None], secret: byt
     fn(raw)
     header_bytes = msgpack.packb(raw, use_bin_type=True)
     mac = None
-    if secret is not None:
-        import hashlib
-        import hmac
+    if secret is not None:  # the MAC as the protocol defines it: keyed BLAKE3, key derived from the secret
+        import blake3
 
-        h = hmac.new(secret, header_bytes, hashlib.sha256)
+        key = blake3.blake3(secret, derive_key_context="dilo wire 2026-12 message authentication").digest()
+        h = blake3.blake3(header_bytes, key=key)
         for f in frames[1:]:
             h.update(f)
         mac = h.digest()
@@ -196,7 +196,7 @@ def test_dealer_router_zero_copy(ctx: zmq.Context[zmq.Socket[bytes]], secret: by
 
 def test_hmac_failures() -> None:
     frames = encode(sample(), SECRET)
-    with pytest.raises(WireError, match="bad HMAC: wrong secret") as e:
+    with pytest.raises(WireError, match="bad MAC: wrong secret") as e:
         decode(frames, secret=b"another-secret-of-16+bytes")
     assert e.value.code == "auth"
     with pytest.raises(WireError, match="set DILO_SECRET or membership.secret_file") as e:
@@ -267,8 +267,8 @@ def test_check_finite_and_shapes() -> None:
 def test_error_pickles() -> None:
     import pickle
 
-    e = pickle.loads(pickle.dumps(WireError("auth", "bad HMAC: wrong secret?")))
-    assert (e.code, e.message, str(e)) == ("auth", "bad HMAC: wrong secret?", "bad HMAC: wrong secret?")
+    e = pickle.loads(pickle.dumps(WireError("auth", "bad MAC: wrong secret?")))
+    assert (e.code, e.message, str(e)) == ("auth", "bad MAC: wrong secret?", "bad MAC: wrong secret?")
 
 
 # ---------------------------------------------------------------- fuzzing
@@ -352,7 +352,7 @@ NAMES = list(sample_tensors())
 @given(st.sampled_from(MUTATIONS), st.sampled_from(NAMES), st.booleans())
 def test_fuzz_mutated_valid_message(kind: str, name: str, signed: bool) -> None:
     """Each mutation of a valid message fails with the code that names it (re-signed, so it
-    passes the HMAC, except frame edits, which the HMAC catches first)."""
+    passes the MAC, except frame edits, which the MAC catches first)."""
     secret = SECRET if signed else None
     frames = [bytes(x) for x in encode(sample(), secret)]
     i = NAMES.index(name)

@@ -97,7 +97,7 @@ class MembershipConfig(Frozen):
     up to twice that; the rest are dropped unread and unanswered, and counted (0: no limit). A
     worker sends about one heartbeat per heartbeat_s and a few requests per round."""
     secret_file: str = ""
-    """File holding the shared HMAC secret (else DILO_SECRET from the environment; else no
+    """File holding the shared secret (else DILO_SECRET from the environment; else no
     authentication)."""
     curve_dir: str = ""
     """Directory with CURVE keys from `dilo keys` (server.key / server.pub / client.key): encrypts

@@ -5,7 +5,7 @@ heard from), numbered views (an epoch that grows with every join and leave) and 
 every reply carries; what a push does is the round policy's (policy.py). A worker that misses
 heartbeats for `heartbeat_timeout_s` leaves the view, and a round waiting for it closes without it.
 
-Every message is validated (dilo/wire.py: sizes before parsing, HMAC, protocol version, run,
+Every message is validated (dilo/wire.py: sizes before parsing, MAC, protocol version, run,
 config fingerprint, tensor names, shapes, dtypes, finite values; dilo/bodies.py: every body). A
 bad message is answered with ERROR naming the cause, counted and logged; the state is untouched
 and the others are served.

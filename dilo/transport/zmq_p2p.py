@@ -10,7 +10,7 @@
 Every worker listens on one ROUTER socket, served by a thread of its own: GOSSIP messages queue per
 sender until collected, PULL requests are answered with the published state. It sends through
 one DEALER per peer, from the training thread only (ZeroMQ sockets are not thread-safe). Messages
-use the wire format of dilo/wire.py: size caps before parsing, HMAC when a secret is set, run and
+use the wire format of dilo/wire.py: size caps before parsing, a MAC when a secret is set, run and
 config fingerprint, tensor names, shapes, dtypes and finite values. A bad message is counted in
 `rejected` and dropped (a PULL gets an ERROR); it never reaches the mixing step. A sender whose
 messages pile up uncollected loses its oldest, counted in `overflow`. Both counters are updated
