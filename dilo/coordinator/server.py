@@ -46,7 +46,7 @@ from dilo.outer.base import tensor_digest
 from dilo.session import Sessions, challenge_reply
 from dilo.state import CheckpointWriter, load_worker_state, rounds_of, save_worker_state
 from dilo.transport.zmq_star import bind as zmq_bind
-from dilo.transport.zmq_star import frames_nbytes
+from dilo.transport.zmq_star import frames_nbytes, tune
 
 log = logging.getLogger("dilo.coordinator")
 
@@ -109,7 +109,7 @@ class Coordinator:
             self.address = "inproc"
             return
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock = tune(self.ctx.socket(zmq.ROUTER))
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         # libzmq drops a frame larger than any a worker sends (and the connection that sent it)

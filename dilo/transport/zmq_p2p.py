@@ -45,7 +45,7 @@ from dilo.guard import RateLimiter, RejectLog
 from dilo.session import ClientSession, Sessions, challenge_reply
 from dilo.transport.base import ByteCounter
 from dilo.transport.zmq_star import bind as bind_socket
-from dilo.transport.zmq_star import frames_nbytes
+from dilo.transport.zmq_star import frames_nbytes, tune
 
 log = logging.getLogger("dilo.transport.p2p")
 
@@ -108,7 +108,7 @@ class P2PNode:
         """Our sessions with each peer address (used from the training thread)."""
         self.hello_timeout_s = hello_timeout_s
         self.ctx = zmq.Context()
-        self._server = self.ctx.socket(zmq.ROUTER)
+        self._server = tune(self.ctx.socket(zmq.ROUTER))
         self._server.setsockopt(zmq.LINGER, 0)
         self._server.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._server.setsockopt(zmq.RCVHWM, 64)
@@ -277,7 +277,7 @@ class P2PNode:
     def _socket(self, address: str) -> zmq.Socket[bytes]:
         sock = self._peers.get(address)
         if sock is None:
-            sock = self.ctx.socket(zmq.DEALER)
+            sock = tune(self.ctx.socket(zmq.DEALER))
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 4)
             sock.setsockopt(zmq.SNDTIMEO, 0)
@@ -412,7 +412,7 @@ class P2PNode:
 
     def pull(self, peer: str, address: str, timeout_s: float) -> wire.Message | None:
         """A peer's current state (STATE), or None when it does not answer in time."""
-        sock = self.ctx.socket(zmq.DEALER)  # a private socket: no stale replies from earlier pulls
+        sock = tune(self.ctx.socket(zmq.DEALER))  # a private socket: no stale replies from earlier pulls
         sock.setsockopt(zmq.LINGER, 0)
         try:
             if self.curve_dir:
