@@ -4,11 +4,13 @@
 
 1. Throughput: one push of an fp32 pseudo-gradient of `--mb` MB through dilo's protocol and the
    RESULT that comes back (one worker, so the round closes at once), as a ratio to raw pyzmq
-   sending the same buffer there and back, and to a memcpy of it. Also with HMAC on.
-2. Round latency with 2, 4, 8 and 16 workers (threads with real sockets, a 0.8M-parameter model):
-   time from the first push of a round to the last RESULT received.
+   sending the same buffer there and back, and to a memcpy of it. Also with message MACs on.
+2. Rounds with 2 to 64 workers (real sockets, a 0.8M-parameter model): time from the first push
+   of a round to the last RESULT received and the coordinator's peak memory growth, against raw
+   ZeroMQ moving the same bytes (each server in its own process).
 3. Time to detect a dead worker and close the round without it (heartbeat_timeout_s = 1 s).
-4. Time for a joiner to receive the state of a 10M-parameter model (JOIN -> WELCOME).
+4. Time for a joiner to receive the state of a 10M-parameter model (JOIN -> WELCOME), with and
+   without MACs, against raw ZeroMQ sending the same bytes once.
 
 Writes scripts/results/protocol.json and the "protocol" section of BENCHMARKS.md.
 """
@@ -35,6 +37,7 @@ from dilo.coordinator import Coordinator  # noqa: E402
 from dilo.model import param_names, params_of  # noqa: E402
 from dilo.outer.star import StarCodec  # noqa: E402
 from dilo.session import ClientSession  # noqa: E402
+from dilo.transport.zmq_star import tune  # noqa: E402
 
 
 def gpt_config(name: str, d_model: int, n_layer: int, n_head: int, **extra: object):
@@ -216,31 +219,106 @@ def bench_throughput(mb: int, repeats: int) -> dict:
     return out
 
 
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _serve_coordinator(cfg, ready, stop) -> None:
+    """A child process: a coordinator on a loopback port until `stop` is set."""
+    coord = Coordinator(cfg, bind="tcp://127.0.0.1:0")
+    ready.put(coord.address if "://" in coord.address else f"tcp://{coord.address}")
+    coord.serve(stop)
+
+
+def _serve_raw(n: int, reply_bytes: int, ready, stop) -> None:
+    """A child process: raw ZeroMQ with the coordinator's traffic and no protocol: collect n
+    messages, then answer each with reply_bytes (a RESULT of the same size)."""
+    ctx = zmq.Context()
+    sock = tune(ctx.socket(zmq.ROUTER))
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    ready.put(f"tcp://127.0.0.1:{port}")
+    reply = bytes(reply_bytes)
+    waiting: list[bytes] = []
+    while not stop.is_set():
+        if not sock.poll(50):
+            continue
+        frames = sock.recv_multipart(copy=False)
+        waiting.append(frames[0].bytes)
+        if len(waiting) == n:
+            for identity in waiting:
+                sock.send_multipart([identity, reply], copy=False)
+            waiting = []
+    sock.close(0)
+    ctx.term()
+
+
 def bench_rounds(sizes: list[int], rounds: int) -> dict:
+    """Round latency and the coordinator's peak memory with n workers, against raw ZeroMQ moving
+    the same bytes (each in a process of its own, so that its peak RSS is its own)."""
+    import multiprocessing as mp
+
+    spawn = mp.get_context("spawn")
     cfg = gpt_config("rounds", 128, 4, 4)
     tensors = push_tensors(cfg)
+    push_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    flat = [t.contiguous().view(torch.uint8).numpy() for t in tensors.values()]
     out = {}
     for n in sizes:
-        served = Served(cfg)
-        ctx = zmq.Context()
-        workers = [RawWorker(ctx, served, cfg, f"w{i:02d}") for i in range(n)]
-        version = 0
-        for w in workers:
-            version = int(w.request(wire.MsgType.JOIN).body["version"])
-        lat = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            for w in workers:
-                w.send(wire.MsgType.PUSH, tensors=tensors, body={"weight": 1.0, "tokens": 1}, base=version)
-            replies = [w.recv() for w in workers]
-            lat.append(time.perf_counter() - t0)
-            version = int(replies[0].body["version"])
-        for w in workers:
-            w.sock.close(0)
-        ctx.term()
-        served.close()
-        out[n] = {"median_s": statistics.median(lat), "min_s": min(lat)}
-    return out
+        row: dict[str, float] = {}
+        for kind in ("raw", "dilo"):
+            ready, stop = spawn.Queue(), spawn.Event()
+            target = _serve_raw if kind == "raw" else _serve_coordinator
+            args = (n, push_bytes, ready, stop) if kind == "raw" else (cfg, ready, stop)
+            proc = spawn.Process(target=target, args=args, daemon=True)
+            proc.start()
+            address = ready.get(timeout=120)
+            time.sleep(0.5)
+            base_mb = _peak_rss_mb(proc.pid or 0)
+            ctx = zmq.Context()
+            lat = []
+            if kind == "raw":
+                socks = []
+                for _ in range(n):
+                    s = tune(ctx.socket(zmq.DEALER))
+                    s.connect(address)
+                    socks.append(s)
+                for _ in range(rounds):
+                    t0 = time.perf_counter()
+                    for s in socks:
+                        s.send_multipart([b"push", *flat], copy=False)
+                    for s in socks:
+                        s.recv_multipart(copy=False)
+                    lat.append(time.perf_counter() - t0)
+                for s in socks:
+                    s.close(0)
+            else:
+                served = type("Served", (), {"address": address})()
+                workers = [RawWorker(ctx, served, cfg, f"w{i:02d}") for i in range(n)]
+                version = 0
+                for w in workers:
+                    version = int(w.request(wire.MsgType.JOIN).body["version"])
+                for _ in range(rounds):
+                    t0 = time.perf_counter()
+                    for w in workers:
+                        w.send(wire.MsgType.PUSH, tensors=tensors, body={"weight": 1.0, "tokens": 1}, base=version)
+                    replies = [w.recv() for w in workers]
+                    lat.append(time.perf_counter() - t0)
+                    version = int(replies[0].body["version"])
+                for w in workers:
+                    w.sock.close(0)
+            ctx.term()
+            peak = _peak_rss_mb(proc.pid or 0)
+            stop.set()
+            proc.join(timeout=30)
+            row[f"{kind}_median_s"] = statistics.median(lat[1:])
+            row[f"{kind}_peak_growth_mb"] = peak - base_mb
+        row["dilo_vs_raw"] = row["dilo_median_s"] / row["raw_median_s"]
+        out[n] = row
+        print(f"[bench] {n} workers: {row}", file=sys.stderr, flush=True)
+    return {"push_mb": push_bytes / 1e6, "by_workers": out}
 
 
 def bench_dead_worker() -> dict:
@@ -281,25 +359,48 @@ def bench_dead_worker() -> dict:
 
 def bench_join(repeats: int) -> dict:
     cfg = gpt_config("join", 448, 4, 7)
-    served = Served(cfg)
+    out: dict = {}
+    for label, secret in (("join", None), ("join_mac", b"0123456789abcdef0123")):
+        served = Served(cfg, secret=secret)
+        ctx = zmq.Context()
+        n_params = sum(p.numel() for p in served.coord.params)
+        times, state_bytes = [], 0
+        for i in range(repeats + 1):
+            w = RawWorker(ctx, served, cfg, f"joiner{i}", secret=secret)
+            t0 = time.perf_counter()
+            welcome = w.request(wire.MsgType.JOIN)
+            times.append(time.perf_counter() - t0)
+            state_bytes = sum(t.numel() * t.element_size() for t in welcome.tensors.values())
+            assert len(welcome.tensors) >= len(served.coord.params)
+            w.sock.close(0)
+        ctx.term()
+        served.close()
+        out.update({"params": n_params, "state_mb": state_bytes / 1e6, f"{label}_s": min(times[1:]),
+                    f"{label}_median_s": statistics.median(times[1:])})  # fmt: skip
+    # raw ZeroMQ: the same bytes once, from a ROUTER to a DEALER that asked for them
     ctx = zmq.Context()
-    n_params = sum(p.numel() for p in served.coord.params)
-    times = []
-    for i in range(repeats):
-        w = RawWorker(ctx, served, cfg, f"joiner{i}")
+    router, dealer = tune(ctx.socket(zmq.ROUTER)), tune(ctx.socket(zmq.DEALER))
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    payload = torch.zeros(int(out["state_mb"] * 1e6), dtype=torch.uint8).numpy()
+    raw = []
+    for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        welcome = w.request(wire.MsgType.JOIN)
-        times.append(time.perf_counter() - t0)
-        assert len(welcome.tensors) >= len(served.coord.params)
-        w.sock.close(0)
+        dealer.send(b"join")
+        identity, _ = router.recv_multipart()
+        router.send_multipart([identity, payload], copy=False)
+        dealer.recv(copy=False)
+        raw.append(time.perf_counter() - t0)
+    router.close(0)
+    dealer.close(0)
     ctx.term()
-    served.close()
-    return {
-        "params": n_params,
-        "state_mb": 4 * n_params / 1e6,
-        "join_s": min(times),
-        "join_median_s": statistics.median(times),
-    }
+    out["raw_s"] = min(raw[1:])
+    out["join_vs_raw"] = out["join_s"] / out["raw_s"]
+    out["join_mac_vs_raw"] = out["join_mac_s"] / out["raw_s"]
+    out["join_gb_s"] = out["state_mb"] / 1e3 / out["join_s"]
+    out["join_mac_gb_s"] = out["state_mb"] / 1e3 / out["join_mac_s"]
+    out["raw_gb_s"] = out["state_mb"] / 1e3 / out["raw_s"]
+    return out
 
 
 def main() -> None:
@@ -312,7 +413,7 @@ def main() -> None:
     res = {
         "machine": machine(),
         "throughput": bench_throughput(args.mb, args.repeats),
-        "rounds": bench_rounds([2, 4, 8, 16], args.rounds),
+        "rounds": bench_rounds([2, 8, 16, 32, 64], args.rounds),
         "dead_worker": bench_dead_worker(),
         "join": bench_join(args.repeats),
     }
@@ -328,20 +429,23 @@ def main() -> None:
                 f"{th['protocol_vs_raw']:.2f}",
                 f"{th['protocol_vs_memcpy']:.3f}",
             ],
-            ["dilo protocol + HMAC", f"{th['protocol_hmac_s']:.3f}", f"{th['protocol_hmac_vs_raw']:.2f}", "-"],
+            ["dilo protocol + MAC", f"{th['protocol_hmac_s']:.3f}", f"{th['protocol_hmac_vs_raw']:.2f}", "-"],
             [
                 "full round through a coordinator (+ mean, outer step, hash)",
                 f"{th['dilo_s']:.3f}",
                 f"{th['dilo_vs_raw']:.2f}",
                 f"{th['dilo_vs_memcpy']:.3f}",
             ],
-            ["full round + HMAC", f"{th['dilo_hmac_s']:.3f}", f"{th['dilo_hmac_vs_raw']:.2f}", "-"],
+            ["full round + MAC", f"{th['dilo_hmac_s']:.3f}", f"{th['dilo_hmac_vs_raw']:.2f}", "-"],
         ],
     )
+    rounds = res["rounds"]["by_workers"]
     t2 = markdown_table(
-        ["workers", "round latency, median (ms)", "min (ms)"],
-        [[str(n), f"{1e3 * v['median_s']:.1f}", f"{1e3 * v['min_s']:.1f}"] for n, v in res["rounds"].items()],
-    )
+        ["workers", "round (ms)", "raw ZeroMQ, same bytes (ms)", "vs raw", "coordinator peak memory growth (MB)",
+         "raw ZeroMQ's (MB)"],
+        [[str(n), f"{1e3 * v['dilo_median_s']:.1f}", f"{1e3 * v['raw_median_s']:.1f}", f"{v['dilo_vs_raw']:.2f}x",
+          f"{v['dilo_peak_growth_mb']:.0f}", f"{v['raw_peak_growth_mb']:.0f}"] for n, v in rounds.items()],
+    )  # fmt: skip
     update_benchmarks_md(
         "protocol",
         f"""
@@ -356,15 +460,21 @@ the outer Nesterov step and the anchor hash:
 
 {t1}
 
-Round latency, the protocol alone (workers are threads that push a 0.8M-parameter model's
-pseudo-gradient and wait for the result; no training):
+Rounds with many workers, the protocol alone: the workers (sockets driven from one thread) push
+a 0.8M-parameter model's fp32 pseudo-gradient ({res["rounds"]["push_mb"]:.1f} MB) and wait for the
+RESULT; no training. The baseline is raw ZeroMQ moving the same bytes (a ROUTER that collects
+the pushes and answers each with as many bytes), each server in a process of its own, whose peak
+RSS growth over the rounds is the memory column:
 
 {t2}
 
 A worker that dies silently (heartbeat_timeout_s = {dead["heartbeat_timeout_s"]:.0f} s): the round closed
 {dead["close_after_s"]:.2f} s after the survivor's push, with {dead["participants"]} participant.
 A joiner received the state of a {join["params"] / 1e6:.1f}M-parameter model ({join["state_mb"]:.0f} MB) in
-{1e3 * join["join_s"]:.0f} ms (median {1e3 * join["join_median_s"]:.0f} ms).
+{1e3 * join["join_s"]:.0f} ms ({join["join_gb_s"]:.2f} GB/s; median {1e3 * join["join_median_s"]:.0f} ms), with MACs in
+{1e3 * join["join_mac_s"]:.0f} ms ({join["join_mac_gb_s"]:.2f} GB/s): {join["join_vs_raw"]:.2f}x and
+{join["join_mac_vs_raw"]:.2f}x the {1e3 * join["raw_s"]:.0f} ms raw ZeroMQ takes to send the same bytes once
+({join["raw_gb_s"]:.2f} GB/s).
 
 Raw results: `scripts/results/protocol.json`.
 """,

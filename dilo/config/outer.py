@@ -44,7 +44,8 @@ class DiLoCoConfig(KeepsLocal):
     overlap: bool = False
     """One-step-delayed outer step: the exchange of round t runs in the background while round
     t + 1 trains; its outer step is applied at the end of round t + 1, and that round's local
-    progress is moved onto the new anchor (docs/ALGORITHMS.md). Static worlds (Gloo, NCCL)."""
+    progress is moved onto the new anchor (docs/ALGORITHMS.md). Static worlds (Gloo, NCCL) and
+    the coordinator (the push runs on a background thread)."""
     fragments: int = Field(1, ge=1)
     """Streaming DiLoCo (Douillard et al., arXiv:2501.18512): P fragments of whole transformer
     blocks, synced on a staggered schedule: one fragment every inner_steps / P steps, each one

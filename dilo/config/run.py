@@ -124,11 +124,6 @@ class RunConfig(Frozen):
                     "transport.island_ranks is for static worlds; with membership.kind='coordinator' the ranks "
                     "of one torchrun launch form one island by themselves: leave island_ranks at 1"
                 )
-        if isinstance(self.outer, DiLoCoConfig) and self.outer.overlap and self.membership.kind != "static":
-            raise ValueError(
-                "outer.overlap runs the exchange behind the next round over torch.distributed: it needs "
-                "membership.kind='static' (torchrun, Slurm, `dilo run`); set outer.overlap=false"
-            )
         if isinstance(self.outer, DiLoCoConfig) and self.outer.streaming and self.membership.kind != "static":
             raise ValueError(
                 "Streaming DiLoCo (outer.fragments / outer.fragment_delay) exchanges fragments over "

@@ -1,8 +1,8 @@
 """Star exchanges through a coordinator: what a worker pushes and what the coordinator returns.
 
 The worker encodes its pseudo-gradient per parameter group (with its error feedback) and pushes
-the payload tensors. The coordinator decodes every push, sums the decoded vectors weighted and
-in fp32, in the sorted order of worker ids, divides by the total weight, and encodes the mean
+the payload tensors. The coordinator decodes every push as it arrives and adds it, weighted, to a
+float64 sum (dilo/outer/aggregate.py `RunningMean`), divides by the total weight, and encodes the mean
 once with the plain codec (keeping its own re-encoding error when feedback is on). Every worker
 and the coordinator decode those same bytes and apply the same outer optimizer step to the same
 fp32 anchor, so they stay bit-identical; RESULT carries the anchor hash to prove it.
@@ -16,9 +16,12 @@ fp32 anchor, so they stay bit-identical; RESULT carries the anchor hash to prove
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -29,7 +32,7 @@ from dilo.bodies import MAX_COUNT, MAX_SECONDS, RoundResultBody, StateBody, pars
 from dilo.compress import Context, Encoded
 from dilo.compress.lowrank import PowerSGD
 from dilo.compress.sparse import TopK
-from dilo.config import DDPConfig
+from dilo.config import DDPConfig, DiLoCoConfig
 from dilo.errors import ConfigError, PeerLost, ProtocolError, SyncTimeout
 from dilo.model import param_names, params_of
 from dilo.outer.base import Anchor, Failure, Joined, SyncReport, Tail, all_finite
@@ -241,6 +244,24 @@ def load_outer_state(opt: torch.optim.SGD, params: list[torch.nn.Parameter], ten
                 opt.state.pop(p, None)
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """The answer to a push: RESULT or STATE (reply), or None when the round was lost; welcome:
+    the coordinator's state after a re-join found it elsewhere (the caller adopts it)."""
+
+    reply: wire.Message | None
+    welcome: wire.Message | None = None
+
+
+@dataclass(frozen=True)
+class _Applied:
+    result: RoundResultBody | None
+    """The round's RESULT, None when the round was lost or late."""
+    reason: str
+    failure: Failure | None
+    digest: str | None = None
+
+
 class StarDiLoCo:
     """DiLoCo / FedAvg whose rounds go through a coordinator (membership.kind = "coordinator").
 
@@ -262,6 +283,13 @@ class StarDiLoCo:
         self.round = 0
         self.members: tuple[str, ...] = ()
         self.resyncs = 0
+        self.overlap = isinstance(cfg.outer, DiLoCoConfig) and cfg.outer.overlap
+        self._base: Tensor | None = None
+        """outer.overlap: the fp32 parameters this round started from."""
+        self._buffers: list[Tensor] = []
+        self._parity = 0
+        self._pending: Future[_Outcome] | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def due(self, step: int) -> bool:
         return (step + 1) % self.round_steps == 0
@@ -282,6 +310,7 @@ class StarDiLoCo:
         welcome = self.client.join()
         self._adopt(welcome, model)
         self.star.reset_feedback()
+        self._base = None  # outer.overlap: the next round's progress is measured from this state
         return welcome
 
     @torch.no_grad()
@@ -297,13 +326,23 @@ class StarDiLoCo:
 
     @torch.no_grad()
     def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
+        if self.overlap:
+            return self._sync_overlapped(model, tail)
         t0 = time.perf_counter()
         sent0, recv0 = self.client.counter.sent, self.client.counter.recv
         params = params_of(model)
         delta = self.anchor.pseudo_grad(params)
+        tensors, body = self._push_of(delta, tail)
+        outcome = self._exchange(tensors, body, self.version, self.anchor.digest())
+        applied = self._apply(outcome, model)
+        self.anchor.restore_into(params)
+        return self._outcome_report(applied, t0, sent0, recv0, tail)
+
+    def _push_of(self, delta: Tensor, tail: Tail) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The PUSH of a flat pseudo-gradient: its encoded tensors (error feedback moves here, on
+        the caller's thread) and body."""
         contributes = tail.contributes and all_finite([delta])
-        deltas = self.anchor.split(delta)
-        tensors = self.star.encode_push(deltas, self.round, self.key, contributes=contributes)
+        tensors = self.star.encode_push(self.anchor.split(delta), self.round, self.key, contributes=contributes)
         body = {
             "weight": tail.weight if contributes else 0.0,
             "contributes": contributes,
@@ -314,26 +353,34 @@ class StarDiLoCo:
             "steps": min(max(tail.steps, 0), MAX_COUNT),
             "inner_s": min(max(float(tail.inner_s), 0.0), MAX_SECONDS),
         }
-        reply: wire.Message | None
+        return tensors, body
+
+    def _exchange(self, tensors: dict[str, Tensor], body: dict[str, Any], base: int, anchor: str) -> _Outcome:
+        """Push and wait for the answer: network only, no state touched (outer.overlap runs it on
+        a background thread). base / anchor: the version and hash the push was computed from."""
         try:
-            reply = self.client.push(tensors, body, base=self.version)
+            return _Outcome(self.client.push(tensors, body, base=base))
         except (PeerLost, SyncTimeout) as e:
             log.warning("%s; re-joining", e)
-            reply = self._rejoin_and_repush(model, tensors, body)
         except wire.WireError as e:
             if e.code not in REJOIN_CODES:
                 raise
             log.warning("the coordinator refused the push (%s: %s); re-joining", e.code, e)
-            reply = self._rejoin_and_repush(model, tensors, body)
-        if reply is None or reply.type == wire.MsgType.STATE:
-            if reply is not None:
-                self._adopt(reply, model)
-            reason = "late: restarted from the coordinator's state" if reply is not None else "round lost"
-            lost = Failure.LATE if reply is not None else Failure.LOST
-            return self._report(False, 0, t0, sent0, recv0, tail, reason=reason, failure=lost)
+        return self._rejoin_and_repush(tensors, body, base, anchor)
+
+    def _apply(self, outcome: _Outcome, model: nn.Module) -> _Applied:
+        """What the push's answer does to the anchor (and, on a catch-up, to the model)."""
+        if outcome.welcome is not None:  # the coordinator moved on (or restarted): the round is lost
+            self._adopt(outcome.welcome, model)
+            return _Applied(None, "round lost", Failure.LOST)
+        reply = outcome.reply
+        if reply is None:
+            return _Applied(None, "round lost", Failure.LOST)
+        if reply.type == wire.MsgType.STATE:
+            self._adopt(reply, model)
+            return _Applied(None, "late: restarted from the coordinator's state", Failure.LATE)
         b = parse(RoundResultBody, reply.body)
-        committed, participants = b.committed, b.participants
-        if committed:
+        if b.committed:
             for a, g in zip(self.anchor.params, self.star.decode_mean(reply.tensors)):
                 a.grad = g
             self.optimizer.step()
@@ -347,44 +394,92 @@ class StarDiLoCo:
             self.resyncs += 1
             self._adopt(self.client.pull(), model)
             digest = self.anchor.digest()
-        self.anchor.restore_into(params)
         failure: Failure | None = None
-        if not committed:
-            failure = Failure.REFUSED if participants or b.reason else Failure.NO_CONTRIBUTION
+        if not b.committed:
+            failure = Failure.REFUSED if b.participants or b.reason else Failure.NO_CONTRIBUTION
+        return _Applied(b, b.reason, failure, digest)
+
+    def _outcome_report(self, applied: _Applied, t0: float, sent0: int, recv0: int, tail: Tail) -> SyncReport:
+        b = applied.result
+        if b is None:
+            return self._report(False, 0, t0, sent0, recv0, tail, reason=applied.reason, failure=applied.failure)
         return self._report(
-            committed,
-            participants,
+            b.committed,
+            b.participants,
             t0,
             sent0,
             recv0,
             tail,
             stop=tail.stop,  # a worker's Ctrl+C makes it leave; the others go on
             tokens=b.tokens,
-            reason=b.reason,
-            failure=failure,
+            reason=applied.reason,
+            failure=applied.failure,
             extra=_round_stats(b),
-            anchor_hash=digest,
+            anchor_hash=applied.digest,
         )
 
-    def _rejoin_and_repush(
-        self, model: nn.Module, tensors: dict[str, Tensor], body: dict[str, Any]
-    ) -> wire.Message | None:
-        """The coordinator restarted (or forgot us): re-join; if it is still at our state, push again.
+    @torch.no_grad()
+    def _sync_overlapped(self, model: nn.Module, tail: Tail) -> SyncReport:
+        """outer.overlap through the coordinator: the rule of the static world (docs/ALGORITHMS.md
+        1.1.1). This round's progress is measured from where it started; the answer to the last
+        round's push is applied (its outer step, or the coordinator's state on a catch-up); the
+        progress moves onto the new anchor and is pushed in the background while the next round
+        trains. The pushes carry the version they were computed from, as blocking pushes do, so
+        the coordinator runs the same rounds. The last round (or a stop: the worker leaves) waits
+        for its own push and ends on the anchor."""
+        t0 = time.perf_counter()
+        sent0, recv0 = self.client.counter.sent, self.client.counter.recv
+        params = params_of(model)
+        if self._base is None:
+            self._base = self.anchor.flat.clone()
+        if len(self._buffers) < 2:  # the push in flight owns one buffer, this round the other
+            self._buffers = [self.anchor.empty_like(), self.anchor.empty_like()]
+        delta = self.anchor.pseudo_grad(params, out=self._buffers[self._parity], base=self._base)
+        self._parity ^= 1
+        report: SyncReport | None = None
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            report = self._outcome_report(self._apply(pending.result(), model), t0, sent0, recv0, tail)
+        if not all_finite([delta]):
+            delta.zero_()  # the local progress is lost: restart from the anchor
+        if tail.last or tail.stop:
+            tensors, body = self._push_of(delta, tail)
+            applied = self._apply(self._exchange(tensors, body, self.version, self.anchor.digest()), model)
+            self.anchor.restore_into(params)
+            self._base.copy_(self.anchor.flat)
+            last = self._outcome_report(applied, t0, sent0, recv0, tail)
+            earlier = report.tokens if report is not None and report.committed else 0
+            return dataclasses.replace(last, tokens=last.tokens + earlier)
+        for a, d, b, p in zip(self.anchor.params, self.anchor.split(delta), self.anchor.split(self._base), params):
+            torch.sub(a, d, out=b)
+            p.copy_(b)
+            if p.dtype != b.dtype:
+                b.copy_(p)  # measure the next round's progress from what the model holds
+        tensors, body = self._push_of(delta, tail)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="dilo-overlap")
+        self._pending = self._pool.submit(self._exchange, tensors, body, self.version, self.anchor.digest())
+        if report is None:
+            report = self._report(True, 0, t0, sent0, recv0, tail, tokens=0,
+                                  reason="first round of outer.overlap: its push runs behind the next")  # fmt: skip
+        return dataclasses.replace(report, sync_s=time.perf_counter() - t0)
+
+    def _rejoin_and_repush(self, tensors: dict[str, Tensor], body: dict[str, Any], base: int, anchor: str) -> _Outcome:
+        """The coordinator restarted (or forgot us): re-join; if it is still at our state, push
+        again, else hand back its WELCOME for the caller to adopt.
 
         A few tries: a heartbeat answered just before the JOIN can make the push that follows look
         lost once more (a not_member reply, or the old process's id, arriving late)."""
-        base, anchor = self.version, self.anchor.digest()
         for attempt in range(1, 4):
             welcome = self.client.join()
             w = parse(StateBody, welcome.body)
             # The version alone does not prove the same state: a coordinator restarted from an
             # older checkpoint (or none) reuses version numbers once another worker moved it on.
             if w.version != base or w.anchor_hash != anchor:
-                self._adopt(welcome, model)
-                return None
+                return _Outcome(None, welcome)
             self.members = tuple(w.members)
             try:
-                return self.client.push(tensors, body, base=base)
+                return _Outcome(self.client.push(tensors, body, base=base))
             except (PeerLost, SyncTimeout) as e:
                 log.warning("push after re-joining failed (%s), try %d of 3", e, attempt)
             except wire.WireError as e:
@@ -393,7 +488,7 @@ class StarDiLoCo:
                 log.warning("push after re-joining refused (%s), try %d of 3", e, attempt)
         # The round is lost for this worker; its next push is late and brings the current state.
         log.warning("the coordinator at %s kept losing this worker's push: the round is lost", self.address)
-        return None
+        return _Outcome(None)
 
     def _report(
         self,
