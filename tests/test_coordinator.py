@@ -238,3 +238,44 @@ def test_an_invalid_ack_is_not_trusted(tmp_path: Path, corpus_dir: Path) -> None
             _wait("the link lost (no valid ACK)", client.heartbeat.lost.is_set, 10)
         finally:
             client.close()
+
+
+# ------------------------------------------------------------------------------------------
+# a worker that starts mid-round is handed what the round has left
+
+
+def test_a_joiner_mid_round_trains_what_is_left_and_counts(tmp_path: Path, corpus_dir: Path) -> None:
+    import torch
+
+    from dilo.outer.star import StarCodec
+
+    now = [0.0]
+    outer = {"kind": "diloco", "inner_steps": 10, "lr": 1.0, "momentum": 0.0, "nesterov": False}
+    cfg = tiny_config(tmp_path, corpus_dir, workers=3, membership={**FAST, "start_quorum": 2}, outer=outer)
+    coord = Coordinator(cfg, inproc=True, clock=lambda: now[0])
+    star = StarCodec(coord.names, [p.shape for p in coord.params], cfg.codec, seed=cfg.seed)
+
+    def push(c: DirectClient, value: float, steps: int) -> None:
+        deltas = [torch.full(p.shape, value) for p in coord.params]
+        body = {"weight": 1.0, "contributes": True, "stop": False, "tokens": 1, "steps": steps, "inner_s": steps / 10}
+        c.send(wire.Message(type=wire.MsgType.PUSH, worker=c.worker_id, base=coord.version, body=body,
+                            tensors=star.encode_push(deltas, coord.round_index, 1, contributes=True)))  # fmt: skip
+
+    w0, w1, w2 = (DirectClient(coord, f"w{i}") for i in range(3))
+    for c in (w0, w1):
+        assert c.join().body["inner_steps"] == 10  # nothing measured yet: a full round
+    push(w0, 1.0, 10)
+    push(w1, 1.0, 10)  # 10 steps per second each; round 0 closes at t = 0
+    coord.outbox.clear()
+    before = [p.detach().clone() for p in coord.params]
+    now[0] = 0.6  # six of the round's ten steps are done
+    assert w2.join().body["inner_steps"] == 4
+    push(w2, 0.5, 4)  # its push arrives with the others' and counts, at 4/10 of a full round's weight
+    push(w0, 1.0, 10)
+    push(w1, 2.0, 10)
+    result = [wire.decode([bytes(f) for f in frames]) for _, frames in coord.outbox][-1]
+    assert result.type == wire.MsgType.RESULT and result.body["participants"] == 3
+    mean = (1.0 + 2.0 + 0.4 * 0.5) / 2.4
+    for p, b in zip(coord.params, before):
+        torch.testing.assert_close(b - p, torch.full(p.shape, mean))  # outer SGD at lr 1
+    assert coord.policy.catch_up == {}

@@ -3,7 +3,10 @@ outer optimizer, and applies one outer step per round.
 
 A round closes when every member of the round has pushed, or `round_timeout_s` after the first
 push with at least `min_workers` pushes. The mean divides by the weights of the workers that
-contributed. Pushes based on an older version are answered with the current state (and counted
+contributed. A worker that starts from the current state mid-round (a joiner, a late worker) is
+told to train only what the round's members have left of it (from their measured speed), so that
+its first push counts with theirs instead of arriving late; with uniform weights it weighs its
+share of a full round. Pushes based on an older version are answered with the current state (and counted
 as late); a joiner gets the current state at once and never blocks a round in progress. A worker
 that leaves the view (LEAVE, or silence) is no longer waited for.
 
@@ -18,6 +21,7 @@ is undone and the round is not committed. A committed version is checkpointed (e
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +76,11 @@ class SyncRounds:
         self.round = self._new_round(0, set())
         self.speeds: dict[str, float] = {}
         """Inner steps per second of each member, from its last push that reported them."""
+        self.opened_at: float | None = None
+        """When the round in progress opened (the previous one's RESULTs went out)."""
+        self.catch_up: dict[str, int] = {}
+        """Workers handed a shortened first round (see `_catch_up_steps`), and its steps."""
+        self.uniform = getattr(coord.cfg.outer, "weighting", "uniform") == "uniform"
 
     # ------------------------------------------------------------------------------- events
 
@@ -84,9 +93,27 @@ class SyncRounds:
     def on_leave(self, worker: str) -> None:
         self.round.members.discard(worker)
         self.speeds.pop(worker, None)
+        self.catch_up.pop(worker, None)
 
     def handout(self, worker: str, msg_type: wire.MsgType, body: dict[str, Any]) -> wire.Message:
-        return self.coord.state_message(msg_type, {"inner_steps": self.inner_steps, **body})
+        steps = self._catch_up_steps()
+        if steps < self.inner_steps:
+            self.catch_up[worker] = steps
+        else:
+            self.catch_up.pop(worker, None)
+        return self.coord.state_message(msg_type, {"inner_steps": steps, **body})
+
+    def _catch_up_steps(self) -> int:
+        """Inner steps for a worker that starts from the current state now (a joiner, a late or
+        lost worker catching up): what the round's members have left of it, from the time since
+        the round opened and their measured speed, so that its push arrives with theirs and
+        counts instead of being late. A full round when nothing is known yet."""
+        h = self.inner_steps
+        speeds = [self.speeds[w] for w in sorted(self.round.members or self.coord.members) if w in self.speeds]
+        if self.opened_at is None or not speeds:
+            return h
+        done = (self.coord.clock() - self.opened_at) * statistics.median(speeds)
+        return max(1, min(h, round(h - done)))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tensors = self.model.copies()
@@ -109,8 +136,13 @@ class SyncRounds:
             return
         r = self.round
         contributes = body.contributes and body.weight > 0
+        weight = body.weight
+        if self.uniform and msg.worker in self.catch_up:
+            # a catch-up round weighs its share of a full round (token weights already say so)
+            weight *= min(1.0, max(body.steps, 1) / self.inner_steps)
         if contributes and msg.worker not in r.pushes:
-            r.mean.add(msg.worker, body.weight, self.model.decode(msg))  # decode raises before any change
+            r.mean.add(msg.worker, weight, self.model.decode(msg))  # decode raises before any change
+            self.catch_up.pop(msg.worker, None)
         if not r.members:
             r.members = set(coord.members)
         now = coord.clock()
@@ -188,6 +220,7 @@ class SyncRounds:
         coord.round_index += 1
         # the next round waits only for today's members: a worker joining later never blocks it
         self.round = self._new_round(coord.round_index, set(coord.members))
+        self.opened_at = coord.clock()
         if committed:
             coord.checkpoint_due()  # a memory copy here; the files are written behind the next round
         body = dump(result)

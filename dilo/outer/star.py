@@ -284,6 +284,8 @@ class StarDiLoCo:
         self.members: tuple[str, ...] = ()
         self.resyncs = 0
         self.overlap = isinstance(cfg.outer, DiLoCoConfig) and cfg.outer.overlap
+        self._in_round = 0
+        """Inner steps of the round in progress."""
         self._base: Tensor | None = None
         """outer.overlap: the fp32 parameters this round started from."""
         self._buffers: list[Tensor] = []
@@ -292,7 +294,10 @@ class StarDiLoCo:
         self._pool: ThreadPoolExecutor | None = None
 
     def due(self, step: int) -> bool:
-        return (step + 1) % self.round_steps == 0
+        """The round ends after round_steps steps from its start (the coordinator may hand a
+        joiner a shorter first round)."""
+        self._in_round += 1
+        return self._in_round >= self.round_steps
 
     def start(self, model: nn.Module, *, resumed: bool) -> Joined:
         """JOIN and start from the coordinator's state, resumed or not: it holds the global state."""
@@ -311,6 +316,7 @@ class StarDiLoCo:
         self._adopt(welcome, model)
         self.star.reset_feedback()
         self._base = None  # outer.overlap: the next round's progress is measured from this state
+        self._in_round = 0
         return welcome
 
     @torch.no_grad()
@@ -326,6 +332,7 @@ class StarDiLoCo:
 
     @torch.no_grad()
     def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
+        self._in_round = 0
         if self.overlap:
             return self._sync_overlapped(model, tail)
         t0 = time.perf_counter()
