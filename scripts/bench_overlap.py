@@ -114,6 +114,13 @@ def readings(rows: list[dict[str, Any]]) -> list[str]:
             f"DiLoCo's {d['utilization']:.1%}); final loss {r['val_loss_vs_diloco']:.3f}x blocking DiLoCo's; "
             f"time to the target {x(r['time_to_target_vs_diloco'])}."
         )
+    s = by.get("streaming")
+    if s is not None:
+        out.append(
+            "- Streaming logs (and here evaluates) at every send and every apply: twice per H / 2 steps, so its "
+            f"utilization with evaluations ({s['utilization_with_eval']:.1%}) counts four times blocking DiLoCo's "
+            "evaluations; the compute utilization column leaves evaluations out for every arm."
+        )
     return out
 
 
