@@ -108,6 +108,7 @@ def elastic_config(params: int, workers: int, port: int, overlap: bool):
             "out_dir": f"/tmp/dilo-bench-sync/{port}",
             "workers": workers,
             "model": {"n_layer": layers, "d_model": 512, "n_head": 8, "context": 64},
+            "data": {"seq_len": 64},
             "outer": {"kind": "diloco", "inner_steps": 1, "lr": 0.7, "momentum": 0.9, "overlap": overlap},
             "membership": {"kind": "coordinator", "address": f"tcp://127.0.0.1:{port}", "start_quorum": workers,
                            "round_timeout_s": 120.0, "request_timeout_s": 120.0},
