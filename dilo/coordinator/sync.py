@@ -73,6 +73,7 @@ class SyncRounds:
         self.optimizer = outer_optimizer(coord.cfg, self.params)
         self.inner_steps = int(getattr(coord.cfg.outer, "inner_steps", 1))
         self.sizes = [g.layout.total for g in self.star.groups]
+        self._sum: RunningMean | None = None
         self.round = self._new_round(0, set())
         self.speeds: dict[str, float] = {}
         """Inner steps per second of each member, from its last push that reported them."""
@@ -292,4 +293,8 @@ class SyncRounds:
         self.round = self._new_round(self.coord.round_index, set())
 
     def _new_round(self, index: int, members: set[str]) -> Round:
-        return Round(index, members, RunningMean(self.sizes))
+        """The next round, folding into the same buffers (the last round's mean is applied by now)."""
+        if self._sum is None:
+            self._sum = RunningMean(self.sizes)
+        self._sum.reset()
+        return Round(index, members, self._sum)

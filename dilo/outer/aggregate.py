@@ -48,16 +48,28 @@ class RunningMean:
         for acc, f in zip(self.sums, flats):
             acc.add_(f, alpha=weight)
         self.total += weight
-        self.norms[worker] = math.sqrt(sum(float(torch.linalg.vector_norm(f, dtype=torch.float64)) ** 2 for f in flats))
+        norm = math.sqrt(sum(float(torch.linalg.vector_norm(f)) ** 2 for f in flats))
+        if not math.isfinite(norm):  # squares beyond float32 (values near its limit): again in float64
+            norm = math.sqrt(sum(float(torch.linalg.vector_norm(f, dtype=torch.float64)) ** 2 for f in flats))
+        self.norms[worker] = norm
         self.samples[worker] = [f[:: self.stride].double() for f in flats]
+
+    def reset(self) -> None:
+        """Empty, for the next round (the buffers are kept: no allocation on the round's path)."""
+        for acc in self.sums:
+            acc.zero_()
+        self.total = 0.0
+        self.norms, self.samples = {}, {}
 
     @property
     def members(self) -> list[str]:
         return sorted(self.norms)
 
     def mean(self) -> list[torch.Tensor]:
+        """The weighted mean in float32. It divides the sums in place: the round's last use
+        (`stats` comes first)."""
         assert self.total > 0, "the mean needs at least one contribution"
-        return [(acc / self.total).float() for acc in self.sums]
+        return [acc.div_(self.total).float() for acc in self.sums]
 
     def stats(self) -> dict[str, dict[str, float | None]]:
         """Per member: the norm of its decoded pseudo-gradient and its cosine to the round's mean,
