@@ -333,9 +333,19 @@ def bench_dead_worker() -> dict:
     stop = threading.Event()
 
     def heartbeats() -> None:
-        hb = RawWorker(ctx, served, cfg, "alive", session=alive.session)
+        # a socket and session of their own, opened by the first HEARTBEAT (as dilo's heartbeat thread does)
+        hb = RawWorker(ctx, served, cfg, "alive")
+        hb._send(hb.session.hello("alive"))
+        assert hb.session.accept_challenge(hb.recv())
+        opening = True
         while not stop.is_set():
-            hb.request(wire.MsgType.HEARTBEAT)
+            msg = wire.Message(type=wire.MsgType.HEARTBEAT, worker="alive")
+            hb.session.opening(msg) if opening else hb.session.stamp(msg)
+            if opening:
+                hb.session.established()
+                opening = False
+            hb._send(msg)
+            hb.recv()
             time.sleep(0.2)
         hb.sock.close(0)
 
