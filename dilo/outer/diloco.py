@@ -51,7 +51,7 @@ from dilo.outer.base import (
     broadcast_params,
     params_of,
 )
-from dilo.outer.exchange import Exchange, ExchangeResult
+from dilo.outer.exchange import Exchange, ExchangeResult, finished
 from dilo.transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class DiLoCo:
         if self._pending is None:
             return None
         result = self._pending.result()
-        self._pending = _done(result)
+        self._pending = finished(result)
         return result
 
     def _report(
@@ -286,10 +286,4 @@ class DiLoCo:
                 )
             self._base = saved["base"].clone()
             pending = saved["pending"]
-            self._pending = None if pending is None else _done(ExchangeResult(pending["flat"], pending["tails"]))
-
-
-def _done(result: ExchangeResult) -> Future[ExchangeResult]:
-    future: Future[ExchangeResult] = Future()
-    future.set_result(result)
-    return future
+            self._pending = None if pending is None else finished(ExchangeResult(pending["flat"], pending["tails"]))

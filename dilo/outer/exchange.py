@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, overload
 
@@ -373,3 +374,10 @@ def _part(ctx: Context, shard: int) -> Context:
 
 
 __all__ = ["Exchange", "ExchangeResult", "Group", "build_groups", "describe_groups"]
+
+
+def finished(result: ExchangeResult) -> Future[ExchangeResult]:
+    """An exchange that is already done, as a future (a resumed checkpoint's result in flight)."""
+    future: Future[ExchangeResult] = Future()
+    future.set_result(result)
+    return future

@@ -53,7 +53,7 @@ from dilo.outer.base import (
     broadcast_params,
     params_of,
 )
-from dilo.outer.exchange import Exchange, ExchangeResult
+from dilo.outer.exchange import Exchange, ExchangeResult, finished
 from dilo.transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class StreamingDiLoCo:
         round_idx = self.rounds
         self.rounds += 1
         if self.delay == 0:
-            future: Future[ExchangeResult] = _done(f.exchange.mean_flat(delta, t, round_idx, finite=True))
+            future: Future[ExchangeResult] = finished(f.exchange.mean_flat(delta, t, round_idx, finite=True))
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="dilo-streaming")
@@ -386,7 +386,7 @@ class StreamingDiLoCo:
         pending = None
         if self._pending is not None:  # a checkpoint holds the finished mean, not a half-done collective
             result = self._pending.result.result()
-            self._pending.result = _done(result)
+            self._pending.result = finished(result)
             flat = None if result.flat is None else result.flat.clone()
             pending = {"fragment": self._pending.fragment, "reset": self._pending.reset, "flat": flat,
                        "tails": result.tails}  # fmt: skip
@@ -421,16 +421,10 @@ class StreamingDiLoCo:
         p = saved["pending"]
         self._pending = None
         if p is not None:
-            result = _done(ExchangeResult(p["flat"], p["tails"]))
+            result = finished(ExchangeResult(p["flat"], p["tails"]))
             self._pending = _InFlight(int(p["fragment"]), result, bool(p["reset"]))
 
 
 def _stops(received: list[Tensor]) -> bool:
     """A stop every worker agreed on: some worker's tail in an exchange everyone received asked for it."""
     return any(bool(t.sum(0)[TAIL_STOP] > 0) for t in received)
-
-
-def _done(result: ExchangeResult) -> Future[ExchangeResult]:
-    future: Future[ExchangeResult] = Future()
-    future.set_result(result)
-    return future
