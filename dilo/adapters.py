@@ -57,18 +57,13 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, seed: int) -> None:
         p.requires_grad_("lora_" in name)
 
 
-class SharedView(nn.Module):
-    """The parameters of `model` that the outer step exchanges, under their own names: trainable
-    (`params_of`) and not matching `local`. It holds references, never copies: a strategy that
-    reads or writes `view.parameters()` reads or writes the model's own tensors."""
+class ParamView(nn.Module):
+    """Some parameters of a model under their own names. It holds references, never copies: a
+    strategy that reads or writes `view.parameters()` reads or writes the model's own tensors."""
 
-    def __init__(self, model: nn.Module, local: str) -> None:
+    def __init__(self, pairs: list[tuple[str, nn.Parameter]]) -> None:
         super().__init__()
-        keep = re.compile(local) if local else None
-        pairs = list(zip(param_names(model), params_of(model)))
-        self._shared = [(n, p) for n, p in pairs if keep is None or not keep.search(n)]
-        if not self._shared:
-            raise ConfigError(f"outer.local={local!r} keeps every trainable parameter local: nothing is left to share")
+        self._shared = pairs
 
     def named_parameters(  # the model's own names, each parameter once
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
@@ -78,6 +73,44 @@ class SharedView(nn.Module):
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         for _, p in self._shared:
             yield p
+
+
+class SharedView(ParamView):
+    """The parameters of `model` that the outer step exchanges: trainable (`params_of`) and not
+    matching `local`."""
+
+    def __init__(self, model: nn.Module, local: str) -> None:
+        keep = re.compile(local) if local else None
+        pairs = list(zip(param_names(model), params_of(model)))
+        super().__init__([(n, p) for n, p in pairs if keep is None or not keep.search(n)])
+        if not self._shared:
+            raise ConfigError(f"outer.local={local!r} keeps every trainable parameter local: nothing is left to share")
+
+
+def share_owners(numels: list[int], shares: int) -> list[int]:
+    """Which of `shares` ranks owns each parameter: largest first, each to the least loaded rank
+    (ties to the lowest rank), so every rank gets about 1/shares of the elements. The same on every
+    rank (it depends on the shapes only)."""
+    load = [0] * shares
+    owner = [0] * len(numels)
+    for i in sorted(range(len(numels)), key=lambda i: (-numels[i], i)):
+        r = min(range(shares), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += numels[i]
+    return owner
+
+
+def share_view(model: nn.Module, shares: int, rank: int) -> ParamView:
+    """The parameters of `model` (a full model or a SharedView) that `rank` of `shares` exchanges."""
+    pairs = list(zip(param_names(model), params_of(model)))
+    owner = share_owners([p.numel() for _, p in pairs], shares)
+    mine = [pair for pair, o in zip(pairs, owner) if o == rank]
+    if not mine:
+        raise ConfigError(
+            f"transport.island_wire='all': rank {rank} of {shares} owns no parameter (the model has only "
+            f"{len(pairs)}): set transport.island_wire='lead'"
+        )
+    return ParamView(mine)
 
 
 def shared_view(model: nn.Module, outer: OuterConfig) -> nn.Module:

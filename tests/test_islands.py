@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dilo.config import RunConfig
-from dilo.errors import DiloError
+from dilo.errors import ConfigError, DiloError
 from dilo.metrics import read_jsonl
 from dilo.model import build_model, params_of
 from dilo.outer.base import SyncReport, Tail
@@ -289,3 +289,26 @@ def test_followers_hear_when_the_lead_cannot_join(tmp_path: Path, corpus_dir: Pa
     assert lead_id == follower_id == "isl7" and island == follower_island == 7 % 2  # the island is one worker
     assert (lead_log, follower_log) == ("worker-isl7", "worker-isl7.1")
     assert "no coordinator" in lead_err and "lead rank could not start" in follower_err
+
+
+def test_every_rank_on_the_wire_gives_the_lead_only_anchors(tmp_path: Path, corpus_dir: Path) -> None:
+    """transport.island_wire='all': each rank of an island exchanges its share of the parameters
+    with the same rank of the other island; the anchors are the lead-only exchange's, bit for bit,
+    and each rank sends about half of what the lead sends alone."""
+    runs = {wire: tmp_path / wire for wire in ("lead", "all")}
+    for wire, run in runs.items():
+        train_threads(_islands(run, corpus_dir, steps=8, transport={"island_wire": wire}), 4)
+    for name in RANKS:
+        assert all(torch.equal(a, b) for a, b in zip(_final(runs["lead"], name), _final(runs["all"], name))), name
+    lead = sum(r["bytes_sent"] for r in _rounds(runs["lead"], "worker0"))
+    shares = [sum(r["bytes_sent"] for r in _rounds(runs["all"], f"worker0{s}")) for s in ("", ".1")]
+    assert sum(shares) == pytest.approx(lead, rel=0.05)  # the same payload, split
+    assert all(0.35 * lead < s < 0.65 * lead for s in shares), (lead, shares)
+    hashes = {name: [r["anchor_hash"] for r in _rounds(runs["all"], name)] for name in RANKS}
+    assert all(h == hashes["worker0"] for h in hashes.values())
+
+
+def test_island_wire_all_refuses_streaming(tmp_path: Path, corpus_dir: Path) -> None:
+    streaming = {"kind": "diloco", "inner_steps": 4, "fragments": 2, "fragment_delay": 1}
+    with pytest.raises(ConfigError, match="island_wire='lead'"):
+        _islands(tmp_path, corpus_dir, transport={"island_wire": "all"}, outer=streaming)

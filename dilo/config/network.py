@@ -65,6 +65,11 @@ class TransportConfig(Frozen):
     and count as one worker in the outer step; "node": one island per node (LOCAL_WORLD_SIZE
     ranks). With membership.kind = "coordinator" the ranks of one torchrun launch always form one
     island, which joins as one worker."""
+    island_wire: Literal["lead", "all"] = "lead"
+    """Who carries an island's outer exchange (static worlds, islands of several ranks). lead: the
+    island's local rank 0 exchanges the whole model and broadcasts the result to its island. all:
+    every rank exchanges its share of the parameters (about 1/N of the bytes) with the same rank
+    of the other islands, in parallel, and the island gathers the shares: N NICs instead of one."""
 
 
 class MembershipConfig(Frozen):

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from dilo.config.base import Frozen
 from dilo.config.network import CoordinatorConfig, MembershipConfig, TransportConfig
-from dilo.config.outer import AsyncConfig, DDPConfig, DiLoCoConfig, GossipConfig, OuterConfig
+from dilo.config.outer import AsyncConfig, DDPConfig, DiLoCoConfig, FedAvgConfig, GossipConfig, OuterConfig
 from dilo.config.sections import (
     CheckpointConfig,
     CodecConfig,
@@ -130,6 +130,18 @@ class RunConfig(Frozen):
                 "torch.distributed: it needs membership.kind='static' (torchrun, Slurm, `dilo run`); "
                 "set outer.fragments=1 and outer.fragment_delay=0"
             )
+        if self.transport.island_wire == "all":
+            if self.membership.kind != "static" or not isinstance(self.outer, DiLoCoConfig | FedAvgConfig):
+                raise ValueError(
+                    "transport.island_wire='all' splits a static world's DiLoCo / FedAvg exchange over an island's "
+                    "ranks; with a coordinator the lead rank relays (one connection per island): set "
+                    "transport.island_wire='lead'"
+                )
+            if isinstance(self.outer, DiLoCoConfig) and self.outer.streaming:
+                raise ValueError(
+                    "Streaming DiLoCo syncs whole blocks, which transport.island_wire='all' splits over ranks: "
+                    "set transport.island_wire='lead'"
+                )
         if self.inner.warmup_steps >= self.steps:
             raise ValueError(f"inner.warmup_steps={self.inner.warmup_steps} must be below steps={self.steps}")
         return self

@@ -221,6 +221,9 @@ class Links:
     gossip: GossipLinks | None = None
     lead: bool = True
     """This rank talks to the other islands (an island's local rank 0, or a one-rank island)."""
+    shares: int = 1
+    """transport.island_wire = "all": every rank of the island exchanges its share of the
+    parameters over `outer` (a group of the same local rank across islands); 1 otherwise."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from dilo.adapters import shared_view
+from dilo.adapters import share_view, shared_view
 from dilo.config import AsyncConfig, DDPConfig, DiLoCoConfig, FedAvgConfig, GossipConfig, RunConfig
 from dilo.errors import ConfigError
 from dilo.outer.async_local import AsyncLocalSGD
@@ -32,7 +32,7 @@ from dilo.outer.base import Joined, Links, Strategy, SyncReport, Tail
 from dilo.outer.ddp import DDP
 from dilo.outer.diloco import DiLoCo
 from dilo.outer.gossip import Gossip
-from dilo.outer.island import IslandSync
+from dilo.outer.island import IslandShares, IslandSync
 from dilo.outer.star import StarDiLoCo
 from dilo.outer.streaming import StreamingDiLoCo
 
@@ -50,6 +50,10 @@ def build_strategy(cfg: RunConfig, model: nn.Module, links: Links) -> Strategy:
             )
         return DDP(model, links.collective, log_every=cfg.sync_every_ddp_eval, bucket_mb=bucket_mb)
     view = shared_view(model, o)
+    if links.shares > 1 and links.island is not None:  # transport.island_wire = "all"
+        part = share_view(view, links.shares, links.island.rank)
+        share = _lead_strategy(cfg, o, part, links)
+        return IslandShares(model, view, part, links.island, share, bucket_mb=bucket_mb)
     lead = _lead_strategy(cfg, o, view, links) if links.lead else None
     if lead is not None and view is not model:
         lead = OnShared(lead, view)

@@ -19,6 +19,7 @@ star and async local SGD run unchanged, and only the lead rank's traffic leaves 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -26,7 +27,16 @@ import torch
 from torch import nn
 
 from dilo.errors import DiloError
-from dilo.outer.base import Joined, Strategy, SyncReport, Tail, broadcast_params, params_of, tensor_digest
+from dilo.outer.base import (
+    FlatLayout,
+    Joined,
+    Strategy,
+    SyncReport,
+    Tail,
+    broadcast_params,
+    params_of,
+    tensor_digest,
+)
 from dilo.outer.ddp import DDP
 from dilo.transport.base import Transport
 
@@ -202,3 +212,88 @@ def _read_header(h: torch.Tensor, reason: str, anchor_hash: str) -> SyncReport:
         staleness=None if h[H_STALENESS] < 0 else int(h[H_STALENESS]),
         schedule_step=None if h[H_SCHEDULE] < 0 else int(h[H_SCHEDULE]),
     )
+
+
+class IslandShares:
+    """transport.island_wire = "all": the island's exchange over all of its ranks.
+
+    Every rank runs the outer strategy on its share of the parameters (`adapters.share_view`:
+    about 1/N of the elements each) against the same local rank of the other islands, over a
+    group of its own, so the N exchanges run in parallel on N links; then each rank broadcasts its
+    share's new parameters to its island, and every rank holds the whole model again. Within the
+    island the parameters were equal before (data parallelism), so each share's pseudo-gradient
+    is the island's own: the result is the lead-only exchange's, bit for bit."""
+
+    def __init__(
+        self, model: nn.Module, view: nn.Module, part: nn.Module, group: Transport, share: Strategy, *, bucket_mb: float
+    ) -> None:
+        """view: the parameters the island exchanges (outer.local left out); part: this rank's
+        share of them (`adapters.share_view`), which `share` runs on."""
+        from dilo.adapters import share_owners
+
+        shares = group.size
+        self.group = group
+        self.outer = share
+        self.part = part
+        params = params_of(view)
+        owner = share_owners([p.numel() for p in params], shares)
+        self.owned = [[p for p, o in zip(params, owner) if o == r] for r in range(shares)]
+        self.layouts = [FlatLayout.of(ps, bucket_mb) for ps in self.owned]
+        self.view = view
+        self._grads = DDP(model, group, log_every=1, bucket_mb=bucket_mb)
+
+    @property
+    def round_steps(self) -> int:
+        return self.outer.round_steps
+
+    def reduce_grads(self, model: nn.Module) -> None:
+        self._grads.reduce_grads(model)
+
+    def due(self, step: int) -> bool:
+        """Every rank's strategy counts the same steps: they agree without a message."""
+        return self.outer.due(step)
+
+    @torch.no_grad()
+    def gather(self) -> None:
+        """Every rank's share, broadcast by its owner to the island."""
+        for r, (params, layout) in enumerate(zip(self.owned, self.layouts)):
+            flat = layout.flatten(params)
+            self.group.broadcast_(layout.buckets(flat), r)
+            for p, v in zip(params, layout.unflatten(flat)):
+                p.copy_(v)
+
+    def start(self, model: nn.Module, *, resumed: bool) -> Joined:
+        """Each share starts from island 0's (the static broadcast of its group), then the island
+        gathers the shares."""
+        joined = self.outer.start(self.part, resumed=resumed)
+        self.gather()
+        return joined
+
+    def describe(self) -> list[str]:
+        return [f"share {self.group.rank} of {self.group.size}: {line}" for line in self.outer.describe()]
+
+    @torch.no_grad()
+    def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
+        stop = torch.tensor([float(tail.stop)], dtype=torch.float64)
+        self.group.all_reduce_([stop])  # any rank of the island may have been asked to stop
+        tail.stop = bool(stop[0] > 0)
+        report = self.outer.sync(self.part, tail=tail)
+        self.gather()
+        # the island's round is committed when every share's is
+        failed = torch.tensor([0.0 if report.committed else 1.0], dtype=torch.float64)
+        self.group.all_reduce_([failed])
+        committed = report.committed and bool(failed[0] == 0)
+        reason = report.reason or ("" if committed else "another share of this island was not committed")
+        return dataclasses.replace(
+            report, committed=committed, reason=reason, anchor_hash=tensor_digest(params_of(self.view))
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"share": self.outer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "share" not in state:
+            raise DiloError(
+                "this checkpoint was written with transport.island_wire='lead': resume with the same island layout"
+            )
+        self.outer.load_state_dict(state["share"])

@@ -118,9 +118,11 @@ class StaticWorld(Closing):
             )
             self._transports.append(self.group)
             self.outer_transport = None
-            if local == 0:
+            if local == 0 or t.island_wire == "all":
+                # lead: the lead ranks' group; all: one group per local rank, across the islands
+                prefix = "dilo/outer" if t.island_wire == "lead" else f"dilo/outer-share{local}"
                 self.outer_transport = TorchDistTransport(
-                    store, island, placement.size // k, backend=t.backend, timeout_s=t.timeout_s, prefix="dilo/outer"
+                    store, island, placement.size // k, backend=t.backend, timeout_s=t.timeout_s, prefix=prefix
                 )
                 self._transports.append(self.outer_transport)
 
@@ -135,6 +137,7 @@ class StaticWorld(Closing):
             outer=self.outer_transport,
             island=self.group,
             lead=self.local_rank == 0,
+            shares=self.island_ranks if self.cfg.transport.island_wire == "all" and self.group is not None else 1,
         )
 
     def adopt(self, joined: Joined, *, resumed: bool) -> None:
