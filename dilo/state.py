@@ -54,8 +54,11 @@ def split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> An
     """Replace every tensor in a nested dict/list by a marker; collect the tensors."""
     if isinstance(obj, torch.Tensor):
         key = prefix
+        obj = obj.detach()
+        if hasattr(obj, "to_local"):  # a sharded island's DTensor: this rank's shard
+            obj = obj.to_local()
         # safetensors refuses shared or non-contiguous storage; a private copy is cheap here
-        tensors[key] = obj.detach().cpu().contiguous().clone()
+        tensors[key] = obj.cpu().contiguous().clone()
         return {"__tensor__": key}
     if isinstance(obj, dict):
         return {"__dict__": [[k, split_tensors(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}

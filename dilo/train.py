@@ -66,6 +66,7 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
     main = world.rank == 0 and world.local_rank == 0  # prints, plots and writes the summary
     device = world.device
     model = build_run_model(cfg).to(device)  # cfg.model, with LoRA adapters when cfg.lora.r > 0
+    model = world.shard(model)  # transport.island_shard = "fsdp": FSDP2 over the island
     check_data_fits(model, cfg.data)  # byte-level data needs 256 ids; seq_len within the model's positions
     vocab = model_vocab_size(model)  # ids >= vocab fail at load time, naming the file (dilo/data.py)
     island = _island_data(cfg, world, vocab)

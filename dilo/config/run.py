@@ -130,6 +130,31 @@ class RunConfig(Frozen):
                 "torch.distributed: it needs membership.kind='static' (torchrun, Slurm, `dilo run`); "
                 "set outer.fragments=1 and outer.fragment_delay=0"
             )
+        if self.transport.island_shard == "fsdp":
+            if self.membership.kind != "static" or not isinstance(self.outer, DiLoCoConfig | FedAvgConfig):
+                raise ValueError(
+                    "transport.island_shard='fsdp' shards a static world's islands for DiLoCo / FedAvg: use "
+                    "membership.kind='static' and outer.kind='diloco' or 'fedavg', or transport.island_shard='none'"
+                )
+            if self.transport.island_ranks == 1:
+                raise ValueError(
+                    "transport.island_shard='fsdp' needs islands of several ranks: set transport.island_ranks"
+                )
+            if isinstance(self.outer, DiLoCoConfig) and (self.outer.streaming or self.outer.overlap):
+                raise ValueError(
+                    "transport.island_shard='fsdp' runs the blocking outer step: set outer.overlap=false, "
+                    "outer.fragments=1 and outer.fragment_delay=0"
+                )
+            if self.outer.local or self.lora.r > 0 or self.inner.compile:
+                raise ValueError(
+                    "transport.island_shard='fsdp' trains every parameter of an uncompiled model: drop outer.local, "
+                    "lora and inner.compile"
+                )
+            if self.checkpoint.resume:
+                raise ValueError(
+                    "resuming a sharded island is not supported yet: set checkpoint.resume=false (or "
+                    "transport.island_shard='none')"
+                )
         if self.transport.island_wire == "all":
             if self.membership.kind != "static" or not isinstance(self.outer, DiLoCoConfig | FedAvgConfig):
                 raise ValueError(

@@ -224,6 +224,9 @@ class Links:
     shares: int = 1
     """transport.island_wire = "all": every rank of the island exchanges its share of the
     parameters over `outer` (a group of the same local rank across islands); 1 otherwise."""
+    sharded: bool = False
+    """transport.island_shard = "fsdp": the model is sharded over the island; every rank exchanges
+    its own shard over `outer`."""
 
 
 @dataclass
@@ -332,7 +335,10 @@ def tensor_digest(tensors: Sequence[Tensor]) -> str:
     anchors), not adversaries: messages are authenticated separately."""
     h = xxhash.xxh3_64()
     for t in tensors:
-        flat = t.detach().reshape(-1)
+        t = t.detach()
+        if hasattr(t, "to_local"):  # a sharded island's DTensor: this rank's shard
+            t = t.to_local()
+        flat = t.reshape(-1)
         if flat.device.type != "cpu":
             flat = flat.cpu()
         h.update(flat.contiguous().view(torch.uint8).numpy().data)

@@ -32,7 +32,7 @@ from dilo.outer.base import Joined, Links, Strategy, SyncReport, Tail
 from dilo.outer.ddp import DDP
 from dilo.outer.diloco import DiLoCo
 from dilo.outer.gossip import Gossip
-from dilo.outer.island import IslandShares, IslandSync
+from dilo.outer.island import IslandShares, IslandSync, ShardedIsland
 from dilo.outer.star import StarDiLoCo
 from dilo.outer.streaming import StreamingDiLoCo
 
@@ -50,6 +50,11 @@ def build_strategy(cfg: RunConfig, model: nn.Module, links: Links) -> Strategy:
             )
         return DDP(model, links.collective, log_every=cfg.sync_every_ddp_eval, bucket_mb=bucket_mb)
     view = shared_view(model, o)
+    if links.sharded and links.island is not None:  # transport.island_shard = "fsdp"
+        from dilo.shard import local_shards
+
+        part = local_shards(model)
+        return ShardedIsland(part, links.island, _lead_strategy(cfg, o, part, links))
     if links.shares > 1 and links.island is not None:  # transport.island_wire = "all"
         part = share_view(view, links.shares, links.island.rank)
         share = _lead_strategy(cfg, o, part, links)

@@ -297,3 +297,56 @@ class IslandShares:
                 "this checkpoint was written with transport.island_wire='lead': resume with the same island layout"
             )
         self.outer.load_state_dict(state["share"])
+
+
+class ShardedIsland:
+    """transport.island_shard = "fsdp": an island whose ranks shard the model (dilo/shard.py).
+
+    Every rank runs the outer strategy on its own shard (`part`) against the same rank of the other
+    islands; FSDP2 averages gradients inside the island by itself, and nothing is gathered: the
+    next forward all-gathers the updated shards. The round's anchor hash is the hash of every
+    shard's digest, the same on every rank of every island when the anchors agree."""
+
+    def __init__(self, part: nn.Module, group: Transport, share: Strategy) -> None:
+        self.part = part
+        self.group = group
+        self.outer = share
+
+    @property
+    def round_steps(self) -> int:
+        return self.outer.round_steps
+
+    def reduce_grads(self, model: nn.Module) -> None:
+        """FSDP2 reduce-scatters the gradients in the backward pass."""
+
+    def due(self, step: int) -> bool:
+        return self.outer.due(step)
+
+    def start(self, model: nn.Module, *, resumed: bool) -> Joined:
+        return self.outer.start(self.part, resumed=resumed)
+
+    def describe(self) -> list[str]:
+        return [f"shard {self.group.rank} of {self.group.size}: {line}" for line in self.outer.describe()]
+
+    def _island_digest(self) -> str:
+        mine = int(tensor_digest(params_of(self.part)), 16) - (1 << 63)  # as an int64
+        digests = self.group.all_gather(torch.tensor([mine], dtype=torch.int64))
+        return tensor_digest([torch.cat([d.reshape(-1) for d in digests])])
+
+    @torch.no_grad()
+    def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
+        stop = torch.tensor([float(tail.stop)], dtype=torch.float64)
+        self.group.all_reduce_([stop])
+        tail.stop = bool(stop[0] > 0)
+        report = self.outer.sync(self.part, tail=tail)
+        failed = torch.tensor([0.0 if report.committed else 1.0], dtype=torch.float64)
+        self.group.all_reduce_([failed])
+        committed = report.committed and bool(failed[0] == 0)
+        reason = report.reason or ("" if committed else "another shard of this island was not committed")
+        return dataclasses.replace(report, committed=committed, reason=reason, anchor_hash=self._island_digest())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shard": self.outer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.outer.load_state_dict(state["shard"])

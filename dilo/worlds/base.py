@@ -114,6 +114,11 @@ class World(Protocol):
 
     def validation_share(self, batches: list[Batch]) -> list[Batch]: ...
 
+    def shard(self, model: nn.Module) -> nn.Module:
+        """The model as this world trains it: sharded over the island (transport.island_shard =
+        "fsdp"), else itself. Call it before building the inner optimizer."""
+        ...
+
     def evaluate(self, model: nn.Module, batches: list[Batch]) -> float:
         """The validation loss, summed over the ranks that split the batches."""
         ...
@@ -285,6 +290,9 @@ class OwnTotals(Closing):
                 f"{self.log_name} has no checkpoint for round {agreed} (it has {mine}); the island's ranks disagree"
             )
         return agreed
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        return model  # elastic and gossip islands hold whole models
 
     def validation_share(self, batches: list[Batch]) -> list[Batch]:
         # no collective with the other workers: every worker (island) evaluates the whole set

@@ -9,10 +9,14 @@ and summed; the run summary is agreed by an all-reduce.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed import PrefixStore, Store  # type: ignore[attr-defined]
 
 from dilo.config import RunConfig
 from dilo.data import corpus_fingerprint
@@ -67,6 +71,9 @@ class StaticWorld(Closing):
         self.group: Transport | None = None
         self.outer_transport: Transport | None
         self._transports: list[Transport] = []
+        self.mesh: Any = None
+        """transport.island_shard = "fsdp": this island's device mesh (FSDP2 shards over it)."""
+        self._default_group = False
         if transport is not None:
             if cfg.transport.island_ranks not in (1, "node"):
                 raise DiloError("an injected transport serves islands of one rank: drop transport.island_ranks")
@@ -118,13 +125,42 @@ class StaticWorld(Closing):
             )
             self._transports.append(self.group)
             self.outer_transport = None
-            if local == 0 or t.island_wire == "all":
+            sharded = t.island_shard == "fsdp"
+            if sharded:
+                self._init_mesh(store, placement, k)
+            if local == 0 or t.island_wire == "all" or sharded:
                 # lead: the lead ranks' group; all: one group per local rank, across the islands
-                prefix = "dilo/outer" if t.island_wire == "lead" else f"dilo/outer-share{local}"
+                prefix = f"dilo/outer-share{local}" if t.island_wire == "all" or sharded else "dilo/outer"
                 self.outer_transport = TorchDistTransport(
                     store, island, placement.size // k, backend=t.backend, timeout_s=t.timeout_s, prefix=prefix
                 )
                 self._transports.append(self.outer_transport)
+
+    def _init_mesh(self, store: Store, placement: Placement, k: int) -> None:
+        """transport.island_shard = "fsdp": FSDP2 needs torch.distributed's default group and a
+        device mesh; its "shard" dimension is this rank's island."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        t = self.cfg.transport
+        backend = "nccl" if t.backend == "nccl" else "gloo"
+        dist.init_process_group(
+            backend, store=PrefixStore("dilo/default", store), rank=placement.rank, world_size=placement.size,
+            timeout=timedelta(seconds=t.timeout_s),
+        )  # fmt: skip
+        self._default_group = True
+        device = "cuda" if backend == "nccl" else "cpu"
+        mesh = init_device_mesh(device, (placement.size // k, k), mesh_dim_names=("island", "shard"))
+        self.mesh = mesh["shard"]
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """transport.island_shard = "fsdp": shard `model` over this rank's island (FSDP2: each
+        numbered block, then the rest); call it before building the inner optimizer. Otherwise
+        the model as it is."""
+        if self.mesh is None:
+            return model
+        from dilo.shard import fully_shard_blocks
+
+        return fully_shard_blocks(model, self.mesh, self.cfg.inner.precision)
 
     @property
     def counter(self) -> ByteCounter:
@@ -138,6 +174,7 @@ class StaticWorld(Closing):
             island=self.group,
             lead=self.local_rank == 0,
             shares=self.island_ranks if self.cfg.transport.island_wire == "all" and self.group is not None else 1,
+            sharded=self.mesh is not None,
         )
 
     def adopt(self, joined: Joined, *, resumed: bool) -> None:
@@ -156,7 +193,10 @@ class StaticWorld(Closing):
         return agreed
 
     def validation_share(self, batches: list[Batch]) -> list[Batch]:
-        return batches[self.global_rank :: self.global_size]
+        mine = batches[self.global_rank :: self.global_size]
+        if self.mesh is not None:  # a sharded forward is collective: every rank runs as many
+            return mine[: len(batches) // self.global_size]
+        return mine
 
     def evaluate(self, model: nn.Module, batches: list[Batch]) -> float:
         total, n = evaluate(model, batches, self.cfg.inner.precision)
@@ -174,6 +214,9 @@ class StaticWorld(Closing):
         transports, self._transports = self._transports, []
         for t in transports:
             t.close()
+        if self._default_group:
+            self._default_group = False
+            dist.destroy_process_group()
 
     def _check_same_run(self) -> None:
         """Refuse to train when workers were started with different configs or see different corpora."""

@@ -1,0 +1,59 @@
+"""FSDP2 islands (transport.island_shard = "fsdp"): the model sharded over an island's ranks, and
+the per-shard view the outer step runs on.
+
+    model = world.shard(model)                 # fully_shard each numbered block, then the root
+    view = local_shards(model)                 # plain tensors: this rank's shard of every parameter
+
+Inside the island FSDP2 all-gathers parameters for the forward and reduce-scatters gradients in
+the backward (so no gradient hook of dilo's runs); the fp32 shards are the master weights, the
+compute runs in bf16 under inner.precision = "bf16". Across islands, the ranks with the same
+index hold the same slices of every parameter, so each exchanges its shard's pseudo-gradient with
+them: the anchor, outer momentum and pseudo-gradient are per shard, never gathered.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from dilo.adapters import ParamView
+from dilo.inner import resolve_precision
+from dilo.model import param_names, params_of
+
+_BLOCK = re.compile(r"(?:^|\.)\d+$")
+
+
+def fully_shard_blocks(model: nn.Module, mesh: Any, precision: str) -> nn.Module:
+    """FSDP2 over `mesh`: one unit per numbered block (a ModuleList entry: "blocks.3",
+    "model.layers.3"), then the root for what is left (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    bf16 = resolve_precision(precision, mesh.device_type) == "bf16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for name, module in model.named_modules():
+        if _BLOCK.search(name) and any(True for _ in module.parameters()):
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    # the root too reshards after every forward (FSDP2 keeps it gathered by default): the outer
+    # step writes the shards, and an evaluation's forward must not leave stale gathered copies
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    return model
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (sharing its memory), or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def local_shards(model: nn.Module) -> ParamView:
+    """This rank's shard of every trainable parameter, as parameters that share the shards'
+    memory (a strategy writing them writes the sharded model); empty shards left out."""
+    pairs = []
+    for name, p in zip(param_names(model), params_of(model)):
+        shard = local(p.detach())
+        if shard.numel():
+            pairs.append((name, nn.Parameter(shard, requires_grad=True)))
+    return ParamView(pairs)
