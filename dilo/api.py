@@ -42,6 +42,7 @@ from dilo.errors import DiloError, TransportError
 from dilo.model import params_of
 from dilo.outer.base import Failure, Joined, Strategy, SyncReport, Tail, tensor_digest
 from dilo.outer.build import build_strategy
+from dilo.shard import local, reshard_optimizer_state
 from dilo.worlds import ElasticWorld, GossipWorld, Placement, StaticWorld, World
 
 
@@ -323,11 +324,19 @@ class Outer:
                     f"the checkpoint holds {len(state['params'])} parameters, the model {len(params)}: another model?"
                 )
             for p, v in zip(params, state["params"]):
-                p.copy_(v)
+                mine = local(p)  # a sharded island's checkpoint holds this rank's shards
+                if mine.shape != v.shape:
+                    raise DiloError(
+                        f"the checkpoint holds a parameter of shape {tuple(v.shape)} where this rank has "
+                        f"{tuple(mine.shape)}: resume with the island layout it was written with "
+                        "(transport.island_ranks, transport.island_shard)"
+                    )
+                mine.copy_(v)
             buffers = dict(self.model.named_buffers())
             for k, v in state["buffers"].items():
                 buffers[k].copy_(v)
         self.optimizer.load_state_dict(state["inner"]["optimizer"])
+        reshard_optimizer_state(self.optimizer)
         self.strategy.load_state_dict(state["outer"])
         progress = state["progress"]
         self.steps, self.rounds = int(progress["steps"]), int(progress["rounds"])

@@ -57,3 +57,19 @@ def local_shards(model: nn.Module) -> ParamView:
         if shard.numel():
             pairs.append((name, nn.Parameter(shard, requires_grad=True)))
     return ParamView(pairs)
+
+
+def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After `load_state_dict` from a checkpoint of local shards: make each sharded parameter's
+    state tensors (AdamW's moments) DTensors laid out like the parameter again."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            mesh = getattr(p, "device_mesh", None)
+            if mesh is None:
+                continue
+            from torch.distributed.tensor import DTensor
+
+            state = optimizer.state.get(p, {})
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.shape == local(p).shape and v.dim():
+                    state[k] = DTensor.from_local(v, mesh, p.placements, shape=p.shape, stride=p.stride())

@@ -150,11 +150,6 @@ class RunConfig(Frozen):
                     "transport.island_shard='fsdp' trains every parameter of an uncompiled model: drop outer.local, "
                     "lora and inner.compile"
                 )
-            if self.checkpoint.resume:
-                raise ValueError(
-                    "resuming a sharded island is not supported yet: set checkpoint.resume=false (or "
-                    "transport.island_shard='none')"
-                )
         if self.transport.island_wire == "all":
             if self.membership.kind != "static" or not isinstance(self.outer, DiLoCoConfig | FedAvgConfig):
                 raise ValueError(
