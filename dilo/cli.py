@@ -37,7 +37,7 @@ from datetime import timedelta
 from typing import Any
 
 from dilo.config import load, schema
-from dilo.errors import DiloError
+from dilo.errors import ConfigError, DiloError
 from dilo.process import apply_threads, install_stop_handlers, setup_logging
 
 log = logging.getLogger("dilo")
@@ -70,11 +70,18 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     k = args.island_ranks
     if k < 1:
         raise DiloError(f"--island-ranks must be at least 1, got {k}")
-    cfg = load(args.config, rest)  # fails here, before any process or socket starts
-    elastic = cfg.membership.kind == "coordinator"
-    if k > 1 and not elastic:  # a static world of islands: checked with the rest of the config
-        rest = [*rest, f"--transport.island_ranks={k}"]
+    # the config fails here, before any process or socket starts; a static world of islands is
+    # checked with its island_ranks (transport.island_shard needs them), an elastic one without
+    with_islands = [*rest, f"--transport.island_ranks={k}"]
+    try:
+        cfg = load(args.config, with_islands) if k > 1 else load(args.config, rest)
+    except ConfigError as e:
         cfg = load(args.config, rest)
+        if cfg.membership.kind != "coordinator":
+            raise e from None
+    elastic = cfg.membership.kind == "coordinator"
+    if k > 1 and not elastic:
+        rest = with_islands
     if k > 1 and cfg.outer.kind == "gossip":
         raise DiloError("--island-ranks: outer.kind='gossip' runs one rank per worker")
     n = args.workers or cfg.workers

@@ -400,7 +400,7 @@ def test_fsdp_islands_train_a_hugging_face_llama_in_bf16(tmp_path: Path) -> None
     over fp32 master shards: every round commits, the loss falls, and both ranks of an island send."""
     pytest.importorskip("transformers")
     cmd = [sys.executable, "-m", "dilo.cli", "run", str(REPO / "configs" / "hf-llama.toml"), "--workers=2",
-           "--island-ranks=2", "--transport.island_ranks=2", "--transport.island_shard=fsdp", "--steps=20",
+           "--island-ranks=2", "--transport.island_shard=fsdp", "--steps=20",
            "--inner.warmup_steps=2", "--outer.inner_steps=10", f"--out_dir={tmp_path}", "--log.progress=false",
            "--checkpoint.every=0", "--inner.precision=bf16", "--log.plot=false"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
