@@ -21,7 +21,8 @@ from dilo.state import load_worker_state, rounds_of
 from dilo.transport.torch_dist import TorchDistTransport, connect_store
 from tests.conftest import run_workers, tiny_config, train_threads, write_toml
 from tests.test_outer import _drift
-from tests.test_train import _final_params, _rounds
+from tests.test_overlap import _same_final_anchor
+from tests.test_train import _rounds
 
 H, P = 4, 2
 OUTER = {"lr": 0.7, "momentum": 0.9, "nesterov": True}
@@ -192,13 +193,6 @@ def _streaming_config(tmp_path: Path, corpus_dir: Path, **kw):
     model = {"n_layer": 2, "n_head": 2, "d_model": 32, "context": 32}
     outer = {"kind": "diloco", "inner_steps": 4, "fragments": 2, "fragment_delay": 1, "lr": 0.4}
     return tiny_config(tmp_path, corpus_dir, model=model, outer=outer, codec={"kind": "int4", "block": 32}, **kw)
-
-
-def _same_final_anchor(run_dir: Path, n: int) -> None:
-    logs = [_rounds(run_dir, r) for r in range(n)]
-    assert len({log[-1]["anchor_hash"] for log in logs}) == 1
-    finals = [_final_params(run_dir, r) for r in range(n)]
-    assert all(torch.equal(a, b) for f in finals[1:] for a, b in zip(finals[0], f))
 
 
 def test_streaming_trains_in_the_loop(tmp_path: Path, corpus_dir: Path) -> None:

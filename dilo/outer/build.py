@@ -85,34 +85,16 @@ def _lead_strategy(
     if links.outer is None:
         raise ConfigError(f"outer.kind={o.kind!r} needs a static world's transport or a coordinator")
     momentum, nesterov = (o.momentum, o.nesterov) if isinstance(o, DiLoCoConfig) else (0.0, False)
+    common: dict[str, Any] = {
+        "inner_steps": o.inner_steps, "lr": o.lr, "momentum": momentum, "nesterov": nesterov,
+        "codec": cfg.codec, "seed": cfg.seed, "bucket_mb": cfg.transport.bucket_mb,
+    }  # fmt: skip
     if isinstance(o, DiLoCoConfig) and o.streaming:
         return StreamingDiLoCo(
-            model,
-            links.outer,
-            inner_steps=o.inner_steps,
-            fragments=o.fragments,
-            delay=o.fragment_delay,
-            mixing=o.mixing,
-            pattern=o.fragment_pattern,
-            lr=o.lr,
-            momentum=momentum,
-            nesterov=nesterov,
-            codec=cfg.codec,
-            seed=cfg.seed,
-            bucket_mb=cfg.transport.bucket_mb,
-        )
-    return DiLoCo(
-        model,
-        links.outer,
-        inner_steps=o.inner_steps,
-        lr=o.lr,
-        momentum=momentum,
-        nesterov=nesterov,
-        codec=cfg.codec,
-        seed=cfg.seed,
-        bucket_mb=cfg.transport.bucket_mb,
-        overlap=isinstance(o, DiLoCoConfig) and o.overlap,
-    )
+            model, links.outer, fragments=o.fragments, delay=o.fragment_delay, mixing=o.mixing,
+            pattern=o.fragment_pattern, **common,
+        )  # fmt: skip
+    return DiLoCo(model, links.outer, overlap=isinstance(o, DiLoCoConfig) and o.overlap, **common)
 
 
 class OnShared:
