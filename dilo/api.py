@@ -324,7 +324,7 @@ class Outer:
                     f"the checkpoint holds {len(state['params'])} parameters, the model {len(params)}: another model?"
                 )
             for p, v in zip(params, state["params"]):
-                mine = local(p)  # a sharded island's checkpoint holds this rank's shards
+                mine, v = local(p), local(v)  # a sharded island's checkpoint: this rank's shards
                 if mine.shape != v.shape:
                     raise DiloError(
                         f"the checkpoint holds a parameter of shape {tuple(v.shape)} where this rank has "

@@ -14,16 +14,56 @@ them: the anchor, outer momentum and pseudo-gradient are per shard, never gather
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed import PrefixStore, Store  # type: ignore[attr-defined]
 
 from dilo.adapters import ParamView
 from dilo.inner import resolve_precision
 from dilo.model import param_names, params_of
 
 _BLOCK = re.compile(r"(?:^|\.)\d+$")
+
+
+@dataclass
+class IslandMesh:
+    """What FSDP2 and the sharded checkpoints of one island run over."""
+
+    mesh: Any
+    """The island's 1-D device mesh (dimension "shard"): FSDP2 shards over it."""
+    checkpoints: Any
+    """A Gloo group of the island's ranks for DCP's planning collectives: they run on the
+    checkpoint writer's thread, so they get a group of their own, never the mesh's."""
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def island_mesh(store: Store, rank: int, size: int, k: int, *, backend: str, timeout_s: float) -> IslandMesh:
+    """Open torch.distributed's default group over `size` ranks (all of a static world's islands,
+    or one island of an elastic world) and the device mesh of this rank's island of `k`: rank r
+    is rank r % k of island r // k."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    backend = "nccl" if backend == "nccl" else "gloo"
+    dist.init_process_group(
+        backend, store=PrefixStore("dilo/default", store), rank=rank, world_size=size,
+        timeout=timedelta(seconds=timeout_s),
+    )  # fmt: skip
+    try:
+        device = "cuda" if backend == "nccl" else "cpu"
+        mesh = init_device_mesh(device, (size // k, k), mesh_dim_names=("island", "shard"))["shard"]
+        groups = [dist.new_group(list(range(i * k, (i + 1) * k)), backend="gloo") for i in range(size // k)]
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    return IslandMesh(mesh, groups[rank // k])
 
 
 def fully_shard_blocks(model: nn.Module, mesh: Any, precision: str) -> nn.Module:

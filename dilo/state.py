@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -115,7 +115,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(code, os.strerror(code), str(path)) from e
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     # the process and thread in the name: another writer of the same name (a restarted worker whose
     # old process is not quite dead, a test's threads) never writes to or renames this file
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
@@ -130,7 +130,7 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
     dir_fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -169,9 +169,9 @@ def write_snapshot(ckpt_dir: Path, round_idx: int, who: str, snap: Snapshot, kee
             # rewriting a round (after a resume): the pair is incomplete until the new .json lands,
             # never an old .json with new tensors
             json_path.unlink(missing_ok=True)
-            _atomic_write(json_path.with_suffix(".safetensors"), lambda p: _save_tensors(tensors, p))
-            _atomic_write(json_path, lambda p: p.write_text(meta))
-            _fsync_dir(d)
+            atomic_write(json_path.with_suffix(".safetensors"), lambda p: _save_tensors(tensors, p))
+            atomic_write(json_path, lambda p: p.write_text(meta))
+            fsync_dir(d)
             break
         except FileNotFoundError as e:
             if attempt == 2:
@@ -180,6 +180,18 @@ def write_snapshot(ckpt_dir: Path, round_idx: int, who: str, snap: Snapshot, kee
             log.warning("%s vanished while writing %s (%s); recreating it and retrying once", d, json_path.name, e)
     _prune(d, keep)
     return json_path
+
+
+class Checkpoints(Protocol):
+    """Where a rank's checkpoints live (a world picks: `world.checkpoints(ckpt_dir)`)."""
+
+    def rounds(self) -> list[int]: ...
+
+    def load(self, round_idx: int) -> dict[str, Any]: ...
+
+    def save(self, round_idx: int, state: dict[str, Any], *, wait: bool = False) -> list[tuple[int, OSError]]: ...
+
+    def close(self) -> list[tuple[int, OSError]]: ...
 
 
 class CheckpointWriter:
@@ -201,14 +213,29 @@ class CheckpointWriter:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future[Path]] | None = None
 
+    def __str__(self) -> str:
+        return str(self.ckpt_dir / self.who)
+
+    def rounds(self) -> list[int]:
+        """The rounds this writer has a complete checkpoint of, oldest first."""
+        return rounds_of(self.ckpt_dir, self.who)
+
+    def load(self, round_idx: int) -> dict[str, Any]:
+        """The state saved for a round (see `rounds`)."""
+        return load_worker_state(self.ckpt_dir, round_idx, self.who)
+
     def save(self, round_idx: int, state: dict[str, Any], *, wait: bool = False) -> list[tuple[int, OSError]]:
         failed = self.wait()
-        snap = snapshot(state)
+        write = self._prepare(round_idx, state)  # the copy, on the caller's thread
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"dilo-checkpoint-{self.who}")
-        future = self._pool.submit(write_snapshot, self.ckpt_dir, round_idx, self.who, snap, self.keep)
-        self._pending = (round_idx, future)
+        self._pending = (round_idx, self._pool.submit(write))
         return failed + self.wait() if wait else failed
+
+    def _prepare(self, round_idx: int, state: dict[str, Any]) -> Callable[[], Path]:
+        """Copy what `state` holds now; return the write of that copy (run on the writer's thread)."""
+        snap = snapshot(state)
+        return lambda: write_snapshot(self.ckpt_dir, round_idx, self.who, snap, self.keep)
 
     def wait(self) -> list[tuple[int, OSError]]:
         """Wait for the write in flight: [(its round, its OSError)] if the disk refused it."""
@@ -258,7 +285,9 @@ def _complete_rounds(d: Path) -> list[int]:
     out = []
     for f in _entries(d):
         m = ROUND_FILE.match(f.name)
-        if m is not None and m.group(2) == "json" and f.with_suffix(".safetensors").is_file():
+        # tensors beside the .json: a safetensors file, or a sharded island's DCP directory
+        tensors = f.with_suffix(".safetensors").is_file() or f.with_suffix("").is_dir()
+        if m is not None and m.group(2) == "json" and tensors:
             out.append(int(m.group(1)))
     return sorted(out)
 
@@ -274,9 +303,14 @@ def rounds_of(ckpt_dir: Path, who: str) -> list[int]:
 
 
 def load_worker_state(ckpt_dir: Path, round_idx: int, who: str) -> dict[str, Any]:
-    """`who`'s state of a round; the previous layout is read where the current one has no such round."""
+    """`who`'s state of a round; the previous layout is read where the current one has no such round.
+    A sharded island's ("island0") comes whole: every tensor of its lead's state at full size."""
     json_path = checkpoint_path(ckpt_dir, round_idx, who)
     tensor_path = json_path.with_suffix(".safetensors")
+    if json_path.with_suffix("").is_dir():  # a sharded island's: its tensors put back together
+        from dilo.sharded_checkpoint import consolidate
+
+        return consolidate(json_path.with_suffix(""))
     if not json_path.is_file() and _legacy_path(ckpt_dir, round_idx, who, ".json").is_file():
         json_path = _legacy_path(ckpt_dir, round_idx, who, ".json")
         tensor_path = _legacy_path(ckpt_dir, round_idx, who, ".safetensors")

@@ -29,7 +29,6 @@ from dilo.inner import InnerLoop, resolve_precision
 from dilo.model import check_call, check_data_fits, model_vocab_size, num_params, params_of
 from dilo.process import apply_threads, install_stop_handlers, setup_logging
 from dilo.report import Totals, stopped_message, summarize, throughput, to_json
-from dilo.state import CheckpointWriter, load_worker_state
 from dilo.worlds import World
 
 log = logging.getLogger("dilo.train")
@@ -75,11 +74,12 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
     inner = InnerLoop(model, cfg.inner, total_steps=cfg.steps)
     outer = dilo.wrap(model, inner.optimizer, world)
     totals = Totals()
-    resume_round = world.agree_resume_round(ckpt_dir) if cfg.checkpoint.resume else -1
+    checkpoints = world.checkpoints(ckpt_dir)  # this rank's files, or its island's sharded (DCP) checkpoint
+    resume_round = world.agree_resume_round(checkpoints) if cfg.checkpoint.resume else -1
     if resume_round < 0 and cfg.checkpoint.resume and main:
         log.warning("resume requested but no complete checkpoint in %s: starting from scratch", ckpt_dir)
     if resume_round >= 0:
-        state = load_worker_state(ckpt_dir, resume_round, world.log_name)
+        state = checkpoints.load(resume_round)
         outer.load_state_dict(state)  # the API's own keys; the loop's are beside them
         inner.step_count = int(state["loop"]["inner_step"])
         island.load_state_dict(state["data"])
@@ -123,7 +123,6 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
     def sync_grads(_: torch.nn.Module) -> None:
         outer.sync_grads()  # DDP / islands: averaged here, before clipping
 
-    writer = CheckpointWriter(ckpt_dir, world.log_name)
     record_errors: list[str] = []  # failed checkpoints, for the next round's record
     try:
         while not outer.done and outer.steps < world.step_limit:
@@ -160,7 +159,7 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
                 state = {**outer.state_dict(), "loop": {"inner_step": inner.step_count}}
                 state.update(data=island.state_dict(), rng=torch.get_rng_state(), totals=totals.state_dict())
                 # written behind the next round; the run's last one is waited for
-                failed = writer.save(outer.rounds, state, wait=final)
+                failed = checkpoints.save(outer.rounds, state, wait=final)
             for r, e in failed:  # a full or failing disk costs that checkpoint, not the run
                 error = f"{e.filename or ckpt_dir}: {e.strerror or e}"
                 going_on = "" if final and r == outer.rounds else "; training goes on"
@@ -205,7 +204,7 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
                     bar.print(message)
                 break
     finally:
-        for r, e in writer.close():
+        for r, e in checkpoints.close():
             log.error("round %d: checkpoint failed: %s", r, e)
     bar.close()
 

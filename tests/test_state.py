@@ -127,14 +127,14 @@ def test_a_failed_rewrite_leaves_no_mismatched_pair(tmp_path: Path, monkeypatch:
     the new tensors: the round is incomplete until a new .json lands."""
     ckpt = tmp_path / "checkpoints"
     save_worker_state(ckpt, 3, "worker0", _state(1))
-    real_atomic_write = state._atomic_write
+    real_atomic_write = state.atomic_write
 
     def atomic_write(path: Path, write: Any) -> None:
         if path.suffix == ".json":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real_atomic_write(path, write)
 
-    monkeypatch.setattr(state, "_atomic_write", atomic_write)
+    monkeypatch.setattr(state, "atomic_write", atomic_write)
     with pytest.raises(OSError):
         save_worker_state(ckpt, 3, "worker0", _state(2))
     assert rounds_of(ckpt, "worker0") == []

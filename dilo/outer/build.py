@@ -54,7 +54,7 @@ def build_strategy(cfg: RunConfig, model: nn.Module, links: Links) -> Strategy:
         from dilo.shard import local_shards
 
         part = local_shards(model)
-        return ShardedIsland(part, links.island, _lead_strategy(cfg, o, part, links))
+        return ShardedIsland(part, model, links.island, _lead_strategy(cfg, o, part, links))
     if links.shares > 1 and links.island is not None:  # transport.island_wire = "all"
         part = share_view(view, links.shares, links.island.rank)
         share = _lead_strategy(cfg, o, part, links)

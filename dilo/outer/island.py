@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from dilo.errors import DiloError
+from dilo.model import param_names
 from dilo.outer.base import (
     FlatLayout,
     Joined,
@@ -38,6 +39,7 @@ from dilo.outer.base import (
     tensor_digest,
 )
 from dilo.outer.ddp import DDP
+from dilo.shard import local
 from dilo.transport.base import Transport
 
 log = logging.getLogger("dilo.outer.island")
@@ -302,15 +304,22 @@ class IslandShares:
 class ShardedIsland:
     """transport.island_shard = "fsdp": an island whose ranks shard the model (dilo/shard.py).
 
-    Every rank runs the outer strategy on its own shard (`part`) against the same rank of the other
-    islands; FSDP2 averages gradients inside the island by itself, and nothing is gathered: the
-    next forward all-gathers the updated shards. The round's anchor hash is the hash of every
-    shard's digest, the same on every rank of every island when the anchors agree."""
+    Every rank runs the outer strategy (DiLoCo, FedAvg) on its own shard (`part`) against the same
+    rank of the other islands; FSDP2 averages gradients inside the island by itself, and nothing
+    is gathered: the next forward all-gathers the updated shards. The round's anchor hash is the
+    hash of every shard's digest, the same on every rank of every island when the anchors agree.
 
-    def __init__(self, part: nn.Module, group: Transport, share: Strategy) -> None:
+    Its checkpoint holds the anchor and outer momentum as DTensors laid out like their parameters
+    (`model`), by name, so that an island of another number of ranks resumes them (a sharded
+    checkpoint, dilo/sharded_checkpoint.py); the codec's error feedback belongs to this rank's
+    shard and is kept only when the layout is the same."""
+
+    def __init__(self, part: nn.Module, model: nn.Module, group: Transport, share: Strategy) -> None:
         self.part = part
         self.group = group
         self.outer = share
+        self._like = dict(zip(param_names(model), params_of(model)))
+        """Every sharded parameter by name (the part leaves out empty shards)."""
 
     @property
     def round_steps(self) -> int:
@@ -345,8 +354,52 @@ class ShardedIsland:
         reason = report.reason or ("" if committed else "another shard of this island was not committed")
         return dataclasses.replace(report, committed=committed, reason=reason, anchor_hash=self._island_digest())
 
+    def _global(self, name: str, shard: torch.Tensor | None) -> torch.Tensor:
+        """This rank's `shard` of parameter `name` as a DTensor laid out like it (an empty one
+        where this rank holds none of it)."""
+        from torch.distributed.tensor import DTensor
+
+        like: Any = self._like[name]  # a DTensor parameter
+        mine = local(like).detach() if shard is None else shard
+        return DTensor.from_local(mine, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                                  stride=like.stride())  # fmt: skip
+
     def state_dict(self) -> dict[str, Any]:
-        return {"shard": self.outer.state_dict()}
+        state = dict(self.outer.state_dict())  # DiLoCo's: anchor and optimizer state by the part's index
+        names = param_names(self.part)
+        anchor = dict(zip(names, state.pop("anchor")))
+        optimizer = state.pop("optimizer")
+        momentum = {names[i]: s["momentum_buffer"] for i, s in optimizer["state"].items() if "momentum_buffer" in s}
+        if momentum and len(momentum) != len(names):
+            raise DiloError("the outer optimizer holds momentum for some shards only: cannot checkpoint it")
+        return {
+            "ranks": self.group.size,
+            "anchor": {n: self._global(n, anchor.get(n)) for n in self._like},
+            "momentum": {n: self._global(n, momentum.get(n)) for n in self._like} if momentum else {},
+            "groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer["param_groups"]],
+            "rest": state,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.outer.load_state_dict(state["shard"])
+        if "anchor" not in state:
+            raise DiloError("this checkpoint was not written by a sharded island: resume with its island layout")
+        names = param_names(self.part)
+        rest = dict(state["rest"])
+        if int(state["ranks"]) != self.group.size:  # the error feedback belongs to the old shards
+            rest["exchange"] = {}
+            if self.group.rank == 0:
+                log.warning(
+                    "the checkpoint's islands had %d ranks, this one %d: the codec's error feedback starts afresh",
+                    state["ranks"], self.group.size,
+                )  # fmt: skip
+        momentum = state["momentum"]
+        self.outer.load_state_dict(
+            {
+                **rest,
+                "anchor": [local(state["anchor"][n]) for n in names],
+                "optimizer": {
+                    "state": {i: {"momentum_buffer": local(momentum[n])} for i, n in enumerate(names) if momentum},
+                    "param_groups": [{**g, "params": list(range(len(names)))} for g in state["groups"]],
+                },
+            }
+        )

@@ -31,7 +31,7 @@ from dilo.config import RunConfig
 from dilo.errors import DiloError
 from dilo.inner import evaluate
 from dilo.outer.base import Joined, Links
-from dilo.state import rounds_of
+from dilo.state import Checkpoints, CheckpointWriter
 from dilo.transport.base import ByteCounter, Transport
 from dilo.transport.torch_dist import resolve_backend, store_is_hosted
 
@@ -108,8 +108,13 @@ class World(Protocol):
         """Take what the strategy's start found (elastic: the island the coordinator handed out)."""
         ...
 
-    def agree_resume_round(self, ckpt_dir: Path) -> int:
-        """The newest checkpointed round every rank that must agree has, or -1."""
+    def checkpoints(self, ckpt_dir: Path) -> Checkpoints:
+        """Where this rank's checkpoints are read and written: its own files under its log name,
+        or (a sharded island) one DCP checkpoint per island that any layout can resume."""
+        ...
+
+    def agree_resume_round(self, store: Checkpoints) -> int:
+        """The newest round of `store` that every rank that must agree has a checkpoint of, or -1."""
         ...
 
     def validation_share(self, batches: list[Batch]) -> list[Batch]: ...
@@ -278,8 +283,11 @@ class OwnTotals(Closing):
     log_name: str
     _precision: str
 
-    def agree_resume_round(self, ckpt_dir: Path) -> int:
-        mine = rounds_of(ckpt_dir, self.log_name)
+    def checkpoints(self, ckpt_dir: Path) -> Checkpoints:
+        return CheckpointWriter(ckpt_dir, self.log_name)
+
+    def agree_resume_round(self, store: Checkpoints) -> int:
+        mine = store.rounds()
         newest = mine[-1] if mine else -1
         if self.group is None:
             return newest

@@ -9,21 +9,18 @@ and summed; the run summary is agreed by an all-reduce.
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed import PrefixStore, Store  # type: ignore[attr-defined]
 
 from dilo.config import RunConfig
 from dilo.data import corpus_fingerprint
 from dilo.errors import DiloError
 from dilo.inner import evaluate
 from dilo.outer.base import Joined, Links
-from dilo.state import rounds_of
+from dilo.shard import IslandMesh
+from dilo.state import Checkpoints, CheckpointWriter
 from dilo.transport.base import ByteCounter, Transport
 from dilo.transport.torch_dist import TorchDistTransport, connect_store
 from dilo.worlds.base import Batch, Clock, Closing, Placement, WallClock, pick_device
@@ -71,9 +68,8 @@ class StaticWorld(Closing):
         self.group: Transport | None = None
         self.outer_transport: Transport | None
         self._transports: list[Transport] = []
-        self.mesh: Any = None
+        self.island_mesh: IslandMesh | None = None
         """transport.island_shard = "fsdp": this island's device mesh (FSDP2 shards over it)."""
-        self._default_group = False
         if transport is not None:
             if cfg.transport.island_ranks not in (1, "node"):
                 raise DiloError("an injected transport serves islands of one rank: drop transport.island_ranks")
@@ -127,7 +123,11 @@ class StaticWorld(Closing):
             self.outer_transport = None
             sharded = t.island_shard == "fsdp"
             if sharded:
-                self._init_mesh(store, placement, k)
+                from dilo.shard import island_mesh
+
+                self.island_mesh = island_mesh(
+                    store, placement.rank, placement.size, k, backend=t.backend, timeout_s=t.timeout_s
+                )
             if local == 0 or t.island_wire == "all" or sharded:
                 # lead: the lead ranks' group; all: one group per local rank, across the islands
                 prefix = f"dilo/outer-share{local}" if t.island_wire == "all" or sharded else "dilo/outer"
@@ -136,31 +136,15 @@ class StaticWorld(Closing):
                 )
                 self._transports.append(self.outer_transport)
 
-    def _init_mesh(self, store: Store, placement: Placement, k: int) -> None:
-        """transport.island_shard = "fsdp": FSDP2 needs torch.distributed's default group and a
-        device mesh; its "shard" dimension is this rank's island."""
-        from torch.distributed.device_mesh import init_device_mesh
-
-        t = self.cfg.transport
-        backend = "nccl" if t.backend == "nccl" else "gloo"
-        dist.init_process_group(
-            backend, store=PrefixStore("dilo/default", store), rank=placement.rank, world_size=placement.size,
-            timeout=timedelta(seconds=t.timeout_s),
-        )  # fmt: skip
-        self._default_group = True
-        device = "cuda" if backend == "nccl" else "cpu"
-        mesh = init_device_mesh(device, (placement.size // k, k), mesh_dim_names=("island", "shard"))
-        self.mesh = mesh["shard"]
-
     def shard(self, model: nn.Module) -> nn.Module:
         """transport.island_shard = "fsdp": shard `model` over this rank's island (FSDP2: each
         numbered block, then the rest); call it before building the inner optimizer. Otherwise
         the model as it is."""
-        if self.mesh is None:
+        if self.island_mesh is None:
             return model
         from dilo.shard import fully_shard_blocks
 
-        return fully_shard_blocks(model, self.mesh, self.cfg.inner.precision)
+        return fully_shard_blocks(model, self.island_mesh.mesh, self.cfg.inner.precision)
 
     @property
     def counter(self) -> ByteCounter:
@@ -174,27 +158,34 @@ class StaticWorld(Closing):
             island=self.group,
             lead=self.local_rank == 0,
             shares=self.island_ranks if self.cfg.transport.island_wire == "all" and self.group is not None else 1,
-            sharded=self.mesh is not None,
+            sharded=self.island_mesh is not None,
         )
 
     def adopt(self, joined: Joined, *, resumed: bool) -> None:
         """A static world's islands are fixed by rank."""
 
-    def agree_resume_round(self, ckpt_dir: Path) -> int:
+    def checkpoints(self, ckpt_dir: Path) -> Checkpoints:
+        if self.island_mesh is None:
+            return CheckpointWriter(ckpt_dir, self.log_name)
+        from dilo.sharded_checkpoint import ShardedCheckpoints
+
+        return ShardedCheckpoints(ckpt_dir, f"island{self.rank}", self.island_mesh)
+
+    def agree_resume_round(self, store: Checkpoints) -> int:
         """The newest round every rank has a checkpoint for, or -1."""
-        mine = rounds_of(ckpt_dir, self.log_name)
+        mine = store.rounds()
         newest = torch.tensor([float(mine[-1] if mine else -1)], dtype=torch.float64)
         agreed = int(min(float(t) for t in self.transport.all_gather(newest)))
         if agreed >= 0 and agreed not in mine:
             raise DiloError(
-                f"{self.log_name} has no checkpoint for round {agreed} in {ckpt_dir} (it has {mine}); "
+                f"{self.log_name} has no checkpoint for round {agreed} in {store} (it has {mine}); "
                 "the workers' checkpoint directories disagree"
             )
         return agreed
 
     def validation_share(self, batches: list[Batch]) -> list[Batch]:
         mine = batches[self.global_rank :: self.global_size]
-        if self.mesh is not None:  # a sharded forward is collective: every rank runs as many
+        if self.island_mesh is not None:  # a sharded forward is collective: every rank runs as many
             return mine[: len(batches) // self.global_size]
         return mine
 
@@ -214,9 +205,9 @@ class StaticWorld(Closing):
         transports, self._transports = self._transports, []
         for t in transports:
             t.close()
-        if self._default_group:
-            self._default_group = False
-            dist.destroy_process_group()
+        mesh, self.island_mesh = self.island_mesh, None
+        if mesh is not None:
+            mesh.close()
 
     def _check_same_run(self) -> None:
         """Refuse to train when workers were started with different configs or see different corpora."""

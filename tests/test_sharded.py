@@ -1,0 +1,173 @@
+"""Sharded islands (transport.island_shard = "fsdp"): FSDP2 over an island's ranks, the outer step
+on each rank's shards, DCP checkpoints that resume on the same or another number of ranks.
+
+Real processes: `dilo run` islands of two Gloo ranks on this machine (FSDP2 runs on the CPU), and
+a torchrun helper (tests/sharded_probe.py) that resumes a checkpoint on another layout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dilo.errors import ConfigError
+from dilo.metrics import read_jsonl
+from tests.conftest import REPO, write_toml
+from tests.test_islands import RANKS, _final, _islands, _rounds
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fsdp_islands_train_like_whole_model_islands(tmp_path: Path, corpus_dir: Path) -> None:
+    """transport.island_shard='fsdp' (FSDP2 over Gloo, two real processes per island): 2 islands x
+    2 sharded ranks end on the anchors of 2 unsharded islands of the same global batch (fp32:
+    within 1e-5 absolute; the sharded run reduce-scatters where the other all-reduces, and AdamW
+    turns the last-bit differences of near-zero gradients into steps of up to its lr), and each
+    rank's exchange carries half of the bytes."""
+    common = {
+        "steps": 8,
+        "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "context": 32},
+        "inner": {"optimizer": "adamw", "lr": 3e-3, "warmup_steps": 0, "precision": "fp32"},
+    }
+    runs = {}
+    for shard in ("none", "fsdp"):
+        run = tmp_path / shard
+        cfg = _islands(run, corpus_dir, transport={"timeout_s": 60, "island_shard": shard}, **common)
+        toml = write_toml(cfg, tmp_path / f"{shard}.toml")
+        proc = subprocess.run([sys.executable, "-m", "dilo.cli", "run", str(toml), "--workers=2", "--island-ranks=2"],
+                              capture_output=True, text=True, timeout=240)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[shard] = run
+    for i in range(2):  # a sharded island's checkpoint (DCP), read whole
+        for w, s in zip(_final(runs["none"], f"worker{i}"), _final(runs["fsdp"], f"island{i}")):
+            torch.testing.assert_close(s, w, rtol=1e-4, atol=1e-5)
+    sent = {s: [r["bytes_sent"] for r in _rounds(runs[s], n)] for s, n in (("none", "worker0"), ("fsdp", "worker0"))}
+    sent["fsdp.1"] = [r["bytes_sent"] for r in _rounds(runs["fsdp"], "worker0.1")]
+    for whole, a, b in zip(sent["none"], sent["fsdp"], sent["fsdp.1"]):
+        assert a + b == pytest.approx(whole, rel=0.01) and a == pytest.approx(whole / 2, rel=0.05)
+    hashes = [[r["anchor_hash"] for r in _rounds(runs["fsdp"], n)] for n in RANKS]
+    assert all(h == hashes[0] for h in hashes)  # one island-wide hash, the same on every rank
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"transport": {"island_ranks": 1, "island_shard": "fsdp"}}, "needs islands of several ranks"),
+        ({"outer": {"kind": "diloco", "inner_steps": 4, "overlap": True}}, "blocking outer step"),
+        ({"inner": {"compile": True}}, "uncompiled"),
+    ],
+    ids=["one-rank", "overlap", "compile"],
+)
+def test_fsdp_islands_config_is_validated(tmp_path: Path, corpus_dir: Path, overrides: dict, needle: str) -> None:
+    transport = {"island_ranks": 2, "island_shard": "fsdp", **overrides.pop("transport", {})}
+    with pytest.raises(ConfigError, match=needle):
+        _islands(tmp_path, corpus_dir, transport=transport, **overrides)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fsdp_islands_resume_bit_identically(tmp_path: Path, corpus_dir: Path) -> None:
+    """A sharded run stopped after its first round and resumed from its checkpoints (each rank its
+    own shards, AdamW moments included) ends on the anchors of the run that did not stop."""
+    common = {
+        "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "context": 32},
+        "inner": {"lr": 3e-3, "warmup_steps": 0, "min_lr_ratio": 1.0, "precision": "fp32"},
+        "checkpoint": {"every": 1},
+    }
+
+    def run(run_dir: Path, steps: int, *extra: str) -> None:
+        cfg = _islands(run_dir, corpus_dir, steps=steps, transport={"timeout_s": 60, "island_shard": "fsdp"}, **common)
+        toml = write_toml(cfg, tmp_path / f"{run_dir.name}-{steps}.toml")
+        proc = subprocess.run([sys.executable, "-m", "dilo.cli", "run", str(toml), "--workers=2", "--island-ranks=2",
+                               *extra], capture_output=True, text=True, timeout=240)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(tmp_path / "whole", 8)
+    run(tmp_path / "resumed", 4)
+    run(tmp_path / "resumed", 8, "--checkpoint.resume=true")
+    for name in RANKS:  # the second call resumed at round 1 (a fresh start would match too)
+        events = [(r["event"], r.get("round")) for r in read_jsonl(tmp_path / "resumed" / "logs" / f"{name}.jsonl")]
+        assert [e for e in events if e[0] != "end"] == [("start", None), ("round", 1), ("resume", None), ("round", 2)]
+    for name in ("island0", "island1"):
+        a, b = _final(tmp_path / "whole", name), _final(tmp_path / "resumed", name)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fsdp_islands_train_a_hugging_face_llama_in_bf16(tmp_path: Path) -> None:
+    """configs/hf-llama.toml (a tiny transformers Llama) on 2 islands of 2 FSDP2 ranks, bf16 compute
+    over fp32 master shards: every round commits, the loss falls, and both ranks of an island send."""
+    pytest.importorskip("transformers")
+    cmd = [sys.executable, "-m", "dilo.cli", "run", str(REPO / "configs" / "hf-llama.toml"), "--workers=2",
+           "--island-ranks=2", "--transport.island_shard=fsdp", "--steps=20",
+           "--inner.warmup_steps=2", "--outer.inner_steps=10", f"--out_dir={tmp_path}", "--log.progress=false",
+           "--checkpoint.every=0", "--inner.precision=bf16", "--log.plot=false"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start = [r for r in read_jsonl(tmp_path / "logs" / "worker0.jsonl") if r["event"] == "start"][0]
+    for name in RANKS:
+        rounds = _rounds(tmp_path, name)
+        assert len(rounds) == 2 and all(r["committed"] and r["bytes_sent"] > 0 for r in rounds), name
+    assert _rounds(tmp_path, "worker0")[-1]["val_loss"] < start["val_loss"]
+
+
+def _dilo_run(toml: Path, *args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "dilo.cli", "run", str(toml), "--workers=2", *args],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _probe(toml: Path, ckpt: Path, round_idx: int, ranks: int, out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+           str(REPO / "tests" / "sharded_probe.py"), str(toml), str(ckpt), str(round_idx), str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got: dict[str, Any] = torch.load(out)
+    return got
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_fsdp_checkpoint_resumes_on_another_number_of_ranks(tmp_path: Path, corpus_dir: Path) -> None:
+    """A DCP checkpoint of islands of 2 FSDP ranks, resumed by islands of 3 (uneven shards) and of
+    2: every resumed tensor (parameters, AdamW moments, outer anchor and Nesterov momentum) is the
+    same at full size, bit for bit; then the 2x2 run goes on as 2x3 and commits its rounds."""
+    common = {
+        "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "context": 32},
+        "inner": {"lr": 3e-3, "warmup_steps": 0, "precision": "fp32"},
+        "checkpoint": {"every": 1},
+    }
+    cfg = _islands(tmp_path, corpus_dir, steps=8, transport={"timeout_s": 60, "island_shard": "fsdp"}, **common)
+    toml = write_toml(cfg, tmp_path / "run.toml")
+    _dilo_run(toml, "--island-ranks=2")
+    ckpt = tmp_path / "checkpoints"
+    two, three = (_probe(toml, ckpt, 2, k, tmp_path / f"probe{k}.pt") for k in (2, 3))
+    assert two["rounds"] == three["rounds"] == 2 and two["momentum"] and two["moments"]  # Nesterov, AdamW
+    assert _same(two, three)
+    whole = _final(tmp_path, "island0")  # read in one process, at full size
+    assert _same(two["params"], whole)
+    # the run goes on with islands of 3 ranks
+    _dilo_run(toml, "--island-ranks=3", "--steps=12", "--checkpoint.resume=true")
+    for name in ("worker0", "worker0.2", "worker1.1"):
+        events = [(r["event"], r.get("round")) for r in read_jsonl(tmp_path / "logs" / f"{name}.jsonl")]
+        assert ("resume", None) in events and events[-2] == ("round", 3), (name, events)
+    assert all(r["committed"] for r in _rounds(tmp_path, "worker0"))
+    marker = json.loads((ckpt / "island0" / "round_000003.json").read_text())
+    assert marker["ranks"] == 3
+    assert not _same(_final(tmp_path, "island0"), whole)  # it trained
