@@ -24,7 +24,7 @@ from dilo import metrics
 from dilo.adapters import build_run_model
 from dilo.config import RunConfig, load
 from dilo.data import Island, load_island, load_validation
-from dilo.errors import DiloError
+from dilo.errors import DiloError, island_lost
 from dilo.inner import InnerLoop, resolve_precision
 from dilo.model import check_call, check_data_fits, model_vocab_size, num_params, params_of
 from dilo.process import apply_threads, install_stop_handlers, setup_logging
@@ -54,6 +54,11 @@ def train(
         summary = _train(cfg, w, stop or threading.Event(), max_rounds, observe)
         finished = True
         return summary
+    except RuntimeError as e:  # a collective inside the island failed: a typed error, not a traceback
+        lost = island_lost(e, w.log_name) if w.island_ranks > 1 else None
+        if lost is None:
+            raise
+        raise lost from e
     finally:
         w.close(leaving=finished)
 

@@ -131,14 +131,15 @@ class RunConfig(Frozen):
                 "set outer.fragments=1 and outer.fragment_delay=0"
             )
         if self.transport.island_shard == "fsdp":
-            if self.membership.kind != "static" or not isinstance(self.outer, DiLoCoConfig | FedAvgConfig):
+            if not isinstance(self.outer, DiLoCoConfig | FedAvgConfig | AsyncConfig):
                 raise ValueError(
-                    "transport.island_shard='fsdp' shards a static world's islands for DiLoCo / FedAvg: use "
-                    "membership.kind='static' and outer.kind='diloco' or 'fedavg', or transport.island_shard='none'"
+                    "transport.island_shard='fsdp' shards islands for DiLoCo, FedAvg and async local SGD: set "
+                    "outer.kind='diloco', 'fedavg' or 'async', or transport.island_shard='none'"
                 )
-            if self.transport.island_ranks == 1:
+            if self.membership.kind == "static" and self.transport.island_ranks == 1:
                 raise ValueError(
-                    "transport.island_shard='fsdp' needs islands of several ranks: set transport.island_ranks"
+                    "transport.island_shard='fsdp' needs islands of several ranks: set transport.island_ranks "
+                    "(with a coordinator: launch each worker with torchrun --nproc-per-node=K)"
                 )
             if isinstance(self.outer, DiLoCoConfig) and (self.outer.streaming or self.outer.overlap):
                 raise ValueError(
@@ -180,4 +181,6 @@ class RunConfig(Frozen):
         d = self.model_dump(
             mode="json", exclude={"log", "checkpoint", "out_dir", "workers", "membership", "coordinator", "sim"}
         )
+        if self.membership.kind == "coordinator":  # how an island holds its model is its own business:
+            d["transport"].pop("island_shard")  # sharded and whole-model islands push the same tensors
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -15,6 +15,10 @@ that are shared (dilo/adapters.py `SharedView`); the island still averages every
 | ddp               | DDP over every rank                 | refused                | -              |
 | async             | refused (config validation)         | AsyncLocalSGD          | -              |
 | gossip            | -                                   | -                      | Gossip (P2P)   |
+
+Sharded islands (transport.island_shard = "fsdp"): `ShardedIsland` around DiLoCo / FedAvg in a
+static world (each rank its own shard), `ShardedRelay` around the coordinator's strategies (the
+lead relays a gathered host copy).
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from dilo.outer.base import Joined, Links, Strategy, SyncReport, Tail
 from dilo.outer.ddp import DDP
 from dilo.outer.diloco import DiLoCo
 from dilo.outer.gossip import Gossip
-from dilo.outer.island import IslandShares, IslandSync, ShardedIsland
+from dilo.outer.island import IslandShares, IslandSync
+from dilo.outer.sharded import ShardedIsland, ShardedRelay, whole_view
 from dilo.outer.star import StarDiLoCo
 from dilo.outer.streaming import StreamingDiLoCo
+from dilo.shard import local_shards
 
 
 def build_strategy(cfg: RunConfig, model: nn.Module, links: Links) -> Strategy:
@@ -50,11 +56,13 @@ def build_strategy(cfg: RunConfig, model: nn.Module, links: Links) -> Strategy:
             )
         return DDP(model, links.collective, log_every=cfg.sync_every_ddp_eval, bucket_mb=bucket_mb)
     view = shared_view(model, o)
-    if links.sharded and links.island is not None:  # transport.island_shard = "fsdp"
-        from dilo.shard import local_shards
-
-        part = local_shards(model)
-        return ShardedIsland(part, model, links.island, _lead_strategy(cfg, o, part, links))
+    if links.sharded and links.island is not None:  # transport.island_shard = "fsdp" (dilo/outer/sharded.py)
+        if links.outer is not None:  # static: every rank exchanges its shard
+            part = local_shards(model)
+            return ShardedIsland(part, model, links.island, _lead_strategy(cfg, o, part, links))
+        whole = whole_view(model) if links.lead else None  # a coordinator: the lead relays
+        relay = _lead_strategy(cfg, o, whole, links) if whole is not None else None
+        return ShardedRelay(model, whole, links.island, relay)
     if links.shares > 1 and links.island is not None:  # transport.island_wire = "all"
         part = share_view(view, links.shares, links.island.rank)
         share = _lead_strategy(cfg, o, part, links)

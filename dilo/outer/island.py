@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from dilo.errors import DiloError
-from dilo.model import param_names
 from dilo.outer.base import (
     FlatLayout,
     Joined,
@@ -39,7 +38,6 @@ from dilo.outer.base import (
     tensor_digest,
 )
 from dilo.outer.ddp import DDP
-from dilo.shard import local
 from dilo.transport.base import Transport
 
 log = logging.getLogger("dilo.outer.island")
@@ -102,8 +100,16 @@ class IslandSync:
         """Give every rank the lead rank's parameters and a few numbers (after a join, at start)."""
         t = torch.tensor([float(v) for v in values], dtype=torch.float64)
         self.group.broadcast_([t], src=0)
-        broadcast_params(model, self.layout, self.group, 0)
+        self._spread(model)
         return [float(v) for v in t]
+
+    def _collect(self, model: nn.Module) -> nn.Module:
+        """What the lead's strategy runs on: the model itself (every rank holds all of it)."""
+        return model
+
+    def _spread(self, model: nn.Module) -> None:
+        """Give every rank the parameters the lead's strategy left."""
+        broadcast_params(model, self.layout, self.group, 0)
 
     def start(self, model: nn.Module, *, resumed: bool) -> Joined:
         """The lead rank starts its strategy (a static broadcast across islands, a JOIN), then the
@@ -111,9 +117,10 @@ class IslandSync:
         A lead that fails to start tells its followers, which raise too instead of waiting."""
         joined = Joined()
         failure: BaseException | None = None
+        lead_view = self._collect(model)
         if self.outer is not None:
             try:
-                joined = self.outer.start(model, resumed=resumed)
+                joined = self.outer.start(lead_view, resumed=resumed)
             except BaseException as e:  # an island's followers must hear of it, not wait for a timeout
                 failure = e
         island, version, failed = self.share(model, [joined.island, joined.version, failure is not None])
@@ -139,9 +146,10 @@ class IslandSync:
         reason = torch.zeros(REASON_BYTES, dtype=torch.uint8)
         report: SyncReport | None = None
         failure: BaseException | None = None
+        lead_view = self._collect(model)
         if self.outer is not None:
             try:
-                report = self.outer.sync(model, tail=tail)
+                report = self.outer.sync(lead_view, tail=tail)
                 _write_header(header, report, self.outer.round_steps)
                 text = report.reason.encode()[:REASON_BYTES]
                 reason[: len(text)] = torch.tensor(list(text), dtype=torch.uint8)
@@ -153,12 +161,16 @@ class IslandSync:
             raise failure
         if header[H_FAILED] > 0:
             raise DiloError("the island's lead rank failed in the outer step (its log says why); stopping this rank")
-        broadcast_params(model, self.layout, self.group, 0)
+        self._spread(model)
         if report is not None:
             return report
         self._round_steps = int(header[H_ROUND_STEPS])
         why = bytes(reason.tolist()).rstrip(b"\0").decode(errors="replace")
-        return _read_header(header, why, tensor_digest(params_of(model)))
+        return _read_header(header, why, self._digest(model))
+
+    def _digest(self, model: nn.Module) -> str:
+        """A follower's fallback anchor hash (the lead's header carries the island's)."""
+        return tensor_digest(params_of(model))
 
     @property
     def round_steps(self) -> int:
@@ -299,107 +311,3 @@ class IslandShares:
                 "this checkpoint was written with transport.island_wire='lead': resume with the same island layout"
             )
         self.outer.load_state_dict(state["share"])
-
-
-class ShardedIsland:
-    """transport.island_shard = "fsdp": an island whose ranks shard the model (dilo/shard.py).
-
-    Every rank runs the outer strategy (DiLoCo, FedAvg) on its own shard (`part`) against the same
-    rank of the other islands; FSDP2 averages gradients inside the island by itself, and nothing
-    is gathered: the next forward all-gathers the updated shards. The round's anchor hash is the
-    hash of every shard's digest, the same on every rank of every island when the anchors agree.
-
-    Its checkpoint holds the anchor and outer momentum as DTensors laid out like their parameters
-    (`model`), by name, so that an island of another number of ranks resumes them (a sharded
-    checkpoint, dilo/sharded_checkpoint.py); the codec's error feedback belongs to this rank's
-    shard and is kept only when the layout is the same."""
-
-    def __init__(self, part: nn.Module, model: nn.Module, group: Transport, share: Strategy) -> None:
-        self.part = part
-        self.group = group
-        self.outer = share
-        self._like = dict(zip(param_names(model), params_of(model)))
-        """Every sharded parameter by name (the part leaves out empty shards)."""
-
-    @property
-    def round_steps(self) -> int:
-        return self.outer.round_steps
-
-    def reduce_grads(self, model: nn.Module) -> None:
-        """FSDP2 reduce-scatters the gradients in the backward pass."""
-
-    def due(self, step: int) -> bool:
-        return self.outer.due(step)
-
-    def start(self, model: nn.Module, *, resumed: bool) -> Joined:
-        return self.outer.start(self.part, resumed=resumed)
-
-    def describe(self) -> list[str]:
-        return [f"shard {self.group.rank} of {self.group.size}: {line}" for line in self.outer.describe()]
-
-    def _island_digest(self) -> str:
-        mine = int(tensor_digest(params_of(self.part)), 16) - (1 << 63)  # as an int64
-        digests = self.group.all_gather(torch.tensor([mine], dtype=torch.int64))
-        return tensor_digest([torch.cat([d.reshape(-1) for d in digests])])
-
-    @torch.no_grad()
-    def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
-        stop = torch.tensor([float(tail.stop)], dtype=torch.float64)
-        self.group.all_reduce_([stop])
-        tail.stop = bool(stop[0] > 0)
-        report = self.outer.sync(self.part, tail=tail)
-        failed = torch.tensor([0.0 if report.committed else 1.0], dtype=torch.float64)
-        self.group.all_reduce_([failed])
-        committed = report.committed and bool(failed[0] == 0)
-        reason = report.reason or ("" if committed else "another shard of this island was not committed")
-        return dataclasses.replace(report, committed=committed, reason=reason, anchor_hash=self._island_digest())
-
-    def _global(self, name: str, shard: torch.Tensor | None) -> torch.Tensor:
-        """This rank's `shard` of parameter `name` as a DTensor laid out like it (an empty one
-        where this rank holds none of it)."""
-        from torch.distributed.tensor import DTensor
-
-        like: Any = self._like[name]  # a DTensor parameter
-        mine = local(like).detach() if shard is None else shard
-        return DTensor.from_local(mine, like.device_mesh, like.placements, run_check=False, shape=like.shape,
-                                  stride=like.stride())  # fmt: skip
-
-    def state_dict(self) -> dict[str, Any]:
-        state = dict(self.outer.state_dict())  # DiLoCo's: anchor and optimizer state by the part's index
-        names = param_names(self.part)
-        anchor = dict(zip(names, state.pop("anchor")))
-        optimizer = state.pop("optimizer")
-        momentum = {names[i]: s["momentum_buffer"] for i, s in optimizer["state"].items() if "momentum_buffer" in s}
-        if momentum and len(momentum) != len(names):
-            raise DiloError("the outer optimizer holds momentum for some shards only: cannot checkpoint it")
-        return {
-            "ranks": self.group.size,
-            "anchor": {n: self._global(n, anchor.get(n)) for n in self._like},
-            "momentum": {n: self._global(n, momentum.get(n)) for n in self._like} if momentum else {},
-            "groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer["param_groups"]],
-            "rest": state,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "anchor" not in state:
-            raise DiloError("this checkpoint was not written by a sharded island: resume with its island layout")
-        names = param_names(self.part)
-        rest = dict(state["rest"])
-        if int(state["ranks"]) != self.group.size:  # the error feedback belongs to the old shards
-            rest["exchange"] = {}
-            if self.group.rank == 0:
-                log.warning(
-                    "the checkpoint's islands had %d ranks, this one %d: the codec's error feedback starts afresh",
-                    state["ranks"], self.group.size,
-                )  # fmt: skip
-        momentum = state["momentum"]
-        self.outer.load_state_dict(
-            {
-                **rest,
-                "anchor": [local(state["anchor"][n]) for n in names],
-                "optimizer": {
-                    "state": {i: {"momentum_buffer": local(momentum[n])} for i, n in enumerate(names) if momentum},
-                    "param_groups": [{**g, "params": list(range(len(names)))} for g in state["groups"]],
-                },
-            }
-        )

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,11 +23,15 @@ from torch import nn
 
 from dilo import wire
 from dilo.config import AsyncConfig, RunConfig
+from dilo.errors import DiloError
 from dilo.outer.base import Joined, Links
 from dilo.outer.star import StarLink
+from dilo.shard import IslandMesh
+from dilo.state import Checkpoints
 from dilo.transport.base import ByteCounter, Transport
 from dilo.transport.torch_dist import TorchDistTransport, connect_store
 from dilo.worlds.base import (
+    Batch,
     Clock,
     OwnTotals,
     Placement,
@@ -87,9 +92,16 @@ class ElasticWorld(OwnTotals):
         self.joined: dict[str, Any] = {}
         """The start's record (version, anchor hash, members, island) once joined; empty before."""
         self.size = max(1, cfg.workers)
+        self.island_mesh: IslandMesh | None = None
+        """transport.island_shard = "fsdp": the island's device mesh (FSDP2 shards over it)."""
         mine, self.auto_island = island_of(self.worker_id, self.size, allow_auto=True)
         if island is not None and island.size > 1:
             self._join_island(island)
+        elif cfg.transport.island_shard == "fsdp":
+            raise DiloError(
+                "transport.island_shard='fsdp' shards the island of one torchrun launch: start this worker "
+                "with torchrun --nproc-per-node=K (K > 1 ranks), or set transport.island_shard='none'"
+            )
         self.log_name = f"worker-{self.worker_id}" + (f".{self.local_rank}" if self.local_rank else "")
         if self.group is not None:  # the lead rank's choice holds for the island
             t = torch.tensor([float(mine), float(self.auto_island)], dtype=torch.float64)
@@ -106,6 +118,12 @@ class ElasticWorld(OwnTotals):
             store, island.rank, island.size, backend=t.backend, timeout_s=t.timeout_s, prefix="dilo/island"
         )
         self.island_ranks, self.local_rank = island.size, island.rank
+        if t.island_shard == "fsdp":
+            from dilo.shard import island_mesh
+
+            self.island_mesh = island_mesh(
+                store, island.rank, island.size, island.size, backend=t.backend, timeout_s=t.timeout_s
+            )
         # the island is one worker: its ranks go by the lead rank's id
         key = f"dilo/island-id/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         if self.local_rank == 0:
@@ -135,7 +153,32 @@ class ElasticWorld(OwnTotals):
             join_body: dict[str, Any] = {"island": "auto"} if self.auto_island else {}
             self.client = self._connect(cfg, self.worker_id, 4 * param_bytes + (1 << 20), join_body)
             self._counter = self.client.counter
-        return Links(counter=self._counter, island=self.group, star=self.client if lead else None, lead=lead)
+        return Links(
+            counter=self._counter, island=self.group, star=self.client if lead else None, lead=lead,
+            sharded=self.island_mesh is not None,
+        )  # fmt: skip
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """transport.island_shard = "fsdp": FSDP2 over the island's ranks (the lead relays to the
+        coordinator: dilo/outer/sharded.py); otherwise the model as it is."""
+        if self.island_mesh is None:
+            return model
+        from dilo.shard import fully_shard_blocks
+
+        return fully_shard_blocks(model, self.island_mesh.mesh, self.cfg.inner.precision)
+
+    def checkpoints(self, ckpt_dir: Path) -> Checkpoints:
+        if self.island_mesh is None:
+            return super().checkpoints(ckpt_dir)
+        from dilo.sharded_checkpoint import ShardedCheckpoints
+
+        return ShardedCheckpoints(ckpt_dir, f"worker-{self.worker_id}", self.island_mesh)
+
+    def validation_share(self, batches: list[Batch]) -> list[Batch]:
+        mine = super().validation_share(batches)
+        if self.island_mesh is not None:  # a sharded forward is collective: every rank runs as many
+            return mine[: len(batches) // self.island_ranks]
+        return mine
 
     def adopt(self, joined: Joined, *, resumed: bool) -> None:
         """DILO_ISLAND=auto: train on the island the coordinator handed out (a resumed worker keeps
@@ -162,5 +205,10 @@ class ElasticWorld(OwnTotals):
                 finally:
                     client.close()
         finally:
-            if group is not None:
-                group.close()
+            mesh, self.island_mesh = self.island_mesh, None
+            try:
+                if group is not None:
+                    group.close()
+            finally:
+                if mesh is not None:
+                    mesh.close()
