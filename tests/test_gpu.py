@@ -135,3 +135,56 @@ def test_nccl_island_of_two_ranks_under_torchrun(tmp_path: Path) -> None:
     names = [f"worker{i}" + (f".{r}" if r else "") for i in range(2) for r in range(min(n, 2))]
     hashes = {name: _hashes(tmp_path, name) for name in names}
     assert all(h == hashes["worker0"] for h in hashes.values())
+
+
+def test_offloaded_anchor_lives_in_pinned_host_memory_and_agrees() -> None:
+    """outer.offload: the anchor (and so the outer momentum and pseudo-gradient) in pinned host
+    memory while the model trains on the GPU; the outer step gives the on-device anchor's values
+    (within fp32 rounding: the host's SGD and the GPU's may fuse multiply-adds differently)."""
+    import torch.distributed as dist
+
+    from dilo.model import params_of
+    from dilo.outer.base import Tail
+    from dilo.outer.diloco import DiLoCo
+    from dilo.transport.torch_dist import TorchDistTransport
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    t = TorchDistTransport(store, 0, 1, backend="nccl", timeout_s=60)
+    anchors = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)).cuda()
+        outer = DiLoCo(model, t, inner_steps=1, lr=0.7, momentum=0.9, nesterov=True, offload=offload)
+        outer.start(model, resumed=False)
+        assert (outer.anchor.flat.device.type == "cpu") == offload
+        assert outer.anchor.flat.is_pinned() == offload
+        for _ in range(3):
+            with torch.no_grad():
+                for p in params_of(model):
+                    p.add_(0.01 * torch.randn_like(p))
+            outer.sync(model, tail=Tail(weight=1.0, contributes=True, stop=False, tokens=1))
+        anchors.append(outer.anchor.flat.cpu().clone())
+        assert next(model.parameters()).device.type == "cuda"
+    torch.testing.assert_close(anchors[1], anchors[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="2 islands of 2 NCCL ranks need 4 GPUs")
+def test_fsdp_islands_over_nccl(tmp_path: Path) -> None:
+    """transport.island_shard = 'fsdp' over NCCL: 2 islands of 2 GPU ranks, bf16 compute over fp32
+    master shards, every rank exchanging its shard; every round commits with one island-wide hash
+    on every rank, and the sharded (DCP) checkpoint resumes on the same layout."""
+    cmd = [sys.executable, "-m", "dilo.cli", "run", str(REPO / "configs" / "quickstart.toml"), "--workers=2",
+           "--island-ranks=2", "--transport.island_shard=fsdp", "--transport.backend=nccl", "--steps=40",
+           "--inner.warmup_steps=5", "--outer.inner_steps=10", "--inner.precision=bf16", "--checkpoint.every=1",
+           "--log.progress=false", "--log.plot=false", f"--out_dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rounds_committed"] == 4 and summary["val_loss"] < summary["initial_val_loss"]
+    names = ["worker0", "worker0.1", "worker1", "worker1.1"]
+    assert all(_hashes(tmp_path, n) == _hashes(tmp_path, "worker0") for n in names)
+    assert (tmp_path / "checkpoints" / "island0" / "round_000004.json").is_file()
+    proc = subprocess.run([*cmd, "--steps=50", "--checkpoint.resume=true"], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["rounds_committed"] == 5

@@ -276,3 +276,33 @@ def _elastic(tmp_path: Path, corpus: Path, **kw: Any) -> Any:
     }
     membership = {"heartbeat_s": 0.3, "heartbeat_timeout_s": 5.0, "start_quorum": 2, **kw.pop("membership", {})}
     return _elastic_cfg(tmp_path, corpus, workers=2, membership=membership, **{**common, **kw})
+
+
+def test_offload_keeps_the_anchor_on_the_host_with_the_same_anchors(tmp_path: Path, corpus_dir: Path) -> None:
+    """outer.offload through the training loop (threads over real Gloo): the anchors are those of
+    the run without it, bit for bit (the placement on a GPU is tests/test_gpu.py's)."""
+    from tests.conftest import tiny_config, train_threads
+
+    runs = {}
+    for offload in (False, True):
+        run = tmp_path / str(offload)
+        train_threads(tiny_config(run, corpus_dir, steps=8, outer={"kind": "diloco", "inner_steps": 4,
+                                                                   "offload": offload}), 2)  # fmt: skip
+        runs[offload] = [r["anchor_hash"] for r in read_jsonl(run / "logs" / "worker0.jsonl") if r["event"] == "round"]
+    assert runs[True] == runs[False] and len(runs[True]) == 2
+
+
+@pytest.mark.parametrize(
+    ("sections", "needle"),
+    [
+        ({"membership": {"kind": "coordinator"}}, "with a coordinator the anchor"),
+        ({"outer": {"kind": "diloco", "inner_steps": 4, "offload": True, "fragments": 2}}, "Streaming DiLoCo keeps"),
+    ],
+    ids=["coordinator", "streaming"],
+)
+def test_offload_config_is_validated(tmp_path: Path, corpus_dir: Path, sections: dict, needle: str) -> None:
+    from tests.conftest import tiny_config
+
+    sections.setdefault("outer", {"kind": "diloco", "inner_steps": 4, "offload": True})
+    with pytest.raises(ConfigError, match=needle):
+        tiny_config(tmp_path, corpus_dir, **sections)

@@ -59,6 +59,12 @@ class DiLoCoConfig(KeepsLocal):
     mixing: float = Field(0.5, ge=0.0, le=1.0)
     """alpha: after its outer step a fragment becomes alpha * local + (1 - alpha) * global, so
     the tau steps trained meanwhile are half kept at 0.5; 0 keeps only the global value."""
+    offload: bool = False
+    """Keep the outer step's fp32 anchor, outer momentum and pseudo-gradient in host memory
+    (pinned) instead of on the GPU: 2-3 fp32 copies of the parameters (of a sharded island's
+    shard) less GPU memory per rank, for one device-to-host copy of the parameters and one
+    host-to-device copy of the new anchor per round. Static worlds; on a CPU they live in host
+    memory anyway, and a sharded island behind a coordinator keeps them there on its lead."""
 
     @property
     def streaming(self) -> bool:
@@ -69,6 +75,11 @@ class DiLoCoConfig(KeepsLocal):
     def _check_streaming(self) -> DiLoCoConfig:
         if not self.streaming:
             return self
+        if self.offload:
+            raise ValueError(
+                "outer.offload keeps DiLoCo's anchor in host memory; Streaming DiLoCo keeps its fragments on the "
+                "device: set outer.offload=false, or outer.fragments=1 and outer.fragment_delay=0"
+            )
         if self.overlap:
             raise ValueError(
                 "outer.overlap and Streaming DiLoCo (outer.fragments / outer.fragment_delay) both hide the "
@@ -97,6 +108,12 @@ class FedAvgConfig(KeepsLocal):
     """Outer learning rate; 1 is plain parameter averaging."""
     weighting: Literal["uniform", "tokens"] = "uniform"
     """uniform or token-weighted mean."""
+    offload: bool = False
+    """Keep the outer step's fp32 anchor, outer momentum and pseudo-gradient in host memory
+    (pinned) instead of on the GPU: 2-3 fp32 copies of the parameters (of a sharded island's
+    shard) less GPU memory per rank, for one device-to-host copy of the parameters and one
+    host-to-device copy of the new anchor per round. Static worlds; on a CPU they live in host
+    memory anyway, and a sharded island behind a coordinator keeps them there on its lead."""
 
 
 class DDPConfig(Frozen):

@@ -130,6 +130,11 @@ class RunConfig(Frozen):
                 "torch.distributed: it needs membership.kind='static' (torchrun, Slurm, `dilo run`); "
                 "set outer.fragments=1 and outer.fragment_delay=0"
             )
+        if getattr(self.outer, "offload", False) and self.membership.kind != "static":
+            raise ValueError(
+                "outer.offload moves a static world's outer state to host memory; with a coordinator the anchor "
+                "lives there (a sharded island's lead keeps its copy in host memory already): set outer.offload=false"
+            )
         if self.transport.island_shard == "fsdp":
             if not isinstance(self.outer, DiLoCoConfig | FedAvgConfig | AsyncConfig):
                 raise ValueError(

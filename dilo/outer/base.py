@@ -269,11 +269,16 @@ class Anchor:
     round (`pseudo_grad`): no allocation on the round's path.
     """
 
-    def __init__(self, params: Sequence[Tensor]) -> None:
+    def __init__(self, params: Sequence[Tensor], *, device: torch.device | None = None) -> None:
+        """device: where the anchor lives (outer.offload: the host, in pinned memory when the
+        parameters are on a GPU); the parameters' device by default."""
         self.shapes = [p.shape for p in params]
         self.numels = [p.numel() for p in params]
-        device = params[0].device if params else torch.device("cpu")
-        self.flat = torch.empty(sum(self.numels), dtype=torch.float32, device=device)
+        home = params[0].device if params else torch.device("cpu")
+        device = device or home
+        pin = device.type == "cpu" and home.type == "cuda"
+        self.flat = torch.empty(sum(self.numels), dtype=torch.float32, device=device, pin_memory=pin)
+        self._pin = pin
         views = self.split(self.flat)
         with torch.no_grad():
             for v, p in zip(views, params):
@@ -286,7 +291,7 @@ class Anchor:
         return [v.view(s) for v, s in zip(torch.split(flat, self.numels), self.shapes)]
 
     def empty_like(self) -> Tensor:
-        return torch.empty_like(self.flat)
+        return torch.empty_like(self.flat, pin_memory=self._pin)
 
     @torch.no_grad()
     def pseudo_grad(self, params: Sequence[Tensor], out: Tensor | None = None, base: Tensor | None = None) -> Tensor:
@@ -299,7 +304,11 @@ class Anchor:
             out = self._delta
         start = self.params if base is None else self.split(base)
         for a, p, d in zip(start, params, self.split(out)):
-            torch.sub(a, p.detach(), out=d)
+            if p.device == d.device:
+                torch.sub(a, p.detach(), out=d)
+            else:  # outer.offload: the parameters copied to the host, then subtracted in place
+                d.copy_(p.detach())
+                torch.sub(a, d, out=d)
         return out
 
     @torch.no_grad()

@@ -102,7 +102,7 @@ def _lead_strategy(
             model, links.outer, fragments=o.fragments, delay=o.fragment_delay, mixing=o.mixing,
             pattern=o.fragment_pattern, **common,
         )  # fmt: skip
-    return DiLoCo(model, links.outer, overlap=isinstance(o, DiLoCoConfig) and o.overlap, **common)
+    return DiLoCo(model, links.outer, overlap=isinstance(o, DiLoCoConfig) and o.overlap, offload=o.offload, **common)
 
 
 class OnShared:

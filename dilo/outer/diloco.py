@@ -71,13 +71,14 @@ class DiLoCo:
         seed: int = 0,
         bucket_mb: float = 32.0,
         overlap: bool = False,
+        offload: bool = False,
     ) -> None:
         if nesterov and momentum == 0.0:
             raise ValueError("outer nesterov=True needs momentum > 0; set outer.momentum or outer.nesterov=false")
         self.round_steps = inner_steps
         self.transport = transport
         params = params_of(model)
-        self.anchor = Anchor(params)
+        self.anchor = Anchor(params, device=torch.device("cpu") if offload else None)
         self.layout = FlatLayout.of(params, bucket_mb)
         self.exchange = Exchange(
             transport,
@@ -217,7 +218,8 @@ class DiLoCo:
         """One outer step on the anchor with the exchanged mean: (committed, reason)."""
         if result.flat is None:
             return False, "no worker contributed"
-        for a, g in zip(self.anchor.params, self.anchor.split(result.flat)):
+        flat = result.flat if result.flat.device == self.anchor.flat.device else result.flat.to(self.anchor.flat.device)
+        for a, g in zip(self.anchor.params, self.anchor.split(flat)):
             a.grad = g
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
