@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed import PrefixStore, Store  # type: ignore[attr-defined]
 
 from dilo.adapters import ParamView
-from dilo.inner import resolve_precision
+from dilo.inner import evaluate, resolve_precision
 from dilo.model import param_names, params_of
 
 _BLOCK = re.compile(r"(?:^|\.)\d+$")
@@ -113,3 +113,21 @@ def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             for k, v in state.items():
                 if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.shape == local(p).shape and v.dim():
                     state[k] = DTensor.from_local(v, mesh, p.placements, shape=p.shape, stride=p.stride())
+
+
+def even_share(batches: list[Any], index: int, count: int) -> tuple[list[Any], int]:
+    """Rank `index` of `count`'s validation batches, batches[index::count], padded with repeats
+    of the first batch so that every rank runs as many forwards (a sharded forward is a
+    collective of the island); with how many of them are real (the rest must not count)."""
+    mine = batches[index::count]
+    per = -(-len(batches) // count)
+    return mine + batches[:1] * (per - len(mine)), len(mine)
+
+
+def evaluate_share(model: nn.Module, batches: list[Any], real: int, precision: str) -> tuple[float, int]:
+    """(summed loss, batches) over the first `real` batches; the padding after them runs its
+    forwards for the island's collectives and is not counted."""
+    total, n = evaluate(model, batches[:real], precision)
+    if len(batches) > real:
+        evaluate(model, batches[real:], precision)
+    return total, n

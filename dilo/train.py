@@ -182,6 +182,7 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
                 **{"inner_s": report.inner_s, "sync_s": report.sync_s + report.comm_s, "eval_s": clock.now() - eval_t0},
                 **{"round_s": clock.now() - round_t0, "wall_s": totals.wall_s, "time": clock.now()},
                 **throughput(report.tokens / world.island_ranks, report.inner_s, flops_per_token, cfg.log.peak_tflops),
+                **_device_memory(device),
                 **{"committed": sync.committed, "participants": sync.participants, "anchor_hash": sync.anchor_hash},
                 "reason": sync.reason,
                 "failure": sync.failure.value if sync.failure is not None else None,
@@ -235,6 +236,13 @@ def _island_data(cfg: RunConfig, world: World, vocab: int | None) -> Island:
     """This rank's share of its island's data (the whole island when the island is one rank)."""
     island = load_island(cfg.data, world.rank, world.size, cfg.seed, vocab_size=vocab)
     return island.split(world.local_rank, world.island_ranks)
+
+
+def _device_memory(device: torch.device) -> dict[str, float]:
+    """On a GPU: the most memory this rank's tensors have held so far, in GiB (what sharding saves)."""
+    if device.type != "cuda":
+        return {}
+    return {"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def _to(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -306,3 +306,20 @@ def test_offload_config_is_validated(tmp_path: Path, corpus_dir: Path, sections:
     sections.setdefault("outer", {"kind": "diloco", "inner_steps": 4, "offload": True})
     with pytest.raises(ConfigError, match=needle):
         tiny_config(tmp_path, corpus_dir, **sections)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_gpu_benchmark_runs_its_arms_on_the_cpu(tmp_path: Path) -> None:
+    """scripts/bench_gpu.py --smoke: the GPU benchmark's arms (a whole-model and an FSDP2 island
+    layout of 2 x 2 ranks) on Gloo with a tiny Llama; each sharded rank sends half the bytes."""
+    pytest.importorskip("transformers")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_gpu.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=280)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    arms = json.loads((tmp_path / "bench_gpu_smoke.json").read_text())["arms"]
+    whole, sharded = arms["tiny-none"], arms["tiny-fsdp"]
+    assert whole["ranks"] == sharded["ranks"] == 4 and whole["rounds_committed"] == sharded["rounds_committed"] == 3
+    lead = max(whole["bytes_sent_per_rank"].values())
+    assert all(b == pytest.approx(lead / 2, rel=0.05) for b in sharded["bytes_sent_per_rank"].values())
+    assert abs(sharded["val_loss"] - whole["val_loss"]) < 0.05  # the same training, sharded

@@ -308,6 +308,10 @@ class OwnTotals(Closing):
 
     def evaluate(self, model: nn.Module, batches: list[Batch]) -> float:
         total, n = evaluate(model, batches, self._precision)
+        return self._island_mean(total, n)
+
+    def _island_mean(self, total: float, n: int) -> float:
+        """The mean loss over the island's ranks' batches (summed over its group)."""
         if self.group is not None:
             t = torch.tensor([total, float(n)], dtype=torch.float64)
             self.group.all_reduce_([t])

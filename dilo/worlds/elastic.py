@@ -26,7 +26,7 @@ from dilo.config import AsyncConfig, RunConfig
 from dilo.errors import DiloError
 from dilo.outer.base import Joined, Links
 from dilo.outer.star import StarLink
-from dilo.shard import IslandMesh
+from dilo.shard import IslandMesh, evaluate_share, even_share
 from dilo.state import Checkpoints
 from dilo.transport.base import ByteCounter, Transport
 from dilo.transport.torch_dist import TorchDistTransport, connect_store
@@ -94,6 +94,8 @@ class ElasticWorld(OwnTotals):
         self.size = max(1, cfg.workers)
         self.island_mesh: IslandMesh | None = None
         """transport.island_shard = "fsdp": the island's device mesh (FSDP2 shards over it)."""
+        self._eval_real = 0
+        """How many of validation_share's batches are real (a sharded island pads the rest)."""
         mine, self.auto_island = island_of(self.worker_id, self.size, allow_auto=True)
         if island is not None and island.size > 1:
             self._join_island(island)
@@ -175,10 +177,17 @@ class ElasticWorld(OwnTotals):
         return ShardedCheckpoints(ckpt_dir, f"worker-{self.worker_id}", self.island_mesh)
 
     def validation_share(self, batches: list[Batch]) -> list[Batch]:
-        mine = super().validation_share(batches)
-        if self.island_mesh is not None:  # a sharded forward is collective: every rank runs as many
-            return mine[: len(batches) // self.island_ranks]
+        if self.island_mesh is None:
+            return super().validation_share(batches)
+        # a sharded forward is collective: every rank runs as many (the padding is not counted)
+        mine, self._eval_real = even_share(batches, self.local_rank, self.island_ranks)
         return mine
+
+    def evaluate(self, model: nn.Module, batches: list[Batch]) -> float:
+        if self.island_mesh is None:
+            return super().evaluate(model, batches)
+        total, n = evaluate_share(model, batches, self._eval_real, self._precision)
+        return self._island_mean(total, n)
 
     def adopt(self, joined: Joined, *, resumed: bool) -> None:
         """DILO_ISLAND=auto: train on the island the coordinator handed out (a resumed worker keeps

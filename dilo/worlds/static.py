@@ -17,9 +17,8 @@ from torch import nn
 from dilo.config import RunConfig
 from dilo.data import corpus_fingerprint
 from dilo.errors import DiloError
-from dilo.inner import evaluate
 from dilo.outer.base import Joined, Links
-from dilo.shard import IslandMesh
+from dilo.shard import IslandMesh, evaluate_share, even_share
 from dilo.state import Checkpoints, CheckpointWriter
 from dilo.transport.base import ByteCounter, Transport
 from dilo.transport.torch_dist import TorchDistTransport, connect_store
@@ -70,6 +69,8 @@ class StaticWorld(Closing):
         self._transports: list[Transport] = []
         self.island_mesh: IslandMesh | None = None
         """transport.island_shard = "fsdp": this island's device mesh (FSDP2 shards over it)."""
+        self._eval_real = 0
+        """How many of validation_share's batches are real (a sharded island pads the rest)."""
         if transport is not None:
             if cfg.transport.island_ranks not in (1, "node"):
                 raise DiloError("an injected transport serves islands of one rank: drop transport.island_ranks")
@@ -184,13 +185,13 @@ class StaticWorld(Closing):
         return agreed
 
     def validation_share(self, batches: list[Batch]) -> list[Batch]:
-        mine = batches[self.global_rank :: self.global_size]
-        if self.island_mesh is not None:  # a sharded forward is collective: every rank runs as many
-            return mine[: len(batches) // self.global_size]
-        return mine
+        mine, self._eval_real = even_share(batches, self.global_rank, self.global_size)
+        return mine if self.island_mesh is not None else mine[: self._eval_real]
 
     def evaluate(self, model: nn.Module, batches: list[Batch]) -> float:
-        total, n = evaluate(model, batches, self.cfg.inner.precision)
+        # a sharded island's padding (validation_share) runs for the collectives and is not counted
+        real = self._eval_real if self.island_mesh is not None else len(batches)
+        total, n = evaluate_share(model, batches, real, self.cfg.inner.precision)
         t = torch.tensor([total, float(n)], dtype=torch.float64)
         self.transport.all_reduce_([t])
         return float(t[0] / t[1]) if t[1] > 0 else float("nan")
