@@ -126,6 +126,7 @@ def measure(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
         "max_memory_gib": max((r.get("max_memory_gib", 0.0) for rounds in logs.values() for r in rounds), default=0.0),
         "rounds_committed": summary["rounds_committed"],
         "val_loss": summary["val_loss"],
+        "initial_val_loss": summary["initial_val_loss"],
         "wall_s": summary["wall_s"],
     }
 

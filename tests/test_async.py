@@ -406,8 +406,9 @@ def test_real_async_run_with_a_sigkill_and_a_joiner(tmp_path: Path, corpus_dir: 
     # (the last assignments are cut short by the budget)
     typical = {w: statistics.median(r["next_steps"] for r in rs[:-2]) for w, rs in recs.items()}
     assert typical["w2"] < typical["w0"] == 8
-    # staleness is recorded per push, and the slow worker sees more of it
-    assert all(r["staleness"] is not None and r["staleness"] >= 0 for rs in recs.values() for r in rs)
+    # staleness is recorded per applied push (one that timed out on a loaded machine has none)
+    applied = [r for rs in recs.values() for r in rs if r["committed"]]
+    assert applied and all(r["staleness"] is not None and r["staleness"] >= 0 for r in applied)
     # the last RESULT of every survivor said done, and the loss went down
     for w, rs in recs.items():
         end = _records(_log(tmp_path, w), "end")[0]

@@ -66,11 +66,13 @@ class TransportConfig(Frozen):
     ranks). With membership.kind = "coordinator" the ranks of one torchrun launch always form one
     island, which joins as one worker."""
     island_shard: Literal["none", "fsdp"] = "none"
-    """How an island of several ranks (static worlds) holds its model. none: every rank holds it
-    all (data parallelism). fsdp: the ranks shard it with FSDP2 (`fully_shard` per block, bf16
-    compute under inner.precision = bf16, fp32 master weights); the anchor, the outer momentum and
-    the pseudo-gradient stay per shard, never gathered, and every rank exchanges its own shard
-    with the same shard of the other islands (so island_wire does not apply)."""
+    """How an island of several ranks holds its model. none: every rank holds it all (data
+    parallelism). fsdp: the ranks shard it with FSDP2 (`fully_shard` per block, bf16 compute under
+    inner.precision = bf16, fp32 master weights). In a static world (DiLoCo, FedAvg) the anchor,
+    outer momentum and pseudo-gradient stay per shard, never gathered, and every rank exchanges
+    its own shard with the same shard of the other islands (so island_wire does not apply); with
+    a coordinator (DiLoCo, FedAvg, async) the lead relays a gathered host copy. Checkpoints are
+    DCP's, resumable on another number of ranks per island."""
     island_wire: Literal["lead", "all"] = "lead"
     """Who carries an island's outer exchange (static worlds, islands of several ranks). lead: the
     island's local rank 0 exchanges the whole model and broadcasts the result to its island. all:
