@@ -50,11 +50,12 @@ def load_params(path: Path) -> list[Tensor]:
     """The `params` list of one checkpoint pair, named by either of its two files."""
     if path.suffix not in (".json", ".safetensors"):
         raise ValueError(f"{path}: expected a checkpoint file <who>/round_NNNNNN.json (or .safetensors)")
-    for f in (path.with_suffix(".json"), path.with_suffix(".safetensors")):
-        if not f.is_file():
+    sharded = path.with_suffix("").is_dir()  # a sharded island's: round_NNNNNN.json + its DCP directory
+    for f in (path.with_suffix(".json"), path.with_suffix("" if sharded else ".safetensors")):
+        if not f.exists():
             raise FileNotFoundError(
                 f"{f}: no such file (a checkpoint is the pair round_NNNNNN.json + round_NNNNNN.safetensors "
-                "in its writer's directory)"
+                "in its writer's directory, or a sharded island's round_NNNNNN.json + round_NNNNNN/)"
             )
     ckpt_dir, round_idx, who = locate(path)
     try:

@@ -2,9 +2,9 @@
 torch.distributed.checkpoint (DCP): one checkpoint per island and round, which an island of any
 number of ranks resumes.
 
-    <ckpt_dir>/island0/round_000010/             DCP: .metadata and one __<rank>_0.distcp per rank
-    <ckpt_dir>/island0/round_000010/rank1.json   rank 1's state without its tensors (markers in their place)
-    <ckpt_dir>/island0/round_000010.json         written last, by the island's lead: the round is complete
+    <ckpt_dir>/worker0/round_000010/             DCP: .metadata and one __<rank>_0.distcp per rank
+    <ckpt_dir>/worker0/round_000010/rank1.json   rank 1's state without its tensors (markers in their place)
+    <ckpt_dir>/worker0/round_000010.json         written last, by the island's lead: the round is complete
 
 What is sharded (a DTensor: the parameters, AdamW's moments, the outer anchor and momentum) is
 saved under one key for the island, by its global shape and each rank's offsets, so that a layout

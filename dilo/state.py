@@ -304,7 +304,7 @@ def rounds_of(ckpt_dir: Path, who: str) -> list[int]:
 
 def load_worker_state(ckpt_dir: Path, round_idx: int, who: str) -> dict[str, Any]:
     """`who`'s state of a round; the previous layout is read where the current one has no such round.
-    A sharded island's ("island0") comes whole: every tensor of its lead's state at full size."""
+    A sharded island's (under its lead's name) comes whole: every tensor of its lead's state at full size."""
     json_path = checkpoint_path(ckpt_dir, round_idx, who)
     tensor_path = json_path.with_suffix(".safetensors")
     if json_path.with_suffix("").is_dir():  # a sharded island's: its tensors put back together

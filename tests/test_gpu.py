@@ -183,7 +183,7 @@ def test_fsdp_islands_over_nccl(tmp_path: Path) -> None:
     assert summary["rounds_committed"] == 4 and summary["val_loss"] < summary["initial_val_loss"]
     names = ["worker0", "worker0.1", "worker1", "worker1.1"]
     assert all(_hashes(tmp_path, n) == _hashes(tmp_path, "worker0") for n in names)
-    assert (tmp_path / "checkpoints" / "island0" / "round_000004.json").is_file()
+    assert (tmp_path / "checkpoints" / "worker0" / "round_000004.json").is_file()
     proc = subprocess.run([*cmd, "--steps=50", "--checkpoint.resume=true"], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

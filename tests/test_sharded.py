@@ -17,7 +17,7 @@ import torch
 
 from dilo.errors import ConfigError
 from dilo.metrics import read_jsonl
-from dilo.state import load_worker_state
+from dilo.state import load_worker_state, rounds_of
 from tests.conftest import REPO, write_toml
 from tests.test_islands import RANKS, _final, _islands, _rounds
 
@@ -45,7 +45,7 @@ def test_fsdp_islands_train_like_whole_model_islands(tmp_path: Path, corpus_dir:
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[shard] = run
     for i in range(2):  # a sharded island's checkpoint (DCP), read whole
-        for w, s in zip(_final(runs["none"], f"worker{i}"), _final(runs["fsdp"], f"island{i}")):
+        for w, s in zip(_final(runs["none"], f"worker{i}"), _final(runs["fsdp"], f"worker{i}")):
             torch.testing.assert_close(s, w, rtol=1e-4, atol=1e-5)
     sent = {s: [r["bytes_sent"] for r in _rounds(runs[s], n)] for s, n in (("none", "worker0"), ("fsdp", "worker0"))}
     sent["fsdp.1"] = [r["bytes_sent"] for r in _rounds(runs["fsdp"], "worker0.1")]
@@ -53,6 +53,16 @@ def test_fsdp_islands_train_like_whole_model_islands(tmp_path: Path, corpus_dir:
         assert a + b == pytest.approx(whole, rel=0.01) and a == pytest.approx(whole / 2, rel=0.05)
     hashes = [[r["anchor_hash"] for r in _rounds(runs["fsdp"], n)] for n in RANKS]
     assert all(h == hashes[0] for h in hashes)  # one island-wide hash, the same on every rank
+    # dilo export / dilo merge read a sharded checkpoint whole
+    from dilo.export import load_trained
+    from dilo.merge import merge
+
+    ckpt = runs["fsdp"] / "checkpoints"
+    _, model = load_trained(ckpt)
+    assert _same([p.detach() for p in model.parameters()], _final(runs["fsdp"], "worker0"))
+    last = rounds_of(ckpt, "worker0")[-1]
+    report = merge([ckpt / f"worker{i}" / f"round_{last:06d}.json" for i in range(2)], tmp_path / "merged.safetensors")
+    assert report["variance_corrected"] is False and (tmp_path / "merged.safetensors").is_file()
 
 
 @pytest.mark.parametrize(
@@ -94,10 +104,10 @@ def test_fsdp_checkpoints_resume_on_the_same_and_on_another_layout(tmp_path: Pat
     for name in RANKS:  # the second call resumed at round 1 (a fresh start would match too)
         events = [(r["event"], r.get("round")) for r in read_jsonl(part / "logs" / f"{name}.jsonl")]
         assert [e for e in events if e[0] != "end"] == [("start", None), ("round", 1), ("resume", None), ("round", 2)]
-    for name in ("island0", "island1"):
+    for name in ("worker0", "worker1"):
         assert _same(_final(whole, name), _final(part, name)), name
     # another layout: 3 ranks read the 2 ranks' checkpoint; compared with it read whole in one process
-    saved = load_worker_state(whole / "checkpoints", 2, "island0")
+    saved = load_worker_state(whole / "checkpoints", 2, "worker0")
     got = _probe(toml, whole / "checkpoints", 2, 3, tmp_path / "probe.pt")
     moments = {
         f"{i}.{k}": v for i, st in saved["inner"]["optimizer"]["state"].items() for k, v in st.items() if k != "step"
@@ -110,8 +120,8 @@ def test_fsdp_checkpoints_resume_on_the_same_and_on_another_layout(tmp_path: Pat
         events = [(r["event"], r.get("round")) for r in read_jsonl(whole / "logs" / f"{name}.jsonl")]
         assert ("resume", None) in events and events[-2] == ("round", 3), (name, events)
     assert all(r["committed"] for r in _rounds(whole, "worker0"))
-    assert json.loads((whole / "checkpoints" / "island0" / "round_000003.json").read_text())["ranks"] == 3
-    assert not _same(_final(whole, "island0"), saved["params"])  # it trained
+    assert json.loads((whole / "checkpoints" / "worker0" / "round_000003.json").read_text())["ranks"] == 3
+    assert not _same(_final(whole, "worker0"), saved["params"])  # it trained
 
 
 def _dilo_run(toml: Path, *args: str) -> None:

@@ -170,7 +170,7 @@ class StaticWorld(Closing):
             return CheckpointWriter(ckpt_dir, self.log_name)
         from dilo.sharded_checkpoint import ShardedCheckpoints
 
-        return ShardedCheckpoints(ckpt_dir, f"island{self.rank}", self.island_mesh)
+        return ShardedCheckpoints(ckpt_dir, f"worker{self.rank}", self.island_mesh)
 
     def agree_resume_round(self, store: Checkpoints) -> int:
         """The newest round every rank has a checkpoint for, or -1."""
