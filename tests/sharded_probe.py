@@ -47,7 +47,7 @@ def main(config: str, ckpt_dir: str, round_idx: str, out: str) -> None:
                 if k != "step"
             },
             "anchor": {n: full(t) for n, t in strategy["anchor"].items()},
-            "momentum": {n: full(t) for n, t in strategy["momentum"].items()},
+            "momentum": {n: full(t) for n, t in strategy["sharded"]["momentum_buffer"].items()},
             "rounds": outer.rounds,
         }
         if placement.rank == 0:

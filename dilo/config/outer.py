@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
+from typing_extensions import Self
 
 from dilo.config.base import Frozen
 
@@ -59,6 +60,24 @@ class DiLoCoConfig(KeepsLocal):
     mixing: float = Field(0.5, ge=0.0, le=1.0)
     """alpha: after its outer step a fragment becomes alpha * local + (1 - alpha) * global, so
     the tau steps trained meanwhile are half kept at 0.5; 0 keeps only the global value."""
+    optimizer: str = "sgd"
+    """The outer optimizer of the anchor: sgd (the only one outer.momentum / outer.nesterov apply to), fedadam,
+    fedyogi, fedadagrad (Reddi et al., arXiv:2003.00295: no bias correction, v starts at tau^2;
+    optimizer_args betas = [0.9, 0.99], tau = 1e-3), or torch.optim.<Name> (any torch optimizer,
+    optimizer_args as its keyword arguments, e.g. torch.optim.Adam with eps = 0.1). Its state is
+    checkpointed and handed to joiners with the coordinator's parameters."""
+    optimizer_args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of outer.optimizer besides lr, e.g. {betas = [0.9, 0.99], tau = 1e-3}."""
+
+    @model_validator(mode="after")
+    def _check_optimizer(self) -> Self:
+        from dilo.outer.outer_opt import check_outer_optimizer
+
+        if self.optimizer == "sgd" and self.optimizer_args:
+            raise ValueError("outer.optimizer_args are for the other outer optimizers; sgd takes outer.momentum")
+        check_outer_optimizer(self)
+        return self
+
     offload: bool = False
     """Keep the outer step's fp32 anchor, outer momentum and pseudo-gradient in host memory
     (pinned) instead of on the GPU: 2-3 fp32 copies of the parameters (of a sharded island's
@@ -108,6 +127,24 @@ class FedAvgConfig(KeepsLocal):
     """Outer learning rate; 1 is plain parameter averaging."""
     weighting: Literal["uniform", "tokens"] = "uniform"
     """uniform or token-weighted mean."""
+    optimizer: str = "sgd"
+    """The outer optimizer of the anchor: sgd (the only one outer.momentum / outer.nesterov apply to), fedadam,
+    fedyogi, fedadagrad (Reddi et al., arXiv:2003.00295: no bias correction, v starts at tau^2;
+    optimizer_args betas = [0.9, 0.99], tau = 1e-3), or torch.optim.<Name> (any torch optimizer,
+    optimizer_args as its keyword arguments, e.g. torch.optim.Adam with eps = 0.1). Its state is
+    checkpointed and handed to joiners with the coordinator's parameters."""
+    optimizer_args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of outer.optimizer besides lr, e.g. {betas = [0.9, 0.99], tau = 1e-3}."""
+
+    @model_validator(mode="after")
+    def _check_optimizer(self) -> Self:
+        from dilo.outer.outer_opt import check_outer_optimizer
+
+        if self.optimizer == "sgd" and self.optimizer_args:
+            raise ValueError("outer.optimizer_args are for the other outer optimizers; sgd takes outer.momentum")
+        check_outer_optimizer(self)
+        return self
+
     offload: bool = False
     """Keep the outer step's fp32 anchor, outer momentum and pseudo-gradient in host memory
     (pinned) instead of on the GPU: 2-3 fp32 copies of the parameters (of a sharded island's

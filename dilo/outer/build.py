@@ -24,6 +24,7 @@ lead relays a gathered host copy).
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -37,6 +38,7 @@ from dilo.outer.ddp import DDP
 from dilo.outer.diloco import DiLoCo
 from dilo.outer.gossip import Gossip
 from dilo.outer.island import IslandShares, IslandSync
+from dilo.outer.outer_opt import build_outer_optimizer
 from dilo.outer.sharded import ShardedIsland, ShardedRelay, whole_view
 from dilo.outer.star import StarDiLoCo
 from dilo.outer.streaming import StreamingDiLoCo
@@ -96,6 +98,7 @@ def _lead_strategy(
     common: dict[str, Any] = {
         "inner_steps": o.inner_steps, "lr": o.lr, "momentum": momentum, "nesterov": nesterov,
         "codec": cfg.codec, "seed": cfg.seed, "bucket_mb": cfg.transport.bucket_mb,
+        "make_optimizer": partial(build_outer_optimizer, o, foreach=True),
     }  # fmt: skip
     if isinstance(o, DiLoCoConfig) and o.streaming:
         return StreamingDiLoCo(

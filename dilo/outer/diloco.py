@@ -52,6 +52,7 @@ from dilo.outer.base import (
     params_of,
 )
 from dilo.outer.exchange import Exchange, ExchangeResult, finished
+from dilo.outer.outer_opt import OptimizerFactory
 from dilo.transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class DiLoCo:
         bucket_mb: float = 32.0,
         overlap: bool = False,
         offload: bool = False,
+        make_optimizer: OptimizerFactory | None = None,
     ) -> None:
         if nesterov and momentum == 0.0:
             raise ValueError("outer nesterov=True needs momentum > 0; set outer.momentum or outer.nesterov=false")
@@ -88,7 +90,12 @@ class DiLoCo:
             seed=seed,
             bucket_mb=bucket_mb,
         )
-        self.optimizer = torch.optim.SGD(self.anchor.params, lr=lr, momentum=momentum, nesterov=nesterov, foreach=True)
+        # the outer optimizer (outer.optimizer): SGD with momentum / Nesterov unless a factory says otherwise
+        self.optimizer: torch.optim.Optimizer = (
+            make_optimizer(self.anchor.params)
+            if make_optimizer is not None
+            else torch.optim.SGD(self.anchor.params, lr=lr, momentum=momentum, nesterov=nesterov, foreach=True)
+        )
         self.rounds = 0
         """Rounds attempted (committed or not): the same count on every worker, so it seeds codecs."""
         self.overlap = overlap

@@ -164,3 +164,39 @@ def streaming_diloco(
                 apply(*pending)
                 pending = None
     return g, x
+
+
+def fedopt_step(
+    anchor: list[Tensor],
+    grad: list[Tensor],
+    state: tuple[list[Tensor], list[Tensor]] | None,
+    *,
+    rule: str,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.99),
+    tau: float = 1e-3,
+) -> tuple[list[Tensor], tuple[list[Tensor], list[Tensor]]]:
+    """One FedAdam / FedYogi / FedAdagrad step (Reddi et al., Algorithm 2) in float64, with g the
+    mean pseudo-gradient in dilo's sign (old minus new): m <- b1 m + (1 - b1) g; v <- v + g^2
+    (adagrad), b2 v + (1 - b2) g^2 (adam), v - (1 - b2) g^2 sign(v - g^2) (yogi); theta <- theta -
+    lr m / (sqrt(v) + tau); m starts at 0 and v at tau^2."""
+    b1, b2 = betas
+    ms, vs = (
+        state
+        if state is not None
+        else ([torch.zeros_like(a) for a in anchor], [torch.full_like(a, tau**2) for a in anchor])
+    )
+    new_anchor, new_m, new_v = [], [], []
+    for a, g, m, v in zip(anchor, grad, ms, vs):
+        g64, m64, v64 = g.double(), m.double(), v.double()
+        m64 = b1 * m64 + (1 - b1) * g64
+        if rule == "adagrad":
+            v64 = v64 + g64 * g64
+        elif rule == "adam":
+            v64 = b2 * v64 + (1 - b2) * g64 * g64
+        else:
+            v64 = v64 - (1 - b2) * g64 * g64 * torch.sign(v64 - g64 * g64)
+        new_anchor.append((a.double() - lr * m64 / (v64.sqrt() + tau)).float())
+        new_m.append(m64.float())
+        new_v.append(v64.float())
+    return new_anchor, (new_m, new_v)

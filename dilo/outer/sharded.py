@@ -174,13 +174,24 @@ class ShardedIsland:
         names = param_names(self.part)
         anchor = dict(zip(names, state.pop("anchor")))
         optimizer = state.pop("optimizer")
-        momentum = {names[i]: s["momentum_buffer"] for i, s in optimizer["state"].items() if "momentum_buffer" in s}
-        if momentum and len(momentum) != len(names):
-            raise DiloError("the outer optimizer holds momentum for some shards only: cannot checkpoint it")
+        per_key: dict[str, dict[str, Any]] = {}  # the outer optimizer's state: key -> parameter name -> value
+        for i, entries in optimizer["state"].items():
+            for key, value in entries.items():
+                per_key.setdefault(key, {})[names[i]] = value
+        sharded, scalars = {}, {}
+        for key, values in per_key.items():
+            elementwise = all(isinstance(v, torch.Tensor) and v.shape == anchor[n].shape for n, v in values.items())
+            if not elementwise:  # a step count: the same on every shard, saved per rank
+                scalars[key] = values
+                continue
+            if len(values) != len(names):
+                raise DiloError(f"the outer optimizer holds {key!r} for some shards only: cannot checkpoint it")
+            sharded[key] = {n: self._global(n, values.get(n)) for n in self._like}  # momentum, Adam's moments
         return {
             "ranks": self.group.size,
             "anchor": {n: self._global(n, anchor.get(n)) for n in self._like},
-            "momentum": {n: self._global(n, momentum.get(n)) for n in self._like} if momentum else {},
+            "sharded": sharded,
+            "scalars": scalars,
             "groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer["param_groups"]],
             "rest": state,
         }
@@ -197,13 +208,19 @@ class ShardedIsland:
                     "the checkpoint's islands had %d ranks, this one %d: the codec's error feedback starts afresh",
                     state["ranks"], self.group.size,
                 )  # fmt: skip
-        momentum = state["momentum"]
+        entries: dict[int, dict[str, Any]] = {}
+        for i, n in enumerate(names):
+            mine = {key: local(values[n]) for key, values in state["sharded"].items()}
+            for key, values in state["scalars"].items():  # another layout's rank may not have held n
+                mine[key] = values.get(n, next(iter(values.values())))
+            if mine:
+                entries[i] = mine
         self.outer.load_state_dict(
             {
                 **rest,
                 "anchor": [local(state["anchor"][n]) for n in names],
                 "optimizer": {
-                    "state": {i: {"momentum_buffer": local(momentum[n])} for i, n in enumerate(names) if momentum},
+                    "state": entries,
                     "param_groups": [{**g, "params": list(range(len(names)))} for g in state["groups"]],
                 },
             }

@@ -24,6 +24,7 @@ from dilo.errors import ConfigError
 from dilo.model import params_of
 from dilo.outer.base import Anchor
 from dilo.outer.exchange import SHARDS_PER_GROUP, Group, _plain, build_groups
+from dilo.outer.outer_opt import build_outer_optimizer, load_state_tensors, state_tensors
 
 if TYPE_CHECKING:
     pass
@@ -174,33 +175,24 @@ def adopt_parameters(anchor: Anchor, tensors: dict[str, Tensor], model: nn.Modul
     anchor.restore_into(params_of(model))
 
 
-def outer_optimizer(cfg: Any, params: list[torch.nn.Parameter]) -> torch.optim.SGD:
-    """The outer SGD of DiLoCo / FedAvg; the same on the coordinator and on every worker."""
+def outer_optimizer(cfg: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The outer optimizer of DiLoCo / FedAvg (outer.optimizer); the same on the coordinator and on
+    every worker, which keeps a replica of its state."""
     o = cfg.outer
     if isinstance(o, DDPConfig):
         raise ConfigError(
             "outer.kind='ddp' synchronises every step and has no coordinator rounds; "
             "use membership.kind='static' for the DDP baseline"
         )
-    return torch.optim.SGD(
-        params, lr=o.lr, momentum=getattr(o, "momentum", 0.0), nesterov=getattr(o, "nesterov", False)
-    )
+    return build_outer_optimizer(o, params)
 
 
-def outer_state_tensors(opt: torch.optim.SGD, params: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, p in enumerate(params):
-        buf = opt.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            out[f"m.{i}"] = buf
-    return out
+def outer_state_tensors(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The outer optimizer's state as named tensors (dilo/outer/outer_opt.py `state_tensors`)."""
+    return state_tensors(opt, params)
 
 
-def load_outer_state(opt: torch.optim.SGD, params: list[torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            t = tensors.get(f"m.{i}")
-            if t is not None:
-                opt.state[p]["momentum_buffer"] = t.clone()
-            else:
-                opt.state.pop(p, None)
+def load_outer_state(
+    opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], tensors: dict[str, torch.Tensor]
+) -> None:
+    load_state_tensors(opt, params, tensors)

@@ -54,6 +54,7 @@ from dilo.outer.base import (
     params_of,
 )
 from dilo.outer.exchange import Exchange, ExchangeResult, finished
+from dilo.outer.outer_opt import OptimizerFactory
 from dilo.transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class StreamingDiLoCo:
         codec: CodecSpec | None = None,
         seed: int = 0,
         bucket_mb: float = 32.0,
+        make_optimizer: OptimizerFactory | None = None,
     ) -> None:
         if inner_steps % fragments or delay >= inner_steps // fragments:
             raise ConfigError(
@@ -167,7 +169,12 @@ class StreamingDiLoCo:
                 _Fragment(p, slice(first, first + len(members)), slice(offset, offset + elems), exchange)
             )
             first, offset = first + len(members), offset + elems
-        self.optimizer = torch.optim.SGD(self.anchor.params, lr=lr, momentum=momentum, nesterov=nesterov, foreach=True)
+        # the outer optimizer (outer.optimizer): SGD with momentum / Nesterov unless a factory says otherwise
+        self.optimizer: torch.optim.Optimizer = (
+            make_optimizer(self.anchor.params)
+            if make_optimizer is not None
+            else torch.optim.SGD(self.anchor.params, lr=lr, momentum=momentum, nesterov=nesterov, foreach=True)
+        )
         self.rounds = 0
         """Exchanges started (the same count on every worker, so it seeds the codecs)."""
         self._at = 0
