@@ -27,6 +27,7 @@ from dilo.config.network import CoordinatorConfig, MembershipConfig, TransportCo
 from dilo.config.outer import AsyncConfig, DDPConfig, DiLoCoConfig, FedAvgConfig, GossipConfig, OuterConfig
 from dilo.config.run import RunConfig
 from dilo.config.sections import (
+    AggregateConfig,
     CheckpointConfig,
     CodecConfig,
     CodecKind,
@@ -46,6 +47,7 @@ from dilo.config.sections import (
 )
 
 __all__ = [
+    "AggregateConfig",
     "AsyncConfig",
     "CheckpointConfig",
     "CodecConfig",

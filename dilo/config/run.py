@@ -13,6 +13,7 @@ from dilo.config.base import Frozen
 from dilo.config.network import CoordinatorConfig, MembershipConfig, TransportConfig
 from dilo.config.outer import AsyncConfig, DDPConfig, DiLoCoConfig, FedAvgConfig, GossipConfig, OuterConfig
 from dilo.config.sections import (
+    AggregateConfig,
     CheckpointConfig,
     CodecConfig,
     DataConfig,
@@ -45,6 +46,7 @@ class RunConfig(Frozen):
     inner: InnerConfig = Field(default_factory=InnerConfig)
     outer: OuterConfig = Field(default_factory=DiLoCoConfig)
     codec: CodecConfig = Field(default_factory=CodecConfig)
+    aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
     transport: TransportConfig = Field(default_factory=TransportConfig)
     membership: MembershipConfig = Field(default_factory=MembershipConfig)
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
@@ -130,6 +132,8 @@ class RunConfig(Frozen):
                 "torch.distributed: it needs membership.kind='static' (torchrun, Slurm, `dilo run`); "
                 "set outer.fragments=1 and outer.fragment_delay=0"
             )
+        if self.aggregate.robust:
+            self._check_robust()
         if getattr(self.outer, "offload", False) and self.membership.kind != "static":
             raise ValueError(
                 "outer.offload moves a static world's outer state to host memory; with a coordinator the anchor "
@@ -180,6 +184,35 @@ class RunConfig(Frozen):
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir or f"runs/{self.name}")
+
+    def _check_robust(self) -> None:
+        """aggregate.kind / clip_norm other than the plain mean: where they apply."""
+        a = self.aggregate
+        if not isinstance(self.outer, DiLoCoConfig | FedAvgConfig):
+            raise ValueError(
+                f"aggregate.kind={a.kind!r} combines the pseudo-gradients of DiLoCo / FedAvg rounds: set "
+                "outer.kind='diloco' or 'fedavg', or aggregate.kind='mean' and aggregate.clip_norm=0"
+            )
+        if self.membership.kind == "static":
+            if self.workers < a.fewest():
+                raise ValueError(
+                    f"aggregate.kind={a.kind!r} needs at least {a.fewest()} workers with these settings, "
+                    f"the run has {self.workers}: add workers or lower aggregate.trim / aggregate.byzantine"
+                )
+            if self.codec.kind == "powersgd" or any(o.kind == "powersgd" for o in self.codec.overrides):
+                raise ValueError(
+                    "a robust aggregate needs each worker's pseudo-gradient; PowerSGD only ever sums them: "
+                    "choose another codec, or aggregate.kind='mean'"
+                )
+            sharded = self.transport.island_shard == "fsdp" or self.transport.island_wire == "all"
+            if sharded and (a.kind not in ("median", "trimmed_mean") or a.clip_norm > 0):
+                raise ValueError(
+                    f"aggregate.kind={a.kind!r} looks at whole pseudo-gradients, which islands exchanging shares "
+                    "(island_shard='fsdp', island_wire='all') never hold: use median or trimmed_mean (per "
+                    "coordinate) there"
+                )
+            if isinstance(self.outer, DiLoCoConfig) and self.outer.streaming:
+                raise ValueError("Streaming DiLoCo averages its fragments: set aggregate.kind='mean' with it")
 
     def fingerprint(self) -> str:
         """Hash of everything that must agree between workers (not logging or resume flags)."""

@@ -254,6 +254,42 @@ class CodecConfig(CodecSpec):
 # heterogeneity, simulation, logging, checkpoints
 
 
+class AggregateConfig(Frozen):
+    kind: Literal["mean", "median", "trimmed_mean", "centered_clip", "krum", "multikrum"] = "mean"
+    """How a round combines its pseudo-gradients (DiLoCo, FedAvg; static or coordinator). mean:
+    the weighted mean. The robust rules count every contributor once, whatever its weight:
+    median (coordinate-wise), trimmed_mean (drop `trim` from each end per coordinate),
+    centered_clip (`iterations` of clipping to radius `tau` around the estimate, from the median),
+    krum / multikrum (the vector(s) closest to their N - byzantine - 2 nearest others; multikrum
+    averages the `select` best). They need every vector: a static world all-gathers the payloads
+    instead of all-reducing them, a coordinator keeps the round's pushes."""
+    clip_norm: float = Field(0.0, ge=0.0)
+    """> 0: scale each pseudo-gradient down to at most this norm before aggregating (with any kind)."""
+    trim: int = Field(1, ge=0)
+    """trimmed_mean: values dropped from each end, per coordinate (fewer than half the contributors)."""
+    tau: float = Field(1.0, gt=0.0)
+    """centered_clip: the clipping radius around the current estimate."""
+    iterations: int = Field(3, ge=1)
+    """centered_clip: clipping iterations."""
+    byzantine: int = Field(1, ge=0)
+    """krum / multikrum: faulty contributors tolerated (needs more than 2 * byzantine + 2 contributors)."""
+    select: int = Field(2, ge=1)
+    """multikrum: how many of the best-scored vectors are averaged."""
+
+    @property
+    def robust(self) -> bool:
+        """Every contributor's vector is needed (not only their sum)."""
+        return self.kind != "mean" or self.clip_norm > 0
+
+    def fewest(self) -> int:
+        """The fewest contributors the rule is defined for."""
+        if self.kind == "trimmed_mean":
+            return 2 * self.trim + 1
+        if self.kind in ("krum", "multikrum"):
+            return 2 * self.byzantine + 3
+        return 1
+
+
 class HeterogeneityConfig(Frozen):
     slowdown: list[float] = Field(default_factory=list)
     """Per island (worker rank or DILO_ISLAND): make that worker this many times slower, by

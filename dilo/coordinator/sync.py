@@ -31,7 +31,8 @@ from dilo import wire
 from dilo.bodies import JoinBody, PushBody, RoundResultBody, dump
 from dilo.coordinator.global_model import GlobalModel
 from dilo.coordinator.policy import Member
-from dilo.outer.aggregate import RunningMean, finite, outliers
+from dilo.outer.aggregate import RobustMean, RunningMean, finite, outliers
+from dilo.outer.robust import build_aggregator
 from dilo.outer.star import load_outer_state, outer_optimizer, outer_state_tensors
 
 if TYPE_CHECKING:
@@ -295,6 +296,7 @@ class SyncRounds:
     def _new_round(self, index: int, members: set[str]) -> Round:
         """The next round, folding into the same buffers (the last round's mean is applied by now)."""
         if self._sum is None:
-            self._sum = RunningMean(self.sizes)
+            aggregator = build_aggregator(self.coord.cfg.aggregate)  # [aggregate]: None for the plain mean
+            self._sum = RunningMean(self.sizes) if aggregator is None else RobustMean(self.sizes, aggregator)
         self._sum.reset()
         return Round(index, members, self._sum)

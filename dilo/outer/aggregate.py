@@ -10,6 +10,7 @@ to see a member whose update stands out (its norm, its cosine to the round's mea
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -102,3 +103,52 @@ def outliers(stats: dict[str, dict[str, float | None]]) -> list[str]:
         if (cos is not None and cos < 0) or (median > 0 and not median / 4 <= n <= 4 * median):
             out.append(w)
     return out
+
+
+class RobustMean(RunningMean):
+    """A round's pushes under a robust rule (`[aggregate]`, dilo/outer/robust.py): each member's
+    decoded pseudo-gradient is kept (memory O(members x model): the rules need every vector), the
+    rule runs when the round closes, and `stats` gives each member's cosine to that aggregate
+    rather than to the plain mean (which one scaled update can turn against every honest one)."""
+
+    def __init__(self, sizes: list[int], aggregator: Callable[[list[torch.Tensor], list[float]], torch.Tensor]) -> None:
+        super().__init__(sizes)
+        self.sizes = sizes
+        self.aggregator = aggregator
+        self.vectors: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, float] = {}
+        self._result: torch.Tensor | None = None
+
+    def add(self, worker: str, weight: float, flats: list[torch.Tensor]) -> None:
+        super().add(worker, weight, flats)
+        self.vectors[worker] = torch.cat([f.reshape(-1).float() for f in flats])
+        self.weights[worker] = weight
+
+    def reset(self) -> None:
+        super().reset()
+        self.vectors, self.weights, self._result = {}, {}, None
+
+    def _aggregate(self) -> torch.Tensor:
+        if self._result is None:
+            members = self.members
+            self._result = self.aggregator([self.vectors[w] for w in members], [self.weights[w] for w in members])
+        return self._result
+
+    def mean(self) -> list[torch.Tensor]:
+        """The robust aggregate, split like the pushes' groups."""
+        return [t.clone() for t in torch.split(self._aggregate(), self.sizes)]
+
+    def stats(self) -> dict[str, dict[str, float | None]]:
+        result = self._aggregate().double()
+        result_norm = float(torch.linalg.vector_norm(result))
+        out: dict[str, dict[str, float | None]] = {}
+        for w in self.members:
+            v = self.vectors[w].double()
+            n = float(torch.linalg.vector_norm(v))
+            cos = float(v.dot(result)) / (n * result_norm) if n > 0 and result_norm > 0 else float("nan")
+            norm = self.norms[w]
+            out[w] = {
+                "norm": round(norm, 6) if math.isfinite(norm) else None,
+                "cos": round(cos, 4) if math.isfinite(cos) else None,
+            }
+        return out

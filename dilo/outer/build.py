@@ -39,6 +39,7 @@ from dilo.outer.diloco import DiLoCo
 from dilo.outer.gossip import Gossip
 from dilo.outer.island import IslandShares, IslandSync
 from dilo.outer.outer_opt import build_outer_optimizer
+from dilo.outer.robust import build_aggregator
 from dilo.outer.sharded import ShardedIsland, ShardedRelay, whole_view
 from dilo.outer.star import StarDiLoCo
 from dilo.outer.streaming import StreamingDiLoCo
@@ -105,7 +106,10 @@ def _lead_strategy(
             model, links.outer, fragments=o.fragments, delay=o.fragment_delay, mixing=o.mixing,
             pattern=o.fragment_pattern, **common,
         )  # fmt: skip
-    return DiLoCo(model, links.outer, overlap=isinstance(o, DiLoCoConfig) and o.overlap, offload=o.offload, **common)
+    return DiLoCo(
+        model, links.outer, overlap=isinstance(o, DiLoCoConfig) and o.overlap, offload=o.offload,
+        aggregator=build_aggregator(cfg.aggregate), **common,
+    )  # fmt: skip
 
 
 class OnShared:

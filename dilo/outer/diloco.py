@@ -53,6 +53,7 @@ from dilo.outer.base import (
 )
 from dilo.outer.exchange import Exchange, ExchangeResult, finished
 from dilo.outer.outer_opt import OptimizerFactory
+from dilo.outer.robust import Aggregator
 from dilo.transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class DiLoCo:
         overlap: bool = False,
         offload: bool = False,
         make_optimizer: OptimizerFactory | None = None,
+        aggregator: Aggregator | None = None,
     ) -> None:
         if nesterov and momentum == 0.0:
             raise ValueError("outer nesterov=True needs momentum > 0; set outer.momentum or outer.nesterov=false")
@@ -89,6 +91,7 @@ class DiLoCo:
             codec if codec is not None else CodecSpec(),
             seed=seed,
             bucket_mb=bucket_mb,
+            aggregator=aggregator,
         )
         # the outer optimizer (outer.optimizer): SGD with momentum / Nesterov unless a factory says otherwise
         self.optimizer: torch.optim.Optimizer = (

@@ -18,6 +18,9 @@ each knows every weight. Then, per parameter group (the codec, or a per-name ove
   fp32 in rank order. Bytes: (W-1) payloads.
 - PowerSGD: two all-reduces (P = M Q, then Q' = M^T orth(P)); error feedback against the
   aggregated approximation.
+- a robust aggregate (`[aggregate]`, dilo/outer/robust.py): every group's payload all-gathered
+  and decoded per worker, whatever the codec (PowerSGD refused), then the rule on the whole
+  vectors. Bytes: (W-1) payloads, as top-k's.
 
 A worker that does not contribute (weight 0) still takes part in the collectives with zeros, so
 nobody waits for it, and its error-feedback residual is left untouched.
@@ -41,6 +44,7 @@ from dilo.compress.feedback import ErrorFeedback
 from dilo.compress.lowrank import PowerSGD
 from dilo.errors import TransportError
 from dilo.outer.base import TAIL_COUNT, TAIL_WEIGHT, FlatLayout
+from dilo.outer.robust import Aggregator
 from dilo.transport.base import Transport
 
 if TYPE_CHECKING:
@@ -174,8 +178,12 @@ class Exchange:
         *,
         seed: int = 0,
         bucket_mb: float = 32.0,
+        aggregator: Aggregator | None = None,
     ) -> None:
+        """aggregator: a robust rule (`[aggregate]`); None: the weighted mean through the codec's
+        collective (see the module docstring)."""
         self.transport = transport
+        self.aggregator = aggregator
         self.seed = seed
         self.bucket_mb = bucket_mb
         self.shapes = shapes
@@ -235,6 +243,8 @@ class Exchange:
         mine = weights[t.rank]
         if mine <= 0:
             flat.zero_()  # a worker that does not contribute takes part with zeros
+        if self.aggregator is not None:
+            return self._robust(flat, tails, weights, round_idx, finite)
         whole = len(self.groups) == 1 and self.groups[0].span == (0, flat.numel())
         out = None if whole else torch.empty_like(flat)
         for g in self.groups:
@@ -262,6 +272,26 @@ class Exchange:
             else:
                 g.put(out, mean_flat)
         assert out is not None
+        return ExchangeResult(out, tails, [v.view(s) for v, s in zip(torch.split(out, self.numels), self.shapes)])
+
+    def _robust(
+        self, flat: Tensor, tails: Tensor, weights: list[float], round_idx: int, finite: bool
+    ) -> ExchangeResult:
+        """A robust aggregate (`[aggregate]`, dilo/outer/robust.py): every group's encoded payload is
+        all-gathered and decoded per worker, and the rule runs on the contributors' whole vectors
+        (the same bytes and the same rule everywhere: the same bits)."""
+        t, mine = self.transport, weights[self.transport.rank]
+        vectors = {i: torch.empty_like(flat) for i in range(t.size) if weights[i] > 0}
+        for g in self.groups:
+            ctx = Context(seed=self.seed, round=round_idx, rank=t.rank, part=g.index * SHARDS_PER_GROUP,
+                          checked=finite or mine <= 0)  # fmt: skip
+            codec = g.flat_codec if mine > 0 else _plain(g.flat_codec)
+            e = codec.encode(g.take(flat), ctx)
+            for i, buf in enumerate(t.all_gather(pack(e))):
+                if i in vectors:
+                    g.put(vectors[i], _plain(codec).decode(unpack(buf, like=e)))
+        assert self.aggregator is not None
+        out = self.aggregator([vectors[i] for i in sorted(vectors)], [weights[i] for i in sorted(vectors)])
         return ExchangeResult(out, tails, [v.view(s) for v, s in zip(torch.split(out, self.numels), self.shapes)])
 
     def _all_reduce(self, codec: Codec, flat: Tensor, ctx: Context, mine: float, total: float) -> Tensor:

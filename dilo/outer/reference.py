@@ -200,3 +200,48 @@ def fedopt_step(
         new_m.append(m64.float())
         new_v.append(v64.float())
     return new_anchor, (new_m, new_v)
+
+
+def robust_aggregate(kind: str, vectors: list[Tensor], **kw: float) -> Tensor:
+    """The robust rules of dilo/outer/robust.py, one coordinate (or one pair of vectors) at a time
+    in Python floats: median, trimmed_mean (trim), centered_clip (tau, iterations), krum and
+    multikrum (byzantine, select)."""
+    n, d = len(vectors), vectors[0].numel()
+    rows = [[float(x) for x in v.reshape(-1).tolist()] for v in vectors]
+
+    def coordinate_median(points: list[list[float]]) -> list[float]:
+        out = []
+        for j in range(d):
+            col = sorted(p[j] for p in points)
+            m = len(col)
+            out.append(col[m // 2] if m % 2 else (col[m // 2 - 1] + col[m // 2]) / 2)
+        return out
+
+    if kind == "median":
+        result = coordinate_median(rows)
+    elif kind == "trimmed_mean":
+        b = int(kw["trim"])
+        result = [sum(sorted(p[j] for p in rows)[b : n - b]) / (n - 2 * b) for j in range(d)]
+    elif kind == "centered_clip":
+        v = coordinate_median(rows)
+        for _ in range(int(kw["iterations"])):
+            step = [0.0] * d
+            for p in rows:
+                diff = [p[j] - v[j] for j in range(d)]
+                norm = sum(x * x for x in diff) ** 0.5
+                scale = min(1.0, kw["tau"] / norm) if norm > 0 else 1.0
+                step = [s + scale * x for s, x in zip(step, diff)]
+            v = [a + s / n for a, s in zip(v, step)]
+        result = v
+    elif kind in ("krum", "multikrum"):
+        closest = n - int(kw["byzantine"]) - 2
+        scores = []
+        for i in range(n):
+            dists = sorted(sum((rows[i][j] - rows[k][j]) ** 2 for j in range(d)) for k in range(n) if k != i)
+            scores.append(sum(dists[:closest]))
+        select = 1 if kind == "krum" else int(kw["select"])
+        best = sorted(range(n), key=lambda i: (scores[i], i))[:select]
+        result = [sum(rows[i][j] for i in best) / len(best) for j in range(d)]
+    else:
+        raise ValueError(kind)
+    return torch.tensor(result, dtype=torch.float32).reshape(vectors[0].shape)
