@@ -172,6 +172,9 @@ class Outer:
         self._comm_at_mark = 0.0
         self._mark: float | None = None
         self._weighted = isinstance(cfg.outer, DiLoCoConfig | FedAvgConfig) and cfg.outer.weighting == "tokens"
+        self._prox_mu = cfg.outer.prox_mu if isinstance(cfg.outer, DiLoCoConfig | FedAvgConfig) else 0.0
+        self._prox: list[tuple[torch.Tensor, torch.Tensor]] = []
+        """FedProx: (parameter, where the round started) for every exchanged parameter."""
         self._hook = optimizer.register_step_pre_hook(self._before_inner_step)
 
     # ------------------------------------------------------------------------------------------ start
@@ -187,8 +190,21 @@ class Outer:
         joined = dataclasses.replace(joined, anchor_hash=tensor_digest(params_of(self.model)))
         self.world.adopt(joined, resumed=self._resumed)
         self.joined = joined
+        self._round_starts()
         self._set_mark()
         return joined
+
+    @torch.no_grad()
+    def _round_starts(self) -> None:
+        """FedProx: remember where this round starts (the anchor), in the parameters' own layout."""
+        if self._prox_mu <= 0:
+            return
+        if not self._prox:
+            shared = params_of(shared_view(self.model, self.cfg.outer))
+            self._prox = [(p, p.detach().clone()) for p in shared]
+        else:
+            for p, x0 in self._prox:
+                x0.copy_(p.detach())
 
     @property
     def started(self) -> bool:
@@ -211,6 +227,10 @@ class Outer:
         self.comm_s += spent
         self._round.comm_s += spent
         self._grads_synced = True
+        with torch.no_grad():  # FedProx: the gradient of mu/2 ||x - x_0||^2, before any clipping
+            for p, x0 in self._prox:
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - x0, alpha=self._prox_mu)
 
     def _before_inner_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.sync_grads()
@@ -275,6 +295,7 @@ class Outer:
             sync=report,
         )
         self._round = _Round()
+        self._round_starts()
         if report.failure is Failure.TRANSPORT and not self.world.elastic and self.world.size > 1:
             raise TransportError(
                 f"round {self.rounds}: {report.reason}; a static world cannot continue without the lost worker: "

@@ -78,6 +78,10 @@ class DiLoCoConfig(KeepsLocal):
         check_outer_optimizer(self)
         return self
 
+    prox_mu: float = Field(0.0, ge=0.0)
+    """FedProx (Li et al., arXiv:1812.06127): mu of the proximal term mu/2 ||x - x_0||^2 added to
+    the inner objective, x_0 the parameters the round started from (the anchor), so that workers
+    on different data drift less; its gradient mu (x - x_0) is added to every inner step's. 0: off."""
     offload: bool = False
     """Keep the outer step's fp32 anchor, outer momentum and pseudo-gradient in host memory
     (pinned) instead of on the GPU: 2-3 fp32 copies of the parameters (of a sharded island's
@@ -145,6 +149,10 @@ class FedAvgConfig(KeepsLocal):
         check_outer_optimizer(self)
         return self
 
+    prox_mu: float = Field(0.0, ge=0.0)
+    """FedProx (Li et al., arXiv:1812.06127): mu of the proximal term mu/2 ||x - x_0||^2 added to
+    the inner objective, x_0 the parameters the round started from (the anchor), so that workers
+    on different data drift less; its gradient mu (x - x_0) is added to every inner step's. 0: off."""
     offload: bool = False
     """Keep the outer step's fp32 anchor, outer momentum and pseudo-gradient in host memory
     (pinned) instead of on the GPU: 2-3 fp32 copies of the parameters (of a sharded island's
