@@ -266,7 +266,8 @@ def _cmd_status(args: argparse.Namespace, rest: list[str]) -> int:
         return 0
     print(
         f"run {st['run']}: version {st['version']}, round {st['round']}, epoch {st['epoch']}, "
-        f"{len(st['members'])} members, in {st['bytes_in']:,} B, out {st['bytes_out']:,} B, late pushes {st['late']}"
+        f"{len(st['members'])} members, in {st['bytes_in']:,} B, out {st['bytes_out']:,} B, late pushes {st['late']} "
+        f"({st.get('late_folded', 0)} folded into later rounds)"
     )
     print(f"rejected messages: {st['rejected'] or 'none'}")
     print(f"{'worker':<24}{'last heard':>12}{'pushes':>8}{'bytes in':>16}{'bytes out':>16}{'steps/s':>10}")

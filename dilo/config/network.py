@@ -99,6 +99,14 @@ class MembershipConfig(Frozen):
     """A synchronous round closes at this deadline with whoever pushed (at least min_workers)."""
     min_workers: int = Field(1, gt=0)
     """Fewest pushes that may close a round at its deadline."""
+    backup_workers: int = Field(0, ge=0)
+    """Semi-synchronous rounds (backup workers): a round closes as soon as all but this many of its
+    members have pushed (and at least min_workers have), instead of waiting for the slowest; the
+    rest are late. 0: wait for every member (or round_timeout_s)."""
+    late_weight: float = Field(0.0, ge=0.0, le=1.0)
+    """A push that arrives after its round closed is folded into the open round with its weight
+    times late_weight ** staleness (versions behind; at most 8) instead of being dropped; the
+    worker still catches up from the current state. 0: late pushes are dropped."""
     start_quorum: int = Field(0, ge=0)
     """The first round waits for this many pushes (or round_timeout_s), so a run does not start with
     whichever worker was up first; `dilo run` sets it to --workers."""

@@ -82,6 +82,8 @@ class Coordinator:
         self.global_tokens = 0
         self.late = 0
         """Pushes for a round that had already closed (answered with the current state)."""
+        self.late_folded = 0
+        """Late pushes counted in a later round (membership.late_weight)."""
         self.last_round: dict[str, Any] = {}
         """The latest closed round: per-member update norms and cosines, who was left out and why."""
         self.members: dict[str, Member] = {}
@@ -408,6 +410,7 @@ class Coordinator:
             "rejected": dict(self.rejected),
             "last_round": self.last_round,
             "late": self.late,
+            "late_folded": self.late_folded,
             "tokens": self.global_tokens,
             "boot": self.boot,
         }

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dilo.coordinator")
 
+MAX_LATE = 8
+"""membership.late_weight: pushes more versions behind than this are dropped."""
+
 
 @dataclass
 class Push:
@@ -132,8 +135,10 @@ class SyncRounds:
         coord = self.coord
         body = self.model.check_push(msg, PushBody, coord.version)
         if msg.base != coord.version:
-            # a push for a round that already closed: the worker catches up from the current state
+            # a push for a round that already closed: the worker catches up from the current state,
+            # and with membership.late_weight its update still counts, discounted, in the open round
             coord.late += 1
+            self._fold_late(msg, body)
             coord.send(identity, coord.state_message(wire.MsgType.STATE, {"reason": "late"}), msg.worker, to=msg)
             return
         r = self.round
@@ -158,6 +163,18 @@ class SyncRounds:
             self.speeds[msg.worker] = body.steps / body.inner_s
         self.maybe_close(now)
 
+    def _fold_late(self, msg: wire.Message, body: PushBody) -> None:
+        """membership.late_weight: a late push joins the open round with weight w * late_weight ** s
+        (s: versions behind, at most MAX_LATE), under a name of its own (it owes no RESULT)."""
+        staleness = self.coord.version - msg.base
+        if self.mcfg.late_weight <= 0 or not body.contributes or body.weight <= 0 or staleness > MAX_LATE:
+            return
+        name = f"{msg.worker}@v{msg.base}"
+        if name in self.round.mean.members:
+            return
+        self.round.mean.add(name, body.weight * self.mcfg.late_weight**staleness, self.model.decode(msg))
+        self.coord.late_folded += 1
+
     def tick(self, now: float) -> None:
         self.maybe_close(now)
 
@@ -174,12 +191,16 @@ class SyncRounds:
             return
         waiting = {w for w in r.members if w in self.coord.members} - set(r.pushes)
         timed_out = r.first_push is not None and now - r.first_push >= self.mcfg.round_timeout_s
-        if waiting and not (timed_out and len(r.pushes) >= self.mcfg.min_workers):
+        # semi-synchronous (membership.backup_workers = b): the round needs all but b of its members
+        enough = len(waiting) <= self.mcfg.backup_workers and len(r.pushes) >= self.mcfg.min_workers
+        if waiting and not enough and not (timed_out and len(r.pushes) >= self.mcfg.min_workers):
             return
         if self.coord.version == 0 and len(r.pushes) < self.mcfg.start_quorum and not timed_out:
             return  # the first round waits for the expected workers (or its deadline)
-        if waiting:
+        if waiting and not enough:
             log.warning("round %d closes at its deadline without %s", r.index, sorted(waiting))
+        elif waiting:
+            log.info("round %d closes without its %d slowest members %s", r.index, len(waiting), sorted(waiting))
         self.close()
 
     def close(self) -> None:

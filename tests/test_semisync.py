@@ -1,0 +1,46 @@
+"""Semi-synchronous coordinator rounds (membership.backup_workers, membership.late_weight), in the
+simulator's virtual time (the real coordinator and workers, an injected clock and links)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dilo.metrics import read_jsonl
+from dilo.sim import simulate
+from tests.conftest import tiny_config
+
+
+def _rounds(run_dir: Path, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_jsonl(run_dir / "logs" / f"{name}.jsonl") if r["event"] == "round"]
+
+
+def _run(tmp_path: Path, corpus_dir: Path, **membership: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    cfg = tiny_config(
+        tmp_path,
+        corpus_dir,
+        workers=4,
+        steps=16,
+        heterogeneity={"slowdown": [1, 1, 1, 4]},
+        membership={"kind": "coordinator", "heartbeat_timeout_s": 30.0, "round_timeout_s": 60.0, **membership},
+        sim={"step_s": 0.5},
+    )
+    result = simulate(cfg, timeout_s=180)
+    return result, _rounds(tmp_path, "worker-sim0")
+
+
+def test_backup_workers_close_rounds_without_the_slowest(tmp_path: Path, corpus_dir: Path) -> None:
+    """4 workers, one 4x slower: waiting for everyone, each round takes the slow worker's 8 s of
+    compute; with one backup worker a round closes on the 3 fast ones (2 s of compute) and the
+    slow worker's pushes come late. With late_weight they are folded into the open round."""
+    sync, sync_rounds = _run(tmp_path / "sync", corpus_dir)
+    semi, semi_rounds = _run(tmp_path / "semi", corpus_dir, backup_workers=1)
+    folded, folded_rounds = _run(tmp_path / "folded", corpus_dir, backup_workers=1, late_weight=0.5)
+    assert all(r["participants"] == 4 for r in sync_rounds)
+    assert all(r["round_s"] > 7.5 for r in sync_rounds)  # virtual seconds: 4 steps x 0.5 s x 4
+    assert all(r["participants"] == 3 and r["round_s"] < 4.0 for r in semi_rounds[1:])
+    assert semi_rounds[-1]["wall_s"] < 0.5 * sync_rounds[-1]["wall_s"]
+    # the slow worker's updates: dropped, or counted (a round with a fourth, discounted contribution)
+    assert all(r["participants"] <= 3 for r in semi_rounds[1:])
+    assert any(r["participants"] == 4 for r in folded_rounds[1:])
+    assert folded["coordinator"]["late_folded"] > 0 and semi["coordinator"]["late_folded"] == 0
