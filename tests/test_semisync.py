@@ -44,3 +44,17 @@ def test_backup_workers_close_rounds_without_the_slowest(tmp_path: Path, corpus_
     assert all(r["participants"] <= 3 for r in semi_rounds[1:])
     assert any(r["participants"] == 4 for r in folded_rounds[1:])
     assert folded["coordinator"]["late_folded"] > 0 and semi["coordinator"]["late_folded"] == 0
+
+
+def test_compass_schedule_makes_workers_of_different_speeds_arrive_together(tmp_path: Path, corpus_dir: Path) -> None:
+    """membership.schedule = compass: once its speed is measured, the 4x slower worker is handed a
+    quarter of the steps, so rounds close with all 4 workers in about the fast workers' time."""
+    sync, sync_rounds = _run(tmp_path / "sync", corpus_dir)
+    compass, rounds = _run(tmp_path / "compass", corpus_dir, schedule="compass")
+    later = rounds[2:]  # the first round measures the speeds
+    assert later and all(r["participants"] == 4 and r["round_s"] < 4.0 for r in later)
+    slow = _rounds(tmp_path / "compass", "worker-sim3")
+    steps = [slow[0]["step"]] + [b["step"] - a["step"] for a, b in zip(slow, slow[1:])]
+    assert steps == [4, 1, 1, 1]  # a full round while its speed is unknown, then a quarter of one
+    assert len(slow) == len(rounds) == 4  # the run lasts as many rounds for everyone
+    assert rounds[-1]["wall_s"] < 0.6 * sync_rounds[-1]["wall_s"]

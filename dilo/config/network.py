@@ -103,6 +103,14 @@ class MembershipConfig(Frozen):
     """Semi-synchronous rounds (backup workers): a round closes as soon as all but this many of its
     members have pushed (and at least min_workers have), instead of waiting for the slowest; the
     rest are late. 0: wait for every member (or round_timeout_s)."""
+    schedule: Literal["fixed", "compass"] = "fixed"
+    """Inner steps per worker and round (synchronous rounds through a coordinator). fixed: every
+    worker trains outer.inner_steps. compass (after FedCompass): each worker is handed steps in
+    proportion to its measured speed, the fastest outer.inner_steps and none fewer than
+    min_steps_ratio of them, so that workers of different speeds arrive together; with uniform
+    weighting each update then weighs the share of a full round it trained."""
+    min_steps_ratio: float = Field(0.25, gt=0.0, le=1.0)
+    """schedule = compass: the fewest steps a round hands out, as a share of outer.inner_steps."""
     late_weight: float = Field(0.0, ge=0.0, le=1.0)
     """A push that arrives after its round closed is folded into the open round with its weight
     times late_weight ** staleness (versions behind; at most 8) instead of being dropped; the

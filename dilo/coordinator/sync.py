@@ -21,6 +21,7 @@ is undone and the round is not committed. A committed version is checkpointed (e
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -86,6 +87,7 @@ class SyncRounds:
         self.catch_up: dict[str, int] = {}
         """Workers handed a shortened first round (see `_catch_up_steps`), and its steps."""
         self.uniform = getattr(coord.cfg.outer, "weighting", "uniform") == "uniform"
+        self.compass = self.mcfg.schedule == "compass"
 
     # ------------------------------------------------------------------------------- events
 
@@ -107,6 +109,18 @@ class SyncRounds:
         else:
             self.catch_up.pop(worker, None)
         return self.coord.state_message(msg_type, {"inner_steps": steps, **body})
+
+    def _compass_steps(self, worker: str) -> int:
+        """membership.schedule = compass: the next round's steps for `worker`, in proportion to its
+        measured speed (the fastest member trains outer.inner_steps), at least min_steps_ratio of
+        them; a full round while its speed is unknown."""
+        h = self.inner_steps
+        fastest = max(self.speeds.values(), default=0.0)
+        mine = self.speeds.get(worker)
+        if mine is None or fastest <= 0:
+            return h
+        fewest = max(1, math.ceil(h * self.mcfg.min_steps_ratio))
+        return max(fewest, min(h, round(h * mine / fastest)))
 
     def _catch_up_steps(self) -> int:
         """Inner steps for a worker that starts from the current state now (a joiner, a late or
@@ -144,8 +158,8 @@ class SyncRounds:
         r = self.round
         contributes = body.contributes and body.weight > 0
         weight = body.weight
-        if self.uniform and msg.worker in self.catch_up:
-            # a catch-up round weighs its share of a full round (token weights already say so)
+        if self.uniform and (msg.worker in self.catch_up or self.compass):
+            # a catch-up or scheduled round weighs its share of a full round (token weights already say so)
             weight *= min(1.0, max(body.steps, 1) / self.inner_steps)
         if contributes and msg.worker not in r.pushes:
             r.mean.add(msg.worker, weight, self.model.decode(msg))  # decode raises before any change
@@ -248,7 +262,8 @@ class SyncRounds:
             coord.checkpoint_due()  # a memory copy here; the files are written behind the next round
         body = dump(result)
         for w, p in sorted(r.pushes.items()):
-            reply = wire.Message(type=wire.MsgType.RESULT, worker="coordinator", base=coord.version, body=body,
+            mine = body if not self.compass else dump(result.model_copy(update={"inner_steps": self._compass_steps(w)}))
+            reply = wire.Message(type=wire.MsgType.RESULT, worker="coordinator", base=coord.version, body=mine,
                                  tensors=tensors, sid=p.sid, seq=p.seq)  # fmt: skip
             coord.send(p.identity, reply, w)
         log.info("round %d closed: %d contributions, version %d", r.index, result.participants, coord.version)

@@ -123,12 +123,17 @@ class StarDiLoCo:
         self.star = StarCodec(param_names(model), [p.shape for p in params], cfg.codec, seed=cfg.seed)
         self.key = worker_key(client.worker_id)
         self.round_steps = cfg.round_steps
+        self.cfg_round_steps = cfg.round_steps
         self.address = cfg.membership.address
         self.version = -1
         self.round = 0
         self.members: tuple[str, ...] = ()
         self.resyncs = 0
         self.overlap = isinstance(cfg.outer, DiLoCoConfig) and cfg.outer.overlap
+        self.compass = cfg.membership.schedule == "compass"
+        """membership.schedule = compass: rounds may be shorter than inner_steps, so the run lasts
+        a number of rounds (the same versions for everyone), not of steps."""
+        self.planned_rounds = max(1, cfg.steps // max(1, cfg.round_steps))
         self._in_round = 0
         """Inner steps of the round in progress."""
         self._base: Tensor | None = None
@@ -357,9 +362,13 @@ class StarDiLoCo:
         extra: dict[str, Any] | None = None,
         anchor_hash: str | None = None,
     ) -> SyncReport:
+        # compass: every worker ends at the planned version, and its lr schedule follows the rounds
+        done = self.compass and self.version >= self.planned_rounds
         return SyncReport(
             committed=committed,
             participants=participants,
+            done=done,
+            schedule_step=self.version * self.cfg_round_steps if self.compass and self.version >= 0 else None,
             bytes_sent=self.client.counter.sent - sent0,
             bytes_recv=self.client.counter.recv - recv0,
             sync_s=time.perf_counter() - t0,
