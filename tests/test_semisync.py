@@ -58,3 +58,29 @@ def test_compass_schedule_makes_workers_of_different_speeds_arrive_together(tmp_
     assert steps == [4, 1, 1, 1]  # a full round while its speed is unknown, then a quarter of one
     assert len(slow) == len(rounds) == 4  # the run lasts as many rounds for everyone
     assert rounds[-1]["wall_s"] < 0.6 * sync_rounds[-1]["wall_s"]
+
+
+def test_fedau_estimates_the_mean_interval_between_participations() -> None:
+    """Members present every round, every 2nd and every 4th: their weights become the mean
+    interval between their participations (1, 2, 4), each interval capped."""
+    from dilo.coordinator.sync import Participation
+
+    p = Participation(cap=3)
+    members = {"always", "half", "quarter"}
+    for r in range(1, 17):
+        present = ["always"] + (["half"] if r % 2 == 0 else []) + (["quarter"] if r % 4 == 0 else [])
+        p.seen(r, present, members)
+    assert p.weights() == {"always": 1.0, "half": 2.0, "quarter": 3.0}  # 4 capped at 3
+    twin = Participation(cap=3)
+    twin.load_state_dict(p.state_dict())
+    assert twin.weights() == p.weights()
+
+
+def test_fedau_weights_a_worker_that_misses_rounds_up(tmp_path: Path, corpus_dir: Path) -> None:
+    """A 4x slower worker with one backup worker misses rounds (its pushes come late); with
+    membership.participation = fedau its weight grows to the mean interval between the rounds it
+    made, while the always-present workers keep weight 1."""
+    result, rounds = _run(tmp_path, corpus_dir, backup_workers=1, participation="fedau")
+    weights = result["coordinator"]["participation_weights"]
+    assert weights["sim0"] == weights["sim1"] == weights["sim2"] == 1.0
+    assert weights["sim3"] > 1.0

@@ -111,6 +111,14 @@ class MembershipConfig(Frozen):
     weighting each update then weighs the share of a full round it trained."""
     min_steps_ratio: float = Field(0.25, gt=0.0, le=1.0)
     """schedule = compass: the fewest steps a round hands out, as a share of outer.inner_steps."""
+    participation: Literal["equal", "fedau"] = "equal"
+    """How often a member takes part changes its weight (synchronous rounds through a coordinator).
+    equal: not at all. fedau (Wang & Ji, arXiv:2306.03401): each update is weighted by the mean
+    number of rounds between the member's participations (estimated online, each interval capped
+    at participation_cap), so a member present in a quarter of the rounds weighs about 4x when it
+    is: over time every member moves the model about as much as one always present."""
+    participation_cap: int = Field(50, ge=1)
+    """participation = fedau: the longest interval between two participations that is counted."""
     late_weight: float = Field(0.0, ge=0.0, le=1.0)
     """A push that arrives after its round closed is folded into the open round with its weight
     times late_weight ** staleness (versions behind; at most 8) instead of being dropped; the

@@ -88,6 +88,7 @@ class SyncRounds:
         """Workers handed a shortened first round (see `_catch_up_steps`), and its steps."""
         self.uniform = getattr(coord.cfg.outer, "weighting", "uniform") == "uniform"
         self.compass = self.mcfg.schedule == "compass"
+        self.participation = Participation(self.mcfg.participation_cap) if self.mcfg.participation == "fedau" else None
 
     # ------------------------------------------------------------------------------- events
 
@@ -161,6 +162,8 @@ class SyncRounds:
         if self.uniform and (msg.worker in self.catch_up or self.compass):
             # a catch-up or scheduled round weighs its share of a full round (token weights already say so)
             weight *= min(1.0, max(body.steps, 1) / self.inner_steps)
+        if self.participation is not None:  # FedAU: the mean interval between its participations
+            weight *= self.participation.weight(msg.worker)
         if contributes and msg.worker not in r.pushes:
             r.mean.add(msg.worker, weight, self.model.decode(msg))  # decode raises before any change
             self.catch_up.pop(msg.worker, None)
@@ -239,6 +242,8 @@ class SyncRounds:
             tensors, committed, reason = {}, False, f"internal error closing the round: {type(e).__name__}"
         if committed:
             coord.version += 1
+            if self.participation is not None:  # late updates folded in (name@v<base>) are not members
+                self.participation.seen(r.index, [w for w in contributors if w in r.pushes], set(coord.members))
         coord.last_round = {"round": r.index, "members": stats, "reason": reason}
         result = RoundResultBody(
             version=coord.version,
@@ -306,7 +311,8 @@ class SyncRounds:
     # ------------------------------------------------------------------------------- status, checkpoints
 
     def member_status(self, member: Member) -> dict[str, Any]:
-        return {"steps_per_s": self._speed(member.worker)}
+        fedau = {"weight": round(self.participation.weight(member.worker), 4)} if self.participation else {}
+        return {"steps_per_s": self._speed(member.worker), **fedau}
 
     def _speed(self, worker: str) -> float | None:
         """The worker's inner steps per second (3 decimals), None until it reported any."""
@@ -314,19 +320,23 @@ class SyncRounds:
         return None if speed is None else round(speed, 3)
 
     def status(self) -> dict[str, Any]:
-        return {"pending": sorted(self.round.pushes)}
+        fedau = {"participation_weights": self.participation.weights()} if self.participation else {}
+        return {"pending": sorted(self.round.pushes), **fedau}
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "params": [p.detach() for p in self.params],
             "outer": outer_state_tensors(self.optimizer, self.params),
             "star": self.star.state_dict(),
+            **({"participation": self.participation.state_dict()} if self.participation is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.restore(state["params"])
         load_outer_state(self.optimizer, self.params, state["outer"])
         self.star.load_state_dict(state["star"])
+        if self.participation is not None and "participation" in state:
+            self.participation.load_state_dict(state["participation"])
         self.round = self._new_round(self.coord.round_index, set())
 
     def _new_round(self, index: int, members: set[str]) -> Round:
@@ -336,3 +346,40 @@ class SyncRounds:
             self._sum = RunningMean(self.sizes) if aggregator is None else RobustMean(self.sizes, aggregator)
         self._sum.reset()
         return Round(index, members, self._sum)
+
+
+class Participation:
+    """FedAU's online estimate of each member's participation (Wang & Ji, arXiv:2306.03401): the
+    mean length, in committed rounds, of the intervals between two of its participations (each
+    capped), which is about 1 / its participation rate; used as its update's weight."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.since: dict[str, int] = {}
+        """Rounds since the member last took part (counted while it is a member)."""
+        self.intervals: dict[str, tuple[int, float]] = {}
+        """Per member: (intervals seen, their mean)."""
+
+    def weight(self, worker: str) -> float:
+        return self.intervals.get(worker, (0, 1.0))[1]
+
+    def weights(self) -> dict[str, float]:
+        """Every worker seen so far and its current weight (`dilo status`)."""
+        return {w: round(self.weight(w), 4) for w in sorted(set(self.since) | set(self.intervals))}
+
+    def seen(self, round_idx: int, contributors: list[str], members: set[str]) -> None:
+        """A committed round: the contributors' intervals end, every other known worker's grows
+        (a member that left and came back was absent all that time)."""
+        for w in members | set(contributors) | set(self.since) | set(self.intervals):
+            self.since[w] = self.since.get(w, 0) + 1
+        for w in contributors:
+            interval = min(self.since.pop(w), self.cap)
+            n, mean = self.intervals.get(w, (0, 1.0))
+            self.intervals[w] = (n + 1, mean + (interval - mean) / (n + 1))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"since": dict(self.since), "intervals": {w: list(v) for w, v in self.intervals.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.since = {w: int(v) for w, v in state["since"].items()}
+        self.intervals = {w: (int(v[0]), float(v[1])) for w, v in state["intervals"].items()}
