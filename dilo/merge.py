@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TypedDict
@@ -28,15 +29,22 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
+from dilo import merge_methods as methods
 from dilo.errors import DiloError
 from dilo.outer.mixing import layer_std, variance_corrected_merge
 from dilo.state import load_worker_state, locate
+
+METHODS = ("mean", "fisher", "ties", "dare")
 
 
 class MergeReport(TypedDict):
     """The JSON sidecar written next to a merged checkpoint."""
 
     inputs: list[str]
+    method: str
+    weights: list[float]
+    layers: str
+    density: float | None
     variance_corrected: bool
     conservative: float
     own: int | None
@@ -77,6 +85,13 @@ def merge(
     own: int | None = None,
     names: list[str] | None = None,
     eps: float = 1e-4,
+    weights: list[float] | None = None,
+    method: str = "mean",
+    base: list[Tensor] | None = None,
+    density: float = 0.2,
+    seed: int = 0,
+    fishers: list[list[Tensor]] | None = None,
+    layers: str = "",
 ) -> MergeReport:
     """Merge the checkpoints at `paths` into the safetensors file `out` plus a JSON sidecar; return the sidecar.
 
@@ -84,6 +99,12 @@ def merge(
     variance_corrected_merge (with `conservative` and `own`, the index in `paths` of the model to lean
     towards, and `eps`, the paper's 1e-4: small next to a layer's variance it restores the variance
     fully; for tiny-variance layers such as GPT-2's N(0, 0.02) init it restores only part of it).
+
+    weights: one per model (the weighted mean; default equal). method (dilo/merge_methods.py):
+    mean, fisher (`fishers`: each model's diagonal Fisher per tensor), ties or dare (`base`: the
+    models' common starting point, `density`: the share of each task vector kept, `seed`: DARE's
+    masks). layers: a regular expression of the parameter names to merge; the others are copied
+    from the `own` model (the first without it).
     """
     if not paths:
         raise ValueError("merge needs at least one checkpoint")
@@ -111,15 +132,26 @@ def merge(
     if len(set(names)) != len(names):
         raise ValueError("parameter names must be unique")
 
+    weights = _check_method(method, weights, len(models), variance_corrected, base, fishers, first, density)
     if variance_corrected:
         merged = variance_corrected_merge(models, names, own=own, conservative=conservative, eps=eps)
     else:
-        merged = [
-            torch.stack([m[i].to(torch.float32) for m in models]).mean(0).to(t.dtype) for i, t in enumerate(first)
-        ]
+        merged = [_merge_one(i, n, [m[i] for m in models], method, weights, base, fishers, density, seed).to(t.dtype)
+                  for i, (n, t) in enumerate(zip(names, first))]  # fmt: skip
+    if layers:  # only the matching tensors are merged; the rest stay the kept model's
+        keep = models[own if own is not None else 0]
+        pattern = re.compile(layers)
+        chosen = [bool(pattern.search(n)) for n in names]
+        if not any(chosen):
+            raise ValueError(f"--layers {layers!r} matches no parameter name (names: {names[:4]}...)")
+        merged = [m if c else k.clone() for m, k, c in zip(merged, keep, chosen)]
 
     report: MergeReport = {
         "inputs": [str(p) for p in paths],
+        "method": method,
+        "weights": weights,
+        "layers": layers,
+        "density": density if method in ("ties", "dare") else None,
         "variance_corrected": variance_corrected,
         "conservative": conservative,
         "own": own,
@@ -131,6 +163,75 @@ def merge(
     save_file({n: t.contiguous() for n, t in zip(names, merged)}, str(out))
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def _check_method(
+    method: str, weights: list[float] | None, n: int, variance_corrected: bool,
+    base: list[Tensor] | None, fishers: list[list[Tensor]] | None, first: list[Tensor], density: float,
+) -> list[float]:  # fmt: skip
+    """The weights (validated), after the method's own checks."""
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    weights = [1.0] * n if weights is None else [float(w) for w in weights]
+    if len(weights) != n or not all(w > 0 for w in weights):
+        raise ValueError(f"--weights needs one positive weight per checkpoint ({n}), got {weights}")
+    if variance_corrected and (method != "mean" or len(set(weights)) > 1):
+        raise ValueError("--variance-corrected rescales the plain mean: drop --method and --weights")
+    if method in ("ties", "dare"):
+        if base is None:
+            raise ValueError(f"--method {method} merges task vectors: give the models' common start as --base CKPT")
+        if len(base) != len(first) or any(a.shape != b.shape for a, b in zip(base, first)):
+            raise ValueError("--base holds other tensors than the checkpoints: another model?")
+        if not 0 < density <= 1:
+            raise ValueError(f"--density {density} must lie in (0, 1]")
+    if method == "fisher" and (fishers is None or len(fishers) != n):
+        raise ValueError("--method fisher needs each model's Fisher information: pass --config (and its data)")
+    return weights
+
+
+def _merge_one(
+    i: int, name: str, tensors: list[Tensor], method: str, weights: list[float], base: list[Tensor] | None,
+    fishers: list[list[Tensor]] | None, density: float, seed: int,
+) -> Tensor:  # fmt: skip
+    ts = [t.to(torch.float32) for t in tensors]
+    if method == "fisher":
+        assert fishers is not None
+        return methods.fisher_mean(ts, [f[i] for f in fishers], weights)
+    if method == "ties":
+        assert base is not None
+        return methods.ties(base[i].float(), ts, weights, density=density)
+    if method == "dare":
+        assert base is not None
+        return methods.dare(base[i].float(), ts, weights, density=density, seed=seed, name=name)
+    return methods.weighted_mean(ts, weights)
+
+
+def diagonal_fisher(cfg_path: str, models: list[list[Tensor]], batches: int) -> list[list[Tensor]]:
+    """Each model's empirical diagonal Fisher information (the mean squared gradient of its loss)
+    over `batches` validation batches of the config's data: one pass per checkpoint."""
+    from dilo.adapters import build_run_model
+    from dilo.config import load
+    from dilo.data import load_validation
+    from dilo.model import model_vocab_size, params_of
+
+    cfg = load(cfg_path)
+    model = build_run_model(cfg)
+    val = load_validation(cfg.data, cfg.seed, batches, vocab_size=model_vocab_size(model))
+    out = []
+    for params in models:
+        mine = params_of(model)
+        with torch.no_grad():
+            for p, v in zip(mine, params):
+                p.copy_(v)
+        fisher = [torch.zeros_like(p, dtype=torch.float32) for p in mine]
+        for x, y in val:
+            model.zero_grad(set_to_none=True)
+            model(x, y).backward()
+            for f, p in zip(fisher, mine):
+                if p.grad is not None:
+                    f.add_(p.grad.float().square())
+        out.append([f / max(1, len(val)) for f in fisher])
+    return out
 
 
 def _names_from_config(path: str) -> list[str]:
@@ -175,9 +276,27 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--own", type=int, default=None, help="index among CKPT of the model --conservative leans to")
     parser.add_argument("--eps", type=float, default=1e-4, help="epsilon of the variance ratio (paper: 1e-4)")
     parser.add_argument("--config", default=None, help="run config whose model gives the parameter names")
+    parser.add_argument("--weights", default=None, help="comma-separated weight per CKPT (default: equal)")
+    parser.add_argument(
+        "--method", default="mean", choices=METHODS,
+        help="mean; fisher (Fisher-weighted, needs --config); ties / dare (task vectors from --base)",
+    )  # fmt: skip
+    parser.add_argument("--base", type=Path, default=None, help="ties / dare: the models' common starting checkpoint")
+    parser.add_argument("--density", type=float, default=0.2, help="ties / dare: share of each task vector kept")
+    parser.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks")
+    parser.add_argument("--fisher-batches", type=int, default=4, help="fisher: validation batches per checkpoint")
+    parser.add_argument(
+        "--layers", default="", help="regular expression of the parameter names to merge (others: --own's)"
+    )
     args = parser.parse_args(argv)
     try:
         names = _names_from_config(args.config) if args.config else None
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+        fishers = None
+        if args.method == "fisher":
+            if not args.config:
+                raise ValueError("--method fisher computes each model's Fisher information: pass --config")
+            fishers = diagonal_fisher(args.config, [load_params(p) for p in args.ckpts], args.fisher_batches)
         report = merge(
             args.ckpts,
             args.out,
@@ -186,6 +305,13 @@ def main(argv: list[str]) -> int:
             own=args.own,
             names=names,
             eps=args.eps,
+            weights=weights,
+            method=args.method,
+            base=load_params(args.base) if args.base else None,
+            density=args.density,
+            seed=args.seed,
+            fishers=fishers,
+            layers=args.layers,
         )
     except (ValueError, FileNotFoundError, DiloError) as e:
         print(f"dilo merge: {e}", file=sys.stderr)
