@@ -134,6 +134,13 @@ class RunConfig(Frozen):
             )
         if self.aggregate.robust:
             self._check_robust()
+        if self.heterogeneity.hostile and (
+            self.membership.kind != "static" or not isinstance(self.outer, DiLoCoConfig | FedAvgConfig)
+        ):
+            raise ValueError(
+                "heterogeneity.hostile makes workers of a static DiLoCo / FedAvg run send wrong updates: "
+                "use membership.kind='static' and outer.kind='diloco' or 'fedavg', or drop it"
+            )
         if getattr(self.outer, "offload", False) and self.membership.kind != "static":
             raise ValueError(
                 "outer.offload moves a static world's outer state to host memory; with a coordinator the anchor "

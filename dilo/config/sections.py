@@ -4,6 +4,7 @@ logging and checkpoints (the outer strategies are in `outer.py`, the network in 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
@@ -298,6 +299,32 @@ class HeterogeneityConfig(Frozen):
     max_steps: list[int] = Field(default_factory=list)
     """Per island: the most inner steps that worker runs before it leaves (0 or past the end of
     the list: no limit of its own)."""
+    hostile: list[int] = Field(default_factory=list)
+    """Islands whose worker sends a wrong (but finite) pseudo-gradient every round, to test robust
+    aggregation ([aggregate]) against it: static DiLoCo / FedAvg. E.g. [7]."""
+    attack: Literal["scale", "random"] = "scale"
+    """hostile: what the worker sends instead of its pseudo-gradient: scale (it times attack_scale)
+    or random (Gaussian noise of attack_scale times its norm)."""
+    attack_scale: float = -10.0
+    """hostile: the factor of the scaled attack, or the norm ratio of the random one."""
+
+    def attack_of(self, island: int) -> Callable[[Any], None] | None:
+        """What a hostile island's worker does to its flat pseudo-gradient, in place; None for the others."""
+        if island not in self.hostile:
+            return None
+        import torch
+
+        scale, kind = self.attack_scale, self.attack
+
+        def attack(delta: Any) -> None:
+            if kind == "scale":
+                delta.mul_(scale)
+            else:
+                norm = float(torch.linalg.vector_norm(delta))
+                noise = torch.randn(delta.shape, generator=torch.Generator().manual_seed(island), dtype=delta.dtype)
+                delta.copy_(noise * (abs(scale) * norm / max(float(torch.linalg.vector_norm(noise)), 1e-30)))
+
+        return attack
 
     @model_validator(mode="after")
     def _positive(self) -> HeterogeneityConfig:

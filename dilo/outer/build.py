@@ -108,7 +108,7 @@ def _lead_strategy(
         )  # fmt: skip
     return DiLoCo(
         model, links.outer, overlap=isinstance(o, DiLoCoConfig) and o.overlap, offload=o.offload,
-        aggregator=build_aggregator(cfg.aggregate), **common,
+        aggregator=build_aggregator(cfg.aggregate), attack=cfg.heterogeneity.attack_of(links.outer.rank), **common,
     )  # fmt: skip
 
 

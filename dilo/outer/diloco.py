@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -76,6 +77,7 @@ class DiLoCo:
         offload: bool = False,
         make_optimizer: OptimizerFactory | None = None,
         aggregator: Aggregator | None = None,
+        attack: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         if nesterov and momentum == 0.0:
             raise ValueError("outer nesterov=True needs momentum > 0; set outer.momentum or outer.nesterov=false")
@@ -102,6 +104,8 @@ class DiLoCo:
         self.rounds = 0
         """Rounds attempted (committed or not): the same count on every worker, so it seeds codecs."""
         self.overlap = overlap
+        self.attack = attack
+        """heterogeneity.hostile: what this worker does to its pseudo-gradient before sending it (tests)."""
         self._base: torch.Tensor | None = None
         """outer.overlap: the fp32 parameters this round started from (its progress is measured from them)."""
         self._buffers: list[torch.Tensor] = []
@@ -159,6 +163,8 @@ class DiLoCo:
         """The round's flat pseudo-gradient (Anchor.pseudo_grad's `out` / `base`) and whether it is
         finite; a non-finite one is not sent (the tail stops contributing)."""
         delta = self.anchor.pseudo_grad(params, **where)
+        if self.attack is not None:
+            self.attack(delta)
         checked = all_finite([delta])
         if tail.contributes and not checked:
             log.warning("non-finite pseudo-gradient on rank %d: not sending it this round", self.transport.rank)
