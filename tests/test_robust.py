@@ -81,8 +81,9 @@ def _worker(world: Any, kind: str, kw: dict[str, Any], rounds: int = 3) -> Any:
                     anchor = outer.anchor.params[i]
                     p.copy_(anchor + 10 * (anchor - p))
         ends.append([p.detach().clone() for p in params_of(model)])
-        assert outer.sync(model, tail=Tail(weight=1.0, contributes=True, stop=False, tokens=1)).committed
-    return ends, [a.detach().clone() for a in outer.anchor.params], t.counter.recv
+        report = outer.sync(model, tail=Tail(weight=1.0, contributes=True, stop=False, tokens=1))
+        assert report.committed
+    return ends, [a.detach().clone() for a in outer.anchor.params], t.counter.recv, report.extra
 
 
 @pytest.mark.parametrize(("kind", "kw"), [RULES[0], RULES[2], RULES[4]], ids=["median", "centered_clip", "multikrum"])
@@ -91,11 +92,14 @@ def test_robust_rules_over_gloo_with_a_hostile_worker(kind: str, kw: dict[str, A
     those of the reference rule applied round by round; and the exchange all-gathers (bytes)."""
     n = 5
     out = run_workers(lambda w: _worker(w, kind, kw), n)
-    for _, anchor, _ in out[1:]:
+    for _, anchor, _, _ in out[1:]:
         assert all(torch.equal(a, b) for a, b in zip(out[0][1], anchor))
+    norms = out[0][3]["member_norms"]  # the round log's per-member statistics: the hostile one stands out
+    assert set(out[0][3]["member_cosines"]) == set(norms) == {f"worker{i}" for i in range(n)}
+    assert norms["worker4"] > 5 * max(norms[f"worker{i}"] for i in range(4))
     ref = [p.detach().clone() for p in params_of(_model())]
     for r in range(3):
-        deltas = [[a - p for a, p in zip(ref, ends[r])] for ends, _, _ in out]
+        deltas = [[a - p for a, p in zip(ref, ends[r])] for ends, _, _, _ in out]
         flat = [torch.cat([d.reshape(-1) for d in ds]) for ds in deltas]
         agg = reference.robust_aggregate(kind, flat, **kw)
         ref = [a - g.view_as(a) for a, g in zip(ref, torch.split(agg, [a.numel() for a in ref]))]

@@ -157,7 +157,12 @@ class DiLoCo:
         committed, reason = self._apply(result)
         self.anchor.restore_into(params)
         failure = None if committed else Failure.NO_CONTRIBUTION
-        return self._report(committed, t0, sent0, recv0, result.tails, reason=reason, failure=failure)
+        report = self._report(committed, t0, sent0, recv0, result.tails, reason=reason, failure=failure)
+        if result.members:  # a robust aggregate: who sent what (the round log's member_norms / member_cosines)
+            extra = {"member_norms": {w: s["norm"] for w, s in result.members.items()},
+                     "member_cosines": {w: s["cos"] for w, s in result.members.items()}}  # fmt: skip
+            report = dataclasses.replace(report, extra={**report.extra, **extra})
+        return report
 
     def _pseudo_grad(self, params: list[nn.Parameter], tail: Tail, **where: Any) -> tuple[torch.Tensor, bool]:
         """The round's flat pseudo-gradient (Anchor.pseudo_grad's `out` / `base`) and whether it is

@@ -121,6 +121,9 @@ class ExchangeResult:
     """[W, 4] float64: every worker's tail, in rank order."""
     mean: list[Tensor] | None = None
     """Per-parameter views of `flat`."""
+    members: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    """A robust aggregate's per-contributor statistics ("worker<rank>": its update's norm and its
+    cosine to the aggregate), so that an operator sees an outlier; empty for the plain mean."""
 
 
 @overload
@@ -292,7 +295,8 @@ class Exchange:
                     g.put(vectors[i], _plain(codec).decode(unpack(buf, like=e)))
         assert self.aggregator is not None
         out = self.aggregator([vectors[i] for i in sorted(vectors)], [weights[i] for i in sorted(vectors)])
-        return ExchangeResult(out, tails, [v.view(s) for v, s in zip(torch.split(out, self.numels), self.shapes)])
+        views = [v.view(s) for v, s in zip(torch.split(out, self.numels), self.shapes)]
+        return ExchangeResult(out, tails, views, members=member_stats(vectors, out))
 
     def _all_reduce(self, codec: Codec, flat: Tensor, ctx: Context, mine: float, total: float) -> Tensor:
         e = codec.encode(flat, ctx)
@@ -411,3 +415,19 @@ def finished(result: ExchangeResult) -> Future[ExchangeResult]:
     future: Future[ExchangeResult] = Future()
     future.set_result(result)
     return future
+
+
+def member_stats(vectors: dict[int, Tensor], aggregate: Tensor) -> dict[str, dict[str, float | None]]:
+    """Each contributor's update norm and cosine to the aggregate, by "worker<rank>"."""
+    agg = aggregate.double()
+    agg_norm = float(torch.linalg.vector_norm(agg))
+    out: dict[str, dict[str, float | None]] = {}
+    for i, v in sorted(vectors.items()):
+        x = v.double()
+        norm = float(torch.linalg.vector_norm(x))
+        cos = float(x.dot(agg)) / (norm * agg_norm) if norm > 0 and agg_norm > 0 else float("nan")
+        out[f"worker{i}"] = {
+            "norm": round(norm, 6) if math.isfinite(norm) else None,
+            "cos": round(cos, 4) if math.isfinite(cos) else None,
+        }
+    return out
