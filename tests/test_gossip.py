@@ -365,3 +365,15 @@ def test_gossip_processes_survive_a_sigkill_and_a_joiner(tmp_path: Path, corpus_
     assert distance < 2 * before, figures
     assert after < 3 * before, figures
     assert joiner_spread < 3 * before, figures
+
+
+def test_robust_mixing_over_real_peers(tmp_path: Path, corpus_dir: Path) -> None:
+    """outer.nearest = 1 on an exponential graph of 4 workers (real sockets): every mix leaves its
+    farthest peer out, and the workers still train and draw together."""
+    cfg = _cfg(tmp_path, corpus_dir, 4, {"topology": "exponential", "nearest": 1})
+    summaries = _run(cfg, list(range(4)))
+    for r in range(4):
+        recs = _rounds(tmp_path, f"rank{r}")
+        assert len(recs) == 4 and all(x["committed"] for x in recs)
+        assert recs[-1]["disagreement"] < recs[0]["disagreement"]
+        assert summaries[r]["val_loss"] < summaries[r]["initial_val_loss"]

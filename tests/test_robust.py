@@ -173,3 +173,28 @@ def test_a_hostile_worker_in_the_simulator(tmp_path: Path, corpus_dir: Path) -> 
     attacked = run("mean", heterogeneity={"hostile": [4]})
     robust = run("median", heterogeneity={"hostile": [4]}, aggregate={"kind": "median"})
     assert attacked > clean + 0.5 and abs(robust - clean) < 0.1 * clean, (clean, attacked, robust)
+
+
+def test_robust_gossip_mixing_leaves_the_farthest_peers_out() -> None:
+    """outer.nearest (MoNNA-style): the received peers farthest from this worker's parameters are
+    dropped from the mix, by Euclidean distance (ties by id); the rest are mixed as before."""
+    from dilo.outer import mixing
+
+    own = [torch.zeros(3), torch.zeros(2)]
+    got = {
+        "a": [torch.full((3,), 0.1), torch.zeros(2)],
+        "b": [torch.full((3,), -0.2), torch.zeros(2)],
+        "evil": [torch.full((3,), 50.0), torch.full((2,), -50.0)],
+    }
+    assert mixing.farthest(own, got, 1) == ["evil"] and mixing.farthest(own, got, 2) == ["evil", "b"]
+    kept = {p: v for p, v in got.items() if p not in mixing.farthest(own, got, 1)}
+    weights = {"me": 0.25, "a": 0.25, "b": 0.25, "evil": 0.25}
+    mixed = mixing.mix(own, kept, weights, "me")  # the weights of those left renormalised
+    torch.testing.assert_close(mixed[0], torch.full((3,), (0.1 - 0.2) / 3))
+
+
+def test_robust_gossip_mixing_is_validated(tmp_path: Path, corpus_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="push-sum"):
+        tiny_config(tmp_path, corpus_dir, outer={"kind": "gossip", "nearest": 1, "push_sum": True})
+    with pytest.raises(ConfigError, match="outer.nearest"):
+        tiny_config(tmp_path, corpus_dir, outer={"kind": "gossip", "nearest": 1}, codec={"kind": "int8"})

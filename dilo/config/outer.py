@@ -249,10 +249,18 @@ class GossipConfig(KeepsLocal):
     """Initialise each worker's model from its own seed (seed + 1000 * island), as in independently
     trained models; otherwise every worker starts from the same parameters."""
 
+    nearest: int = Field(0, ge=0)
+    """Robust mixing (after MoNNA, Farhadkhani et al., 2023): leave out of each mix the this-many
+    received peers whose parameters are farthest from this worker's (the rest keep their weights,
+    renormalised), so that a few wrong peers cannot pull it away. 0: mix every peer. Plain
+    gossip (not with push_sum or a codec)."""
+
     @model_validator(mode="after")
     def _push_sum_plain(self) -> GossipConfig:
         if self.push_sum and self.variance_correction:
             raise ValueError("variance_correction rescales parameters, which breaks push-sum's mass; use one")
+        if self.nearest and self.push_sum:
+            raise ValueError("outer.nearest leaves peers out of a mix, which breaks push-sum's mass; use one")
         return self
 
 

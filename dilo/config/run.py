@@ -104,10 +104,10 @@ class RunConfig(Frozen):
                 f"membership.peers lists {len(self.membership.peers)} addresses for workers={self.workers}"
             )
         if isinstance(self.outer, GossipConfig) and self.codec.kind != "none":
-            if self.outer.push_sum or self.outer.variance_correction:
+            if self.outer.push_sum or self.outer.variance_correction or self.outer.nearest:
                 raise ValueError(
                     "compressed gossip (codec.kind != 'none') mixes public estimates; it cannot be combined with "
-                    "outer.push_sum or outer.variance_correction"
+                    "outer.push_sum, outer.variance_correction or outer.nearest"
                 )
             if self.codec.kind == "powersgd" or any(o.kind == "powersgd" for o in self.codec.overrides):
                 raise ValueError(

@@ -297,6 +297,11 @@ class Gossip:
                         break
             if missing:
                 log.warning("round %d: no message from %s; substitutes %s", round_idx, sorted(missing), substituted)
+        if self.o.nearest and got:  # robust mixing: the farthest peers are left out of this mix
+            dropped = mixing.farthest(own, got, self.o.nearest)
+            for peer in dropped:
+                got.pop(peer)
+            log.info("round %d: left out of the mix as farthest: %s", round_idx, dropped)
         weights = w[self.me]
         if self.o.variance_correction and self.o.conservative > 0 and got:
             weights = conservative_weights(weights, set(got), self.me, self.o.conservative)

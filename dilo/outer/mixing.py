@@ -18,6 +18,7 @@ which only needs each sender to conserve the mass it sends.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import TypedDict
 
@@ -177,6 +178,17 @@ def _check_layout(own: list[Tensor], received: dict[str, list[Tensor]]) -> None:
         for i, (a, b) in enumerate(zip(own, tensors)):
             if a.shape != b.shape:
                 raise ValueError(f"peer {peer!r} sent tensor {i} of shape {tuple(b.shape)}, expected {tuple(a.shape)}")
+
+
+def farthest(own: list[Tensor], received: dict[str, list[Tensor]], count: int) -> list[str]:
+    """The `count` received peers whose parameters are farthest (Euclidean, float64) from `own`,
+    farthest first (ties by id): what robust mixing (outer.nearest) leaves out."""
+    _check_layout(own, received)
+    dist = {
+        peer: math.sqrt(sum(float(torch.sum((a.double() - b.double()) ** 2)) for a, b in zip(own, xs)))
+        for peer, xs in received.items()
+    }
+    return sorted(dist, key=lambda p: (-dist[p], p))[: max(0, count)]
 
 
 def mix(own: list[Tensor], received: dict[str, list[Tensor]], weights: dict[str, float], self_id: str) -> list[Tensor]:
