@@ -84,3 +84,12 @@ def test_fedau_weights_a_worker_that_misses_rounds_up(tmp_path: Path, corpus_dir
     weights = result["coordinator"]["participation_weights"]
     assert weights["sim0"] == weights["sim1"] == weights["sim2"] == 1.0
     assert weights["sim3"] > 1.0
+
+
+def test_backup_workers_tuned_from_arrival_times(tmp_path: Path, corpus_dir: Path) -> None:
+    """backup_workers = "auto": once the arrival times show one member 4x slower than the median,
+    rounds stop waiting for it (and never leave out the three that arrive together)."""
+    _, rounds = _run(tmp_path, corpus_dir, backup_workers="auto")
+    assert all(r["participants"] >= 3 for r in rounds)
+    assert [r["participants"] for r in rounds[:2]] == [4, 4]  # waited for while nothing was measured
+    assert all(r["participants"] == 3 and r["round_s"] < 4.0 for r in rounds[3:])

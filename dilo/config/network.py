@@ -99,10 +99,12 @@ class MembershipConfig(Frozen):
     """A synchronous round closes at this deadline with whoever pushed (at least min_workers)."""
     min_workers: int = Field(1, gt=0)
     """Fewest pushes that may close a round at its deadline."""
-    backup_workers: int = Field(0, ge=0)
+    backup_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = 0
     """Semi-synchronous rounds (backup workers): a round closes as soon as all but this many of its
     members have pushed (and at least min_workers have), instead of waiting for the slowest; the
-    rest are late. 0: wait for every member (or round_timeout_s)."""
+    rest are late. 0: wait for every member (or round_timeout_s). "auto": tuned every round from
+    the members' arrival times: the members expected to arrive later than twice the median
+    member's (an average of their last arrivals after the round opened) are not waited for."""
     schedule: Literal["fixed", "compass"] = "fixed"
     """Inner steps per worker and round (synchronous rounds through a coordinator). fixed: every
     worker trains outer.inner_steps. compass (after FedCompass): each worker is handed steps in

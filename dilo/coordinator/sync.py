@@ -88,6 +88,8 @@ class SyncRounds:
         """Workers handed a shortened first round (see `_catch_up_steps`), and its steps."""
         self.uniform = getattr(coord.cfg.outer, "weighting", "uniform") == "uniform"
         self.compass = self.mcfg.schedule == "compass"
+        self.arrivals: dict[str, float] = {}
+        """backup_workers = auto: each member's running mean arrival, seconds after a round opened."""
         self.participation = Participation(self.mcfg.participation_cap) if self.mcfg.participation == "fedau" else None
 
     # ------------------------------------------------------------------------------- events
@@ -99,6 +101,7 @@ class SyncRounds:
         return False  # welcomed at once; a joiner never blocks the round in progress
 
     def on_leave(self, worker: str) -> None:
+        self.arrivals.pop(worker, None)
         self.round.members.discard(worker)
         self.speeds.pop(worker, None)
         self.catch_up.pop(worker, None)
@@ -110,6 +113,26 @@ class SyncRounds:
         else:
             self.catch_up.pop(worker, None)
         return self.coord.state_message(msg_type, {"inner_steps": steps, **body})
+
+    def _backups(self, members: set[str]) -> int:
+        """How many members a round may close without (membership.backup_workers); "auto": those
+        whose expected arrival (a running mean of their arrivals after the round opened) is later
+        than twice the median member's."""
+        b = self.mcfg.backup_workers
+        if b != "auto":
+            return b
+        expected = [self.arrivals[w] for w in members if w in self.arrivals]
+        if len(expected) < 2:
+            return 0
+        median = statistics.median(expected)
+        return sum(1 for t in expected if t > 2 * median)
+
+    def _arrived(self, worker: str, now: float) -> None:
+        """backup_workers = auto: this member's arrival, seconds after the round opened."""
+        if self.opened_at is None:
+            return
+        t = now - self.opened_at
+        self.arrivals[worker] = t if worker not in self.arrivals else 0.5 * self.arrivals[worker] + 0.5 * t
 
     def _compass_steps(self, worker: str) -> int:
         """membership.schedule = compass: the next round's steps for `worker`, in proportion to its
@@ -170,6 +193,7 @@ class SyncRounds:
         if not r.members:
             r.members = set(coord.members)
         now = coord.clock()
+        self._arrived(msg.worker, now)
         r.first_push = r.first_push or now
         push = Push(identity, msg.worker, msg.sid, msg.seq, body.weight, contributes, body.tokens, body.loss)
         first = r.pushes.setdefault(msg.worker, push)
@@ -209,7 +233,7 @@ class SyncRounds:
         waiting = {w for w in r.members if w in self.coord.members} - set(r.pushes)
         timed_out = r.first_push is not None and now - r.first_push >= self.mcfg.round_timeout_s
         # semi-synchronous (membership.backup_workers = b): the round needs all but b of its members
-        enough = len(waiting) <= self.mcfg.backup_workers and len(r.pushes) >= self.mcfg.min_workers
+        enough = len(waiting) <= self._backups(r.members) and len(r.pushes) >= self.mcfg.min_workers
         if waiting and not enough and not (timed_out and len(r.pushes) >= self.mcfg.min_workers):
             return
         if self.coord.version == 0 and len(r.pushes) < self.mcfg.start_quorum and not timed_out:
