@@ -83,7 +83,8 @@ def main() -> int:
         "outer-opt",
         "## Outer optimizers and FedProx\n\n"
         "`python scripts/bench_outer_opt.py`: 4 workers in the simulator, a 2-layer GPT of width 64, 200 steps per "
-        "worker, equal tokens; each outer optimizer with the best of its swept outer learning rates (Nesterov 0.5 / 1.0, FedOpt 0.03 / 0.1 / 0.3 with tau = 0.01, "
+        "worker, equal tokens; each outer optimizer with the best of its swept outer learning rates (Nesterov "
+        "0.5 / 1.0, FedOpt 0.03 / 0.1 / 0.3 with tau = 0.01, "
         "betas 0.9 / 0.99).\n\n"
         f"{table}\n\nFedProx (mu = 0.01) on non-IID islands (data.islands = by_source), H = 50, outer SGD lr 1.0 "
         f"momentum 0.5:\n\n{prox_table}\n",
