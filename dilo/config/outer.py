@@ -27,7 +27,40 @@ class KeepsLocal(Frozen):
         return value
 
 
-class DiLoCoConfig(KeepsLocal):
+class AnchorRounds(KeepsLocal):
+    """What DiLoCo and FedAvg share: an fp32 anchor stepped by an outer optimizer every round."""
+
+    optimizer: str = "sgd"
+    """The outer optimizer of the anchor: sgd (the only one outer.momentum / outer.nesterov apply to), fedadam,
+    fedyogi, fedadagrad (Reddi et al., arXiv:2003.00295: no bias correction, v starts at tau^2;
+    optimizer_args betas = [0.9, 0.99], tau = 1e-3), or torch.optim.<Name> (any torch optimizer,
+    optimizer_args as its keyword arguments, e.g. torch.optim.Adam with eps = 0.1). Its state is
+    checkpointed and handed to joiners with the coordinator's parameters."""
+    optimizer_args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of outer.optimizer besides lr, e.g. {betas = [0.9, 0.99], tau = 1e-3}."""
+
+    @model_validator(mode="after")
+    def _check_optimizer(self) -> Self:
+        from dilo.outer.outer_opt import check_outer_optimizer
+
+        if self.optimizer == "sgd" and self.optimizer_args:
+            raise ValueError("outer.optimizer_args are for the other outer optimizers; sgd takes outer.momentum")
+        check_outer_optimizer(self)
+        return self
+
+    prox_mu: float = Field(0.0, ge=0.0)
+    """FedProx (Li et al., arXiv:1812.06127): mu of the proximal term mu/2 ||x - x_0||^2 added to
+    the inner objective, x_0 the parameters the round started from (the anchor), so that workers
+    on different data drift less; its gradient mu (x - x_0) is added to every inner step's. 0: off."""
+    offload: bool = False
+    """Keep the outer step's fp32 anchor, outer momentum and pseudo-gradient in host memory
+    (pinned) instead of on the GPU: 2-3 fp32 copies of the parameters (of a sharded island's
+    shard) less GPU memory per rank, for one device-to-host copy of the parameters and one
+    host-to-device copy of the new anchor per round. Static worlds; on a CPU they live in host
+    memory anyway, and a sharded island behind a coordinator keeps them there on its lead."""
+
+
+class DiLoCoConfig(AnchorRounds):
     kind: Literal["diloco"] = "diloco"
     """Synchronous DiLoCo (Douillard et al., arXiv:2311.08105): mean pseudo-gradient, then
     outer Nesterov SGD on the fp32 anchor."""
@@ -60,34 +93,6 @@ class DiLoCoConfig(KeepsLocal):
     mixing: float = Field(0.5, ge=0.0, le=1.0)
     """alpha: after its outer step a fragment becomes alpha * local + (1 - alpha) * global, so
     the tau steps trained meanwhile are half kept at 0.5; 0 keeps only the global value."""
-    optimizer: str = "sgd"
-    """The outer optimizer of the anchor: sgd (the only one outer.momentum / outer.nesterov apply to), fedadam,
-    fedyogi, fedadagrad (Reddi et al., arXiv:2003.00295: no bias correction, v starts at tau^2;
-    optimizer_args betas = [0.9, 0.99], tau = 1e-3), or torch.optim.<Name> (any torch optimizer,
-    optimizer_args as its keyword arguments, e.g. torch.optim.Adam with eps = 0.1). Its state is
-    checkpointed and handed to joiners with the coordinator's parameters."""
-    optimizer_args: dict[str, Any] = Field(default_factory=dict)
-    """Keyword arguments of outer.optimizer besides lr, e.g. {betas = [0.9, 0.99], tau = 1e-3}."""
-
-    @model_validator(mode="after")
-    def _check_optimizer(self) -> Self:
-        from dilo.outer.outer_opt import check_outer_optimizer
-
-        if self.optimizer == "sgd" and self.optimizer_args:
-            raise ValueError("outer.optimizer_args are for the other outer optimizers; sgd takes outer.momentum")
-        check_outer_optimizer(self)
-        return self
-
-    prox_mu: float = Field(0.0, ge=0.0)
-    """FedProx (Li et al., arXiv:1812.06127): mu of the proximal term mu/2 ||x - x_0||^2 added to
-    the inner objective, x_0 the parameters the round started from (the anchor), so that workers
-    on different data drift less; its gradient mu (x - x_0) is added to every inner step's. 0: off."""
-    offload: bool = False
-    """Keep the outer step's fp32 anchor, outer momentum and pseudo-gradient in host memory
-    (pinned) instead of on the GPU: 2-3 fp32 copies of the parameters (of a sharded island's
-    shard) less GPU memory per rank, for one device-to-host copy of the parameters and one
-    host-to-device copy of the new anchor per round. Static worlds; on a CPU they live in host
-    memory anyway, and a sharded island behind a coordinator keeps them there on its lead."""
 
     @property
     def streaming(self) -> bool:
@@ -122,7 +127,7 @@ class DiLoCoConfig(KeepsLocal):
         return self
 
 
-class FedAvgConfig(KeepsLocal):
+class FedAvgConfig(AnchorRounds):
     kind: Literal["fedavg"] = "fedavg"
     """FedAvg: average the workers' parameters every H steps (outer SGD, lr 1, no momentum)."""
     inner_steps: int = Field(50, gt=0)
@@ -131,34 +136,6 @@ class FedAvgConfig(KeepsLocal):
     """Outer learning rate; 1 is plain parameter averaging."""
     weighting: Literal["uniform", "tokens"] = "uniform"
     """uniform or token-weighted mean."""
-    optimizer: str = "sgd"
-    """The outer optimizer of the anchor: sgd (the only one outer.momentum / outer.nesterov apply to), fedadam,
-    fedyogi, fedadagrad (Reddi et al., arXiv:2003.00295: no bias correction, v starts at tau^2;
-    optimizer_args betas = [0.9, 0.99], tau = 1e-3), or torch.optim.<Name> (any torch optimizer,
-    optimizer_args as its keyword arguments, e.g. torch.optim.Adam with eps = 0.1). Its state is
-    checkpointed and handed to joiners with the coordinator's parameters."""
-    optimizer_args: dict[str, Any] = Field(default_factory=dict)
-    """Keyword arguments of outer.optimizer besides lr, e.g. {betas = [0.9, 0.99], tau = 1e-3}."""
-
-    @model_validator(mode="after")
-    def _check_optimizer(self) -> Self:
-        from dilo.outer.outer_opt import check_outer_optimizer
-
-        if self.optimizer == "sgd" and self.optimizer_args:
-            raise ValueError("outer.optimizer_args are for the other outer optimizers; sgd takes outer.momentum")
-        check_outer_optimizer(self)
-        return self
-
-    prox_mu: float = Field(0.0, ge=0.0)
-    """FedProx (Li et al., arXiv:1812.06127): mu of the proximal term mu/2 ||x - x_0||^2 added to
-    the inner objective, x_0 the parameters the round started from (the anchor), so that workers
-    on different data drift less; its gradient mu (x - x_0) is added to every inner step's. 0: off."""
-    offload: bool = False
-    """Keep the outer step's fp32 anchor, outer momentum and pseudo-gradient in host memory
-    (pinned) instead of on the GPU: 2-3 fp32 copies of the parameters (of a sharded island's
-    shard) less GPU memory per rank, for one device-to-host copy of the parameters and one
-    host-to-device copy of the new anchor per round. Static worlds; on a CPU they live in host
-    memory anyway, and a sharded island behind a coordinator keeps them there on its lead."""
 
 
 class DDPConfig(Frozen):
