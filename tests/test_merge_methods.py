@@ -44,13 +44,11 @@ def test_weighted_mean_and_layer_subsets(tmp_path: Path) -> None:
 
 def _naive_ties(base: torch.Tensor, ts: list[torch.Tensor], ws: list[float], density: float) -> torch.Tensor:
     tasks = [(t - base).reshape(-1).tolist() for t in ts]
+    k = max(1, round(density * len(tasks[0])))
+    thresholds = [sorted((abs(x) for x in task), reverse=True)[k - 1] for task in tasks]
     out = []
     for j, b in enumerate(base.reshape(-1).tolist()):
-        kept = []
-        for task in tasks:
-            k = max(1, round(density * len(task)))
-            threshold = sorted((abs(x) for x in task), reverse=True)[k - 1]
-            kept.append(task[j] if abs(task[j]) >= threshold else 0.0)
+        kept = [task[j] if abs(task[j]) >= th else 0.0 for task, th in zip(tasks, thresholds)]
         total = sum(w * x for w, x in zip(ws, kept))
         sign = (total > 0) - (total < 0)
         agree = [(w, x) for w, x in zip(ws, kept) if x != 0 and ((x > 0) - (x < 0)) == sign]
