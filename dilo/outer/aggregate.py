@@ -25,6 +25,14 @@ def finite(tensors: list[torch.Tensor]) -> bool:
     return True
 
 
+def update_norm(flats: list[torch.Tensor]) -> float:
+    """The norm of one member's update, given as flat pieces."""
+    norm = math.sqrt(sum(float(torch.linalg.vector_norm(f)) ** 2 for f in flats))
+    if not math.isfinite(norm):  # squares beyond float32 (values near its limit): again in float64
+        norm = math.sqrt(sum(float(torch.linalg.vector_norm(f, dtype=torch.float64)) ** 2 for f in flats))
+    return norm
+
+
 SAMPLE = 1 << 16
 """Coordinates of each push kept for the cosine to the mean (a fixed strided sample)."""
 
@@ -49,10 +57,7 @@ class RunningMean:
         for acc, f in zip(self.sums, flats):
             acc.add_(f, alpha=weight)
         self.total += weight
-        norm = math.sqrt(sum(float(torch.linalg.vector_norm(f)) ** 2 for f in flats))
-        if not math.isfinite(norm):  # squares beyond float32 (values near its limit): again in float64
-            norm = math.sqrt(sum(float(torch.linalg.vector_norm(f, dtype=torch.float64)) ** 2 for f in flats))
-        self.norms[worker] = norm
+        self.norms[worker] = update_norm(flats)
         self.samples[worker] = [f[:: self.stride].double() for f in flats]
 
     def reset(self) -> None:
@@ -120,7 +125,9 @@ class RobustMean(RunningMean):
         self._result: torch.Tensor | None = None
 
     def add(self, worker: str, weight: float, flats: list[torch.Tensor]) -> None:
-        super().add(worker, weight, flats)
+        # no running sum or sample: the rule and `stats` work on the kept vectors
+        self.total += weight
+        self.norms[worker] = update_norm(flats)
         self.vectors[worker] = torch.cat([f.reshape(-1).float() for f in flats])
         self.weights[worker] = weight
 
