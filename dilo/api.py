@@ -173,6 +173,12 @@ class Outer:
         self._mark: float | None = None
         self._weighted = isinstance(cfg.outer, DiLoCoConfig | FedAvgConfig) and cfg.outer.weighting == "tokens"
         self._prox_mu = cfg.outer.prox_mu if isinstance(cfg.outer, DiLoCoConfig | FedAvgConfig) else 0.0
+        self._budget = cfg.outer.round_seconds if isinstance(cfg.outer, DiLoCoConfig | FedAvgConfig) else 0.0
+        if self._budget and world.island_ranks > 1:
+            raise DiloError(
+                "outer.round_seconds is measured by each process, and the ranks of an island must end their rounds "
+                "together: run islands of one rank with it, or set outer.round_seconds=0"
+            )
         self._prox: list[tuple[torch.Tensor, torch.Tensor]] = []
         """FedProx: (parameter, where the round started) for every exchanged parameter."""
         self._hook = optimizer.register_step_pre_hook(self._before_inner_step)
@@ -269,8 +275,11 @@ class Outer:
         self.steps += 1
         self._grads_synced = False
         due = self.strategy.due(self.steps - 1)  # every step: async and gossip follow the count
-        last = last or self.steps >= self.world.step_limit
-        if not (due or last):
+        # outer.round_seconds: the round's compute budget is spent; its remaining steps are skipped
+        cut = not due and self._budget > 0 and r.inner_s >= self._budget
+        skipped = max(0, self.strategy.round_steps - r.steps) if cut else 0
+        last = last or self.steps + skipped >= self.world.step_limit
+        if not (due or last or cut):
             self._set_mark()
             return None
         weight = float(r.tokens or r.steps) if self._weighted else 1.0
@@ -280,6 +289,7 @@ class Outer:
         t0 = clock.now()
         report = self.strategy.sync(self.model, tail=tail)
         sync_s = clock.now() - t0
+        self.steps += skipped  # the step count moves on to the round's end, as on every other worker
         self.rounds += 1
         self.rounds_committed += int(report.committed)
         self._done = last or report.done

@@ -143,8 +143,8 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
                 continue
             # ---------------------------------------------------------------- end of a round
             sync = report.sync
-            if sync.schedule_step is not None:
-                inner.step_count = sync.schedule_step  # async: the schedule follows the world's progress
+            # async: the schedule follows the world's progress; outer.round_seconds: the round's skipped steps
+            inner.step_count = sync.schedule_step if sync.schedule_step is not None else outer.steps
             rounds_this_call += 1
             totals.tokens += report.tokens // world.island_ranks  # this rank's share
             totals.global_tokens += sync.tokens
@@ -175,7 +175,7 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
                     record_errors.append(error)
             record = {
                 "event": "round",
-                **{"round": outer.rounds, "step": outer.steps, "tokens": totals.tokens},
+                **{"round": outer.rounds, "step": outer.steps, "inner_steps": report.steps, "tokens": totals.tokens},
                 **{"global_tokens": totals.global_tokens, "loss": report.loss, "val_loss": val_loss, "lr": inner.lr},
                 **{"bytes_sent": sync.bytes_sent, "bytes_recv": sync.bytes_recv},
                 **{"cum_bytes_sent": totals.bytes_sent, "cum_bytes_recv": totals.bytes_recv},

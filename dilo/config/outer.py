@@ -52,6 +52,13 @@ class AnchorRounds(KeepsLocal):
     """FedProx (Li et al., arXiv:1812.06127): mu of the proximal term mu/2 ||x - x_0||^2 added to
     the inner objective, x_0 the parameters the round started from (the anchor), so that workers
     on different data drift less; its gradient mu (x - x_0) is added to every inner step's. 0: off."""
+    round_seconds: float = Field(0.0, ge=0.0)
+    """A time budget per round (variable local work): a worker ends its round after inner_steps
+    steps or as soon as the round's inner steps have taken this many seconds of compute (exchange,
+    evaluation and checkpoints left out), whichever comes first, so that a slow worker does less
+    work instead of holding everyone up. Its step count moves on to the round's end, so every
+    worker runs the same rounds and learning-rate schedule. With weighting = "tokens" each update
+    weighs by the work done. Islands of one rank. 0: every round runs inner_steps steps."""
     offload: bool = False
     """Keep the outer step's fp32 anchor, outer momentum and pseudo-gradient in host memory
     (pinned) instead of on the GPU: 2-3 fp32 copies of the parameters (of a sharded island's
@@ -103,6 +110,11 @@ class DiLoCoConfig(AnchorRounds):
     def _check_streaming(self) -> DiLoCoConfig:
         if not self.streaming:
             return self
+        if self.round_seconds:
+            raise ValueError(
+                "Streaming DiLoCo syncs its fragments on a fixed step schedule, which outer.round_seconds would cut "
+                "short: set outer.round_seconds=0, or outer.fragments=1 and outer.fragment_delay=0"
+            )
         if self.offload:
             raise ValueError(
                 "outer.offload keeps DiLoCo's anchor in host memory; Streaming DiLoCo keeps its fragments on the "

@@ -132,6 +132,17 @@ class RunConfig(Frozen):
                 "torch.distributed: it needs membership.kind='static' (torchrun, Slurm, `dilo run`); "
                 "set outer.fragments=1 and outer.fragment_delay=0"
             )
+        if getattr(self.outer, "round_seconds", 0.0):
+            if self.transport.island_ranks != 1:
+                raise ValueError(
+                    "outer.round_seconds is measured by each process, and the ranks of an island must end their "
+                    "rounds together: set transport.island_ranks=1, or outer.round_seconds=0"
+                )
+            if self.membership.schedule == "compass":
+                raise ValueError(
+                    "membership.schedule='compass' hands each worker its steps per round; outer.round_seconds "
+                    "cuts rounds by time: choose one"
+                )
         if self.aggregate.robust:
             self._check_robust()
         if self.heterogeneity.hostile and (
