@@ -325,6 +325,8 @@ def test_async_config_errors_are_clear(tmp_path: Path, corpus_dir: Path) -> None
         from_dict({"outer": {"kind": "async"}})
     with pytest.raises(ConfigError, match="activation"):
         from_dict({"outer": {"kind": "async", "buffer": 4, "activation": 0.5}, "membership": {"kind": "coordinator"}})
+    with pytest.raises(ConfigError, match="update='delayed_nesterov' has its own step"):
+        from_dict({"outer": {"kind": "async", "optimizer": "fedadam"}, "membership": {"kind": "coordinator"}})
     with pytest.raises(ConfigError, match="max_steps"):
         from_dict({"heterogeneity": {"max_steps": [10]}})
     with pytest.raises(ConfigError, match="slowdown"):
@@ -415,3 +417,50 @@ def test_real_async_run_with_a_sigkill_and_a_joiner(tmp_path: Path, corpus_dir: 
         assert not end["stopped"], _tail(workers.get(w, joiner))
         assert rs[-1]["val_loss"] < _records(_log(tmp_path, "w0"), "start")[0]["val_loss"]
     assert json.loads((tmp_path / "summary.json").read_text())["strategy"] == "async"
+
+
+@pytest.mark.parametrize("update", ["nesterov", "fedbuff"])
+def test_an_adaptive_outer_optimizer_steps_async_pushes(tmp_path: Path, corpus_dir: Path, update: str) -> None:
+    """outer.optimizer under async local SGD: FedAdam steps with each poly-staleness-weighted push
+    (update = nesterov), torch.optim.Adam with each buffer's mean (fedbuff, K = 2), as the float64
+    reference and torch's Adam compute them; the coordinator's checkpoint carries the optimizer's
+    state, so a resumed coordinator takes the next step identically."""
+    from dilo.outer import reference
+
+    adam = update == "fedbuff"
+    outer = {"update": update, "lr": 0.05, "dylu": False, "staleness": "poly", "staleness_a": 0.5}
+    if adam:
+        outer.update(optimizer="torch.optim.Adam", optimizer_args={"eps": 0.1}, buffer=2)
+    else:
+        outer.update(optimizer="fedadam", optimizer_args={"tau": 0.01})
+    cfg = _cfg(tmp_path, corpus_dir, outer)
+    coord = Coordinator(cfg, inproc=True)
+    start = [p.detach().clone() for p in coord.params]
+    for w in ("a", "b", "c"):
+        DirectClient(coord, w).join()
+    pushes = [(w, _deltas(coord, i), i) for i, w in enumerate(("a", "b", "c"))]  # staleness 0, 1, 2 (nesterov)
+    for w, d, _ in pushes:
+        _push(coord, w, d, base=0)
+    if adam:  # one step on the mean of the first two pushes (both of version 0); the third waits in the buffer
+        ref = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = torch.optim.Adam(ref, lr=0.05, eps=0.1)
+        for i, p in enumerate(ref):
+            p.grad = (pushes[0][1][i] + pushes[1][1][i]) / 2
+        opt.step()
+        expected = [p.detach() for p in ref]
+    else:
+        expected, state = [p.double() for p in start], None
+        for _, d, t in pushes:
+            g = [(1.0 + t) ** -0.5 * x.double() for x in d]
+            expected, state = reference.fedopt_step(expected, g, state, rule="adam", lr=0.05, tau=0.01)
+    for p, r in zip(coord.params, expected):
+        torch.testing.assert_close(p.detach(), r.float(), rtol=1e-5, atol=1e-6)
+    assert coord.policy.rule.flushes == (1 if adam else 3)
+
+    coord.checkpoint()
+    twin = Coordinator(cfg, inproc=True, resume=True)
+    d = _deltas(coord, 9)
+    _push(coord, "a", d, base=coord.version)
+    DirectClient(twin, "a").join()
+    _push(twin, "a", d, base=twin.version)
+    assert tensor_digest(twin.params) == tensor_digest(coord.params) != tensor_digest(expected)

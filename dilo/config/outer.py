@@ -27,15 +27,17 @@ class KeepsLocal(Frozen):
         return value
 
 
-class AnchorRounds(KeepsLocal):
-    """What DiLoCo and FedAvg share: an fp32 anchor stepped by an outer optimizer every round."""
+class OuterOptimizer(Frozen):
+    """outer.optimizer and its arguments (DiLoCo, FedAvg, async local SGD)."""
 
     optimizer: str = "sgd"
-    """The outer optimizer of the anchor: sgd (the only one outer.momentum / outer.nesterov apply to), fedadam,
+    """The outer optimizer: sgd (the only one outer.momentum / outer.nesterov apply to), fedadam,
     fedyogi, fedadagrad (Reddi et al., arXiv:2003.00295: no bias correction, v starts at tau^2;
     optimizer_args betas = [0.9, 0.99], tau = 1e-3), or torch.optim.<Name> (any torch optimizer,
-    optimizer_args as its keyword arguments, e.g. torch.optim.Adam with eps = 0.1). Its state is
-    checkpointed and handed to joiners with the coordinator's parameters."""
+    optimizer_args as its keyword arguments, e.g. torch.optim.Adam with eps = 0.1). DiLoCo / FedAvg:
+    it steps the anchor with the round's mean pseudo-gradient; async local SGD (update = nesterov or
+    fedbuff): each staleness-weighted push, or each buffer's mean. Its state is checkpointed and
+    (DiLoCo / FedAvg) handed to joiners with the coordinator's parameters."""
     optimizer_args: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of outer.optimizer besides lr, e.g. {betas = [0.9, 0.99], tau = 1e-3}."""
 
@@ -47,6 +49,10 @@ class AnchorRounds(KeepsLocal):
             raise ValueError("outer.optimizer_args are for the other outer optimizers; sgd takes outer.momentum")
         check_outer_optimizer(self)
         return self
+
+
+class AnchorRounds(KeepsLocal, OuterOptimizer):
+    """What DiLoCo and FedAvg share: an fp32 anchor stepped by an outer optimizer every round."""
 
     prox_mu: float = Field(0.0, ge=0.0)
     """FedProx (Li et al., arXiv:1812.06127): mu of the proximal term mu/2 ||x - x_0||^2 added to
@@ -155,7 +161,7 @@ class DDPConfig(Frozen):
     """Data-parallel baseline: gradients are averaged over all workers after every step."""
 
 
-class AsyncConfig(KeepsLocal):
+class AsyncConfig(KeepsLocal, OuterOptimizer):
     kind: Literal["async"] = "async"
     """Asynchronous local SGD through a coordinator (Liu et al., arXiv:2401.09135): every push is
     applied on arrival and the worker goes on at once from the fresh parameters. Needs
@@ -199,6 +205,12 @@ class AsyncConfig(KeepsLocal):
 
     @model_validator(mode="after")
     def _activation_in_range(self) -> AsyncConfig:
+        if self.optimizer != "sgd" and self.update not in ("nesterov", "fedbuff"):
+            raise ValueError(
+                f"outer.optimizer={self.optimizer!r} steps async local SGD's pushes (update = 'nesterov') or buffers "
+                f"(update = 'fedbuff'); update={self.update!r} has its own step: choose one of those, or "
+                "optimizer='sgd'"
+            )
         if self.buffer and self.activation * self.buffer > 1.0:
             raise ValueError(f"activation={self.activation} must not exceed 1/buffer = {1.0 / self.buffer:.4g}")
         return self

@@ -32,6 +32,7 @@ The rules do no I/O and keep no reference to the pushed tensors; all arithmetic 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict, runtime_checkable
 
@@ -417,6 +418,14 @@ class _StalenessArgs(TypedDict):
 def build_rule(cfg: AsyncConfig, params: list[Tensor], workers: int) -> ServerRule:
     """The rule named by cfg.update, with cfg's hyper-parameters, over the coordinator's params."""
     stale: _StalenessArgs = {"staleness": cfg.staleness, "staleness_a": cfg.staleness_a, "staleness_b": cfg.staleness_b}
+    if cfg.optimizer != "sgd":  # an adaptive outer optimizer takes the steps (dilo/outer/async_opt.py)
+        from dilo.outer.async_opt import OptimizedPushes
+        from dilo.outer.outer_opt import build_outer_optimizer
+
+        return OptimizedPushes(
+            params, make_optimizer=functools.partial(build_outer_optimizer, cfg), per_push=cfg.update == "nesterov",
+            buffer=cfg.buffer, workers=workers, **stale,
+        )  # fmt: skip
     if cfg.update == "nesterov":
         return NesterovPerPush(params, lr=cfg.lr, momentum=cfg.momentum, **stale)
     if cfg.update == "delayed_nesterov":
