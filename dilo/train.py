@@ -101,7 +101,9 @@ def _train(cfg: RunConfig, world: World, stop: threading.Event, max_rounds: int 
     bytes0 = (world.counter.sent - totals.bytes_sent, world.counter.recv - totals.bytes_recv)
     if resume_round < 0:
         totals.extra["initial_val_loss"] = world.evaluate(model, val_batches)
-    sink = metrics.open_sinks(cfg, run_dir, world.log_name, append=resume_round >= 0)  # JSONL, TensorBoard, W&B
+    # a resumed worker, or an elastic one (re)joining a run in progress, goes on with its log
+    rejoined = world.elastic and joined.version > 0
+    sink = metrics.open_sinks(cfg, run_dir, world.log_name, append=resume_round >= 0 or rejoined)  # JSONL, TB, W&B
     sink.write(
         {
             "event": "resume" if resume_round >= 0 else "start",

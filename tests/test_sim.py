@@ -252,3 +252,42 @@ plot = false
     assert "4 virtual workers" in p.stderr and "virtual time" in p.stderr
     result = json.loads((tmp_path / "sim.json").read_text())
     assert result["workers"] == 4 and result["coordinator"]["steps"] == 64
+
+
+def test_a_worker_leaves_and_joins_again(tmp_path: Path, corpus_dir: Path) -> None:
+    """Elastic DiLoCo with FedAU weights: worker 2 leaves after its first rounds and comes back
+    later as a fresh process: its second start joins at the run's current version and appends to
+    its log; the rounds it missed make its participation weight grow above the others'."""
+    cfg = tiny_config(
+        tmp_path, corpus_dir, workers=3, steps=24,
+        membership={"kind": "coordinator", "heartbeat_timeout_s": 30.0, "round_timeout_s": 60.0,
+                    "participation": "fedau"},
+        sim={"step_s": 0.5, "events": [{"at_s": 3.0, "worker": 2, "action": "leave"},
+                                       {"at_s": 7.0, "worker": 2, "action": "join"}]},
+    )  # fmt: skip
+    result = simulate(cfg, timeout_s=120)
+    starts = _records(tmp_path, "worker-sim2", "start")
+    assert len(starts) == 2 and starts[0]["joined"]["version"] == 0
+    assert starts[1]["joined"]["version"] > 0 and starts[1]["time"] >= 7.0
+    assert len(_records(tmp_path, "worker-sim2", "end")) == 2  # both stays in one log
+    weights = result["coordinator"]["participation_weights"]
+    assert weights["sim2"] > weights["sim0"] == weights["sim1"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("events", "needle"),
+    [
+        ([{"at_s": 1.0, "worker": 1, "action": "join"}, {"at_s": 2.0, "worker": 1, "action": "join"}], "in the run"),
+        (
+            [{"at_s": 1.0, "worker": 1, "action": "leave"}, {"at_s": 2.0, "worker": 1, "action": "leave"}],
+            "cannot leave",
+        ),
+        ([{"at_s": 1.0, "worker": 1, "action": "crash"}, {"at_s": 2.0, "worker": 1, "action": "join"}], "come back"),
+    ],
+)
+def test_event_schedules_are_checked(
+    tmp_path: Path, corpus_dir: Path, events: list[dict[str, Any]], needle: str
+) -> None:
+    cfg = tiny_config(tmp_path, corpus_dir, workers=2, membership={"kind": "coordinator"}, sim={"events": events})
+    with pytest.raises(ConfigError, match=needle):
+        simulate(cfg, timeout_s=60)

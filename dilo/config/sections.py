@@ -347,8 +347,9 @@ class SimEvent(Frozen):
     worker: int = Field(ge=0)
     """Virtual worker index (0 .. workers-1)."""
     action: Literal["join", "leave", "crash"]
-    """join: the worker starts here (it is absent before); leave: it finishes its round and leaves;
-    crash: it stops dead, without a word (the coordinator drops it after heartbeat_timeout_s)."""
+    """join: the worker starts here (it is absent before), or comes back after a leave (a fresh
+    process: it takes the run's current state); leave: it finishes its round and leaves; crash: it
+    stops dead, without a word (the coordinator drops it after heartbeat_timeout_s), for good."""
 
 
 class SimConfig(Frozen):

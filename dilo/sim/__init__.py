@@ -20,7 +20,8 @@ seed and config, whatever the machine's load:
 - a collective finishes when the last worker arrives plus its bytes over `sim.bandwidth_mbps`
   and `sim.latency_ms`; a message to or from the coordinator arrives after its own bytes' time;
 - `sim.events` makes workers join late, leave (finish their round, then LEAVE) or crash (stop dead;
-  the coordinator drops them after `membership.heartbeat_timeout_s` of virtual silence).
+  the coordinator drops them after `membership.heartbeat_timeout_s` of virtual silence); a worker
+  that left may join again (a fresh process: it takes the run's current state and appends to its log).
 
 Validation, logging and checkpoints cost no virtual time.
 """
@@ -87,13 +88,11 @@ def simulate(cfg: RunConfig, *, timeout_s: float | None = None) -> dict[str, Any
         sched.on_crash = lambda w: post.alive.discard(f"sim{w}")  # it stops heartbeating
     else:
         hub = Hub(sched, n, net)
-    start = {w: 0.0 for w in range(n)}
+    sessions = {w: _sessions(cfg, w) for w in range(n)}
     for e in cfg.sim.events:
-        if e.action == "join":
-            start[e.worker] = e.at_s
-        elif e.action == "crash":
+        if e.action == "crash":
             sched.crash_at[e.worker] = min(e.at_s, sched.crash_at.get(e.worker, math.inf))
-    stops = {w: threading.Event() for w in range(n)}
+    stops = {w: [threading.Event() for _ in sessions[w]] for w in range(n)}
     summaries: dict[int, dict[str, Any]] = {}
     cpu = torch.device("cpu")
 
@@ -101,6 +100,12 @@ def simulate(cfg: RunConfig, *, timeout_s: float | None = None) -> dict[str, Any
         clock = VirtualClock(
             sched, cfg.sim.step_s * cfg.heterogeneity.slowdown_of(w), cfg.sim.jitter, cfg.seed * 7919 + w
         )
+        for k, (joins, _) in enumerate(sessions[w]):
+            if k:  # away since it left; it comes back as a new process would, and joins the run as it is now
+                sched.advance(max(0.0, joins - sched.vt[w]))
+            summaries[w] = session(w, clock, stops[w][k])
+
+    def session(w: int, clock: VirtualClock, stop: threading.Event) -> dict[str, Any]:
         world: World
         if post is not None:  # the real elastic world, its coordinator link and clock injected
             link = post
@@ -114,13 +119,13 @@ def simulate(cfg: RunConfig, *, timeout_s: float | None = None) -> dict[str, Any
         else:  # the real static world over the in-process collectives
             assert hub is not None
             world = StaticWorld(cfg, Placement(w, n), transport=SimTransport(hub, w), clock=clock, device=cpu)
-        summaries[w] = train(cfg, world, stop=stops[w])
+        return train(cfg, world, stop=stop)
 
-    for event in cfg.sim.events:
-        if event.action == "leave":
-            sched.at(event.at_s, functools.partial(_set, stops[event.worker]))
     for w in range(n):
-        sched.spawn(w, functools.partial(worker, w), at=start[w])
+        for (_, leaves), stop in zip(sessions[w], stops[w]):
+            if leaves is not None:
+                sched.at(leaves, functools.partial(_set, stop))
+        sched.spawn(w, functools.partial(worker, w), at=sessions[w][0][0])
     t0 = time.perf_counter()
     sched.run(timeout_s=timeout_s)
     errors = {w: e for w, e in sched.errors.items() if not isinstance(e, Deadlock)}
@@ -144,6 +149,34 @@ def simulate(cfg: RunConfig, *, timeout_s: float | None = None) -> dict[str, Any
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
     return result
+
+
+def _sessions(cfg: RunConfig, w: int) -> list[tuple[float, float | None]]:
+    """Worker w's stays in the run from sim.events: (joins at, leaves at or None), in time order.
+    A worker is there from 0 unless its first event is a join; it may leave and join again."""
+    events = sorted((e for e in cfg.sim.events if e.worker == w), key=lambda e: e.at_s)
+    out: list[tuple[float, float | None]] = []
+    joins: float | None = None if events and events[0].action == "join" else 0.0
+    for e in events:
+        if e.action == "join":
+            if joins is not None:
+                raise ConfigError(
+                    f"sim.events: worker {w} joins at {e.at_s:g} s while it is in the run: give it a leave before"
+                )
+            joins = e.at_s
+        elif joins is None:
+            raise ConfigError(f"sim.events: worker {w} is not in the run at {e.at_s:g} s, so it cannot {e.action}")
+        elif e.action == "leave":
+            out.append((joins, e.at_s))
+            joins = None
+        else:  # crash: it stops dead, for good
+            if e is not events[-1]:
+                raise ConfigError(f"sim.events: worker {w} crashes at {e.at_s:g} s and does not come back")
+            out.append((joins, None))
+            joins = None
+    if joins is not None:
+        out.append((joins, None))
+    return out
 
 
 def _set(event: threading.Event, t: float) -> None:
