@@ -93,3 +93,51 @@ def test_backup_workers_tuned_from_arrival_times(tmp_path: Path, corpus_dir: Pat
     assert all(r["participants"] >= 3 for r in rounds)
     assert [r["participants"] for r in rounds[:2]] == [4, 4]  # waited for while nothing was measured
     assert all(r["participants"] == 3 and r["round_s"] < 4.0 for r in rounds[3:])
+
+
+def test_fedau_weights_are_the_rounds_weights_in_a_real_coordinator(tmp_path: Path, corpus_dir: Path) -> None:
+    """An in-process coordinator (encoded, validated messages), 3 members, one backup worker (a
+    round closes on 2 pushes, the third comes late and is dropped): a, b | a, c | c, b. Before the
+    third round c's interval is 2 and b's 1, so its mean is (2 d_c + d_b) / 3 with weights from
+    FedAU's estimate; every anchor is outer Nesterov on that weighted mean, as computed here."""
+    import torch
+
+    from dilo import wire
+    from dilo.coordinator import Coordinator
+    from dilo.outer.star import StarCodec
+    from tests.test_async import DirectClient
+
+    cfg = tiny_config(
+        tmp_path, corpus_dir, workers=3, outer={"kind": "diloco", "inner_steps": 4, "lr": 0.7, "momentum": 0.9},
+        membership={"kind": "coordinator", "backup_workers": 1, "participation": "fedau", "round_timeout_s": 600,
+                    "heartbeat_timeout_s": 600},
+    )  # fmt: skip
+    coord = Coordinator(cfg, inproc=True)
+    star = StarCodec(coord.names, [p.shape for p in coord.params], cfg.codec, seed=cfg.seed)
+    clients = {w: DirectClient(coord, w) for w in "abc"}
+    for c in clients.values():
+        c.join()
+    coord.outbox.clear()
+    anchor = [p.detach().clone().double() for p in coord.params]
+    momentum = [torch.zeros_like(a) for a in anchor]
+    g = torch.Generator().manual_seed(3)
+    for pushers, late, weights in (("ab", "c", (1.0, 1.0)), ("ac", "b", (1.0, 1.0)), ("cb", "a", (2.0, 1.0))):
+        deltas = []
+        for w in pushers:
+            d = [torch.randn(p.shape, generator=g) * 1e-2 for p in coord.params]
+            deltas.append(d)
+            body = {"weight": 1.0, "contributes": True, "stop": False, "tokens": 128, "steps": 4, "inner_s": 1.0}
+            msg_tensors = star.encode_push(d, 0, 1, contributes=True)
+            msg = wire.Message(type=wire.MsgType.PUSH, worker=w, base=coord.version, body=body, tensors=msg_tensors)
+            clients[w].send(msg)
+        stale = wire.Message(type=wire.MsgType.PUSH, worker=late, base=coord.version - 1, body=body,
+                             tensors=star.encode_push(deltas[0], 0, 1, contributes=True))  # fmt: skip
+        clients[late].send(stale)  # late: dropped (late_weight 0), the worker catches up
+        coord.outbox.clear()
+        mean = [sum(wt * d[i].double() for wt, d in zip(weights, deltas)) / sum(weights) for i in range(len(anchor))]
+        momentum = [0.9 * m + x for m, x in zip(momentum, mean)]
+        anchor = [a - 0.7 * (x + 0.9 * m) for a, x, m in zip(anchor, mean, momentum)]
+        for p, a in zip(coord.params, anchor):
+            torch.testing.assert_close(p.detach(), a.float(), rtol=1e-5, atol=1e-6)
+    # after the third round: b's intervals 1 and 2, c's 2 and 1; a has taken part in every round it could
+    assert coord.status()["participation_weights"] == {"a": 1.0, "b": 1.5, "c": 1.5}
