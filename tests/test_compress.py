@@ -21,9 +21,11 @@ from dilo.compress import (
     ErrorFeedback,
     Float16,
     Identity,
+    Int2,
     PowerSGD,
     RandomK,
     Sign,
+    Ternary,
     TopK,
     build_codec,
     pack,
@@ -52,6 +54,12 @@ CODECS: dict[str, Callable[[], Codec]] = {
     "ef-sign": lambda: ErrorFeedback(Sign(block=16)),
     "ef-int4": lambda: ErrorFeedback(BlockQuant(4, block=16)),
     "ef-randomk": lambda: ErrorFeedback(RandomK(0.1)),
+    "int2": lambda: Int2(block=16),
+    "int2-stochastic-odd": lambda: Int2(block=7, stochastic=True),
+    "ternary": lambda: Ternary(block=16),
+    "ternary-noclip-odd": lambda: Ternary(block=9, clip=0.0),
+    "ef-int2": lambda: ErrorFeedback(Int2(block=16)),
+    "ef-ternary": lambda: ErrorFeedback(Ternary(block=16)),
 }
 
 CTX = Context(seed=3, round=5, rank=1, part=2)
@@ -112,6 +120,38 @@ def check_bound(codec: Codec, x: Tensor, e: Encoded, x_hat: Tensor) -> None:
         xb = torch.nn.functional.pad(x.double(), (0, n_pad)).view(-1, c.block)
         eb = torch.nn.functional.pad((x - x_hat).double(), (0, n_pad)).view(-1, c.block)
         assert bool((eb.norm(dim=1) <= xb.norm(dim=1) * (1 + 1e-6)).all())
+    elif isinstance(c, Int2):
+        xb, real = _blocked(x, c.block)
+        s = e.tensors["scale"].double()
+        rms = ((xb * xb).sum(1) / real).sqrt()
+        least = torch.minimum(xb.abs().amax(1) / 1.5, rms)
+        assert bool((s >= least).all()), "scale rounded down"
+        assert bool((s <= least * (1 + 2**-7) + 1e-40).all()), "scale rounded up too far"
+        s_el = s.repeat_interleave(c.block)[: x.numel()]
+        xd, hd = x.double(), x_hat.double()
+        slack = 2**-23 * hd.abs() + 1e-44
+        levels = hd / torch.where(s_el > 0, s_el, 1.0)
+        on_grid = ((levels - 0.5) - (levels - 0.5).round()).abs().le(1e-5)
+        saturated = hd.abs() == torch.finfo(torch.float32).max  # decode clamps the outer level there
+        assert bool((on_grid | saturated | (s_el == 0)).all()), "values are +-0.5 or +-1.5 scales"
+        assert bool((hd.abs() <= 1.5 * s_el + slack).all())
+        inside = xd.abs() <= (1.5 if c.stochastic else 2.0) * s_el
+        limit = s_el if c.stochastic else s_el / 2
+        assert bool(((xd - hd).abs() <= limit + slack)[inside].all())
+        assert bool(((hd > 0) == (xd > 0))[~inside].all()), "a clipped value keeps its sign"
+    elif isinstance(c, Ternary):
+        xb, real = _blocked(x, c.block)
+        if c.clip > 0:
+            bound = ((xb * xb).sum(1) / real).sqrt()[:, None] * c.clip
+            xb = torch.maximum(torch.minimum(xb, bound), -bound)
+        s = e.tensors["scale"].double()
+        top = xb.abs().amax(1)
+        assert bool((s >= top.clamp(max=torch.finfo(torch.bfloat16).max)).all()), "scale rounded down"
+        assert bool((s <= top * (1 + 2**-7) + 1e-40).all()), "scale rounded up too far"
+        s_el = s.repeat_interleave(c.block)[: x.numel()]
+        hd = x_hat.double()
+        assert bool(((hd == 0) | (hd.abs() == s_el)).all()), "values are 0 or +-scale"
+        assert bool(((hd > 0) == (x > 0))[hd != 0].all()), "a kept value keeps its sign"
     elif isinstance(c, TopK):
         kept = x_hat != 0
         assert torch.equal(x_hat[kept], x[kept])
@@ -136,6 +176,15 @@ def check_bound(codec: Codec, x: Tensor, e: Encoded, x_hat: Tensor) -> None:
         assert torch.equal(x_hat[mask], x[mask]) and bool((x_hat[~mask] == 0).all())
     else:
         raise AssertionError(f"no bound for {c!r}")
+
+
+def _blocked(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """x in fp64 as [n_blocks, block] (zero-padded) and the count of real values per block."""
+    n_pad = -x.numel() % block
+    xb = torch.nn.functional.pad(x.double(), (0, n_pad)).view(-1, block)
+    real = torch.full((xb.shape[0],), float(block), dtype=torch.float64)
+    real[-1] = block - n_pad
+    return xb, real
 
 
 def _roundtrip(codec: Codec, x: Tensor, ctx: Context = CTX) -> tuple[Encoded, Tensor]:
@@ -248,6 +297,40 @@ def test_stochastic_rounding_is_unbiased() -> None:
     assert not torch.equal(c0.tensors["q"], c1.tensors["q"])
 
 
+@pytest.mark.parametrize("codec", [Int2(block=64, stochastic=True), Ternary(block=64, clip=0.0)], ids=repr)
+def test_two_bit_and_ternary_draws_are_unbiased(codec: Codec) -> None:
+    """Stochastic int2 and ternary without clipping: the mean of many draws is x, within a few
+    standard errors; the streams differ across workers. Magnitudes in [0.5, 1] keep every value
+    within int2's outer levels (1.5 s = the block's largest value when absmax / 1.5 < RMS)."""
+    u = torch.rand(64, generator=torch.Generator().manual_seed(7))
+    x = torch.where(_rand(64, 8) < 0, -1.0, 1.0) * (0.5 + 0.5 * u)
+    runs = 400
+    mean = sum(codec.decode(codec.encode(x, Context(seed=s))) for s in range(runs)) / runs
+    s = float(codec.encode(x, CTX).tensors["scale"].float())
+    assert float((mean - x).abs().max()) < 5 * s / (2 * math.sqrt(runs))
+    c0, c1 = codec.encode(x, Context(rank=0)), codec.encode(x, Context(rank=1))
+    assert not all(torch.equal(a, b) for a, b in zip(c0.tensors.values(), c1.tensors.values()))
+
+
+def test_two_bit_and_ternary_payload_sizes() -> None:
+    """int2: 2 bits per value; ternary: five values per byte (1.6 bits); each block its own bytes
+    and a bf16 scale."""
+    n = 128 * 50
+    assert Int2(block=128).encode(_rand(n), CTX).nbytes == n // 4 + 2 * 50
+    assert Ternary(block=128).encode(_rand(n), CTX).nbytes == 50 * 26 + 2 * 50  # ceil(128 / 5) = 26
+    # every code of a byte decodes exactly: all 3^5 ternary bytes, all 4^4 int2 bytes
+    t = Ternary(block=5)
+    e = Encoded(
+        {"scale": torch.ones(243, dtype=torch.bfloat16), "t": torch.arange(243, dtype=torch.uint8)[:, None]}, 1215
+    )
+    digits = t.decode(e).view(243, 5) + 1
+    assert torch.equal((digits * torch.tensor([1, 3, 9, 27, 81])).sum(1), torch.arange(243.0))
+    i = Int2(block=4)
+    e = Encoded({"scale": torch.ones(256, dtype=torch.bfloat16), "q": torch.arange(256).to(torch.uint8)[:, None]}, 1024)
+    codes = i.decode(e).view(256, 4) + 1.5
+    assert torch.equal((codes * torch.tensor([1, 4, 16, 64])).sum(1), torch.arange(256.0))
+
+
 def test_stochastic_rounding_at_the_edge_of_the_grid() -> None:
     # x / s == 127 exactly; 127 + u rounds up to 128 in fp32 for u > 1 - 2^-18: with 2^21 values
     # that happens about 8 times, and a missing clamp would wrap 128 to -128 in int8.
@@ -292,7 +375,7 @@ def test_topk_counts() -> None:
     assert TopK(0.5).encode(_rand(11), CTX).tensors["idx"].dtype == torch.int32
 
 
-@pytest.mark.parametrize("inner", ["topk", "topk-chunk", "sign", "int4", "randomk"])
+@pytest.mark.parametrize("inner", ["topk", "topk-chunk", "sign", "int4", "randomk", "int2", "ternary"])
 def test_error_feedback_loses_nothing(inner: str) -> None:
     factory = CODECS[inner]
     codec = ErrorFeedback(factory())
@@ -393,11 +476,15 @@ def test_powersgd_handles_zero_matrices() -> None:
 
 
 def _spec(kind: str, **kw: object) -> SimpleNamespace:
-    base = dict(block=64, stochastic=False, fraction=0.05, chunk=0, rank=2, min_compression=2.0, error_feedback=None)
+    base = dict(
+        block=64, stochastic=False, clip=2.5, fraction=0.05, chunk=0, rank=2, min_compression=2.0, error_feedback=None
+    )
     base.update(kw)
     ns = SimpleNamespace(kind=kind, **base)
     ns.feedback = (
-        ns.error_feedback if ns.error_feedback is not None else kind in ("topk", "randomk", "sign", "powersgd")
+        ns.error_feedback
+        if ns.error_feedback is not None
+        else kind in ("int2", "ternary", "topk", "randomk", "sign", "powersgd")
     )
     return ns
 
@@ -413,6 +500,8 @@ def _spec(kind: str, **kw: object) -> SimpleNamespace:
         ("topk", "ErrorFeedback(TopK(fraction=0.05, chunk=0))"),
         ("randomk", "ErrorFeedback(RandomK(fraction=0.05))"),
         ("sign", "ErrorFeedback(Sign(block=64))"),
+        ("int2", "ErrorFeedback(Int2(block=64, stochastic=False))"),
+        ("ternary", "ErrorFeedback(Ternary(block=64, clip=2.5))"),
         ("powersgd", "PowerSGD(rank=2, min_compression=2.0)"),
     ],
 )

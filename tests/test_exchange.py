@@ -25,6 +25,8 @@ CODECS = {
     "bf16": ({}, "reduce_scatter", 1.5e-2),
     "int8": ({}, "reduce_scatter", 2e-2),
     "int4": ({}, "reduce_scatter", 0.3),
+    "int2": ({}, "reduce_scatter", 0.7),  # quantized twice: each worker's share, then the mean shard
+    "ternary": ({"error_feedback": False}, "reduce_scatter", 2.0),  # TernGrad's draws: one round is noisier than its signal (unbiased)
     "topk": ({"fraction": 0.1}, "all_gather", None),
     "randomk": ({"fraction": 0.1}, "all_reduce", None),
     "sign": ({}, "all_gather", None),
@@ -74,7 +76,7 @@ def test_every_codec_gives_every_worker_the_same_mean(kind: str) -> None:
 
 def test_bytes_match_the_payloads(tmp_path: Path) -> None:
     n = 4
-    for kind in ("none", "int8", "topk"):
+    for kind in ("none", "int8", "int2", "ternary", "topk"):
         spec = CodecConfig(kind=kind, fraction=0.1)
         results = run_workers(lambda w, spec=spec: _exchange_worker(w, spec, rounds=1), n)
         ex = results[0][0]
@@ -85,7 +87,7 @@ def test_bytes_match_the_payloads(tmp_path: Path) -> None:
         tail_bytes = (n - 1) * 4 * 8  # the all-gathered tails
         if kind == "none":
             expected = ring_all_reduce_bytes(4 * total, n)
-        elif kind == "int8":
+        elif kind in ("int8", "int2", "ternary"):  # reduce-scatter, then all-gather of the mean shards
             block = 128
             shard = math.ceil(total / n / block) * block
             one = pack(codec.encode(torch.zeros(shard), Context())).numel()
@@ -114,7 +116,7 @@ def test_weights_and_non_contributors() -> None:
         torch.testing.assert_close(m, e, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["fp16", "int8", "int4", "topk", "sign", "randomk", "powersgd"])
+@pytest.mark.parametrize("kind", ["fp16", "int8", "int4", "int2", "ternary", "topk", "sign", "randomk", "powersgd"])
 def test_diloco_with_each_codec_keeps_anchors_bit_identical(tmp_path: Path, corpus_dir: Path, kind: str) -> None:
     cfg = tiny_config(tmp_path, corpus_dir, steps=8, codec={"kind": kind, "fraction": 0.1, "block": 64})
     summaries = train_threads(cfg, 4)

@@ -12,6 +12,7 @@ from typing import Protocol
 from dilo.compress.base import Codec, Context, Encoded, Identity, check_finite, pack, unpack
 from dilo.compress.cast import BFloat16, Float16
 from dilo.compress.feedback import ErrorFeedback
+from dilo.compress.lowbit import Int2, Ternary
 from dilo.compress.lowrank import PowerSGD
 from dilo.compress.quant import BlockQuant, Sign, pack_int4, unpack_int4
 from dilo.compress.sparse import RandomK, TopK
@@ -27,6 +28,8 @@ class CodecSpecLike(Protocol):
     def block(self) -> int: ...
     @property
     def stochastic(self) -> bool: ...
+    @property
+    def clip(self) -> float: ...
     @property
     def fraction(self) -> float: ...
     @property
@@ -60,6 +63,10 @@ def build_codec(spec: CodecSpecLike) -> Codec | PowerSGD:
         codec = BFloat16()
     elif kind in ("int8", "int4"):
         codec = BlockQuant(bits=8 if kind == "int8" else 4, block=spec.block, stochastic=spec.stochastic)
+    elif kind == "int2":
+        codec = Int2(block=spec.block, stochastic=spec.stochastic)
+    elif kind == "ternary":
+        codec = Ternary(block=spec.block, clip=spec.clip)
     elif kind == "sign":
         codec = Sign(block=spec.block)
     elif kind == "topk":
@@ -81,9 +88,11 @@ __all__ = [
     "ErrorFeedback",
     "Float16",
     "Identity",
+    "Int2",
     "PowerSGD",
     "RandomK",
     "Sign",
+    "Ternary",
     "TopK",
     "build_codec",
     "check_finite",

@@ -197,18 +197,23 @@ class InnerConfig(Frozen):
 # codec
 
 
-CodecKind = Literal["none", "fp16", "bf16", "int8", "int4", "topk", "randomk", "sign", "powersgd"]
+CodecKind = Literal["none", "fp16", "bf16", "int8", "int4", "int2", "ternary", "topk", "randomk", "sign", "powersgd"]
 
 
 class CodecSpec(Frozen):
     kind: CodecKind = "none"
     """How pseudo-gradients are encoded on the wire: none (fp32), fp16, bf16, int8 / int4
-    (blockwise absmax), topk, randomk (shared mask per round), sign (1 bit + a scale per block),
-    powersgd (rank-r factors)."""
+    (blockwise absmax), int2 (4 levels per block, 2 bits), ternary (TernGrad: stochastic
+    {-1, 0, +1} x a scale per block, 1.6 bits), topk, randomk (shared mask per round), sign (1 bit
+    + a scale per block), powersgd (rank-r factors)."""
     block: int = Field(128, gt=0)
-    """int8 / int4 / sign: values per scale."""
+    """int8 / int4 / int2 / ternary / sign: values per scale."""
     stochastic: bool = False
-    """int8 / int4: stochastic rounding (unbiased) with a per-worker random stream."""
+    """int8 / int4 / int2: stochastic rounding (unbiased) with a per-worker random stream (ternary
+    is always stochastic)."""
+    clip: float = Field(2.5, ge=0.0)
+    """ternary: clip each block to +-clip x its RMS before scaling (TernGrad's c = 2.5; what is cut
+    goes to error feedback); 0: no clipping."""
     fraction: float = Field(0.01, gt=0.0, le=1.0)
     """topk / randomk: share of the values sent."""
     chunk: int = Field(0, ge=0, le=65536)
@@ -221,13 +226,13 @@ class CodecSpec(Frozen):
     tensors go uncompressed."""
     error_feedback: bool | None = None
     """Keep what was not sent and add it to the next round's pseudo-gradient. Default: on for
-    topk, randomk, sign and powersgd, off otherwise."""
+    int2, ternary, topk, randomk, sign and powersgd, off otherwise."""
 
     @property
     def feedback(self) -> bool:
         if self.error_feedback is not None:
             return self.error_feedback
-        return self.kind in ("topk", "randomk", "sign", "powersgd")
+        return self.kind in ("int2", "ternary", "topk", "randomk", "sign", "powersgd")
 
 
 class CodecOverride(CodecSpec):
