@@ -17,6 +17,7 @@ from dilo.compress import (
     BlockQuant,
     Codec,
     Context,
+    DCTTopK,
     Encoded,
     ErrorFeedback,
     Float16,
@@ -33,6 +34,7 @@ from dilo.compress import (
     unpack,
     unpack_int4,
 )
+from dilo.compress.dct import dct_matrix
 from dilo.compress.sparse import _count, randomk_indices
 
 CODECS: dict[str, Callable[[], Codec]] = {
@@ -60,6 +62,10 @@ CODECS: dict[str, Callable[[], Codec]] = {
     "ternary-noclip-odd": lambda: Ternary(block=9, clip=0.0),
     "ef-int2": lambda: ErrorFeedback(Int2(block=16)),
     "ef-ternary": lambda: ErrorFeedback(Ternary(block=16)),
+    "dct": lambda: DCTTopK(0.1, chunk=16),
+    "dct-int2-short": lambda: DCTTopK(0.2, chunk=7, values="int2"),
+    "dct-wide": lambda: DCTTopK(0.02, chunk=300),
+    "ef-dct": lambda: ErrorFeedback(DCTTopK(0.1, chunk=16, values="int2")),
 }
 
 CTX = Context(seed=3, round=5, rank=1, part=2)
@@ -152,6 +158,30 @@ def check_bound(codec: Codec, x: Tensor, e: Encoded, x_hat: Tensor) -> None:
         hd = x_hat.double()
         assert bool(((hd == 0) | (hd.abs() == s_el)).all()), "values are 0 or +-scale"
         assert bool(((hd > 0) == (x > 0))[hd != 0].all()), "a kept value keeps its sign"
+    elif isinstance(c, DCTTopK):
+        # the transform is orthonormal: the error is that of the coefficients, and the dropped
+        # coefficients are no larger than the kept ones (fp64 reference, chunk by chunk)
+        n_pad = -x.numel() % c.chunk
+        d = dct_matrix(c.chunk).double()
+        xc = torch.nn.functional.pad(x.double(), (0, n_pad)).view(-1, c.chunk)
+        coeffs = xc @ d.T
+        got = torch.nn.functional.pad(x_hat.double(), (0, n_pad)).view(-1, c.chunk) @ d.T
+        if n_pad:  # decode returns numel values: the padding's coefficients are not comparable there
+            return
+        big = coeffs.abs().max().clamp(min=1e-300)
+        if float(big) > 1e36:
+            return  # saturated near fp32's limit (finite, checked by the caller)
+        sent = got.abs() > 1e-6 * big
+        assert int(sent.sum(1).max()) <= c.k, "at most k coefficients per chunk"
+        dropped = torch.where(sent, 0.0, coeffs.abs()).amax(1)
+        tol = 2**-6 if c.values == "int2" else 2**-7  # rounding of the kept values
+        err = (got - coeffs).norm(dim=1)
+        values_bound = coeffs.norm(dim=1) if c.values == "int2" else tol * coeffs.norm(dim=1)
+        drop_norm = torch.where(sent, 0.0, coeffs).norm(dim=1)
+        assert bool((err <= drop_norm + values_bound + 1e-5 * big).all()), "error beyond the dropped coefficients"
+        kept_min = torch.where(sent, coeffs.abs(), torch.inf).amin(1)
+        if c.values == "bf16":
+            assert bool((dropped <= kept_min * (1 + tol) + 1e-5 * big).all()), "a dropped coefficient is larger"
     elif isinstance(c, TopK):
         kept = x_hat != 0
         assert torch.equal(x_hat[kept], x[kept])
@@ -331,6 +361,22 @@ def test_two_bit_and_ternary_payload_sizes() -> None:
     assert torch.equal((codes * torch.tensor([1, 4, 16, 64])).sum(1), torch.arange(256.0))
 
 
+def test_dct_keeps_more_of_a_smooth_vector_than_top_k() -> None:
+    """A random walk (neighbours correlated, as in a weight matrix's rows): at the same 1/32 of
+    the values, top-k of the DCT coefficients keeps far more of it than top-k of the values; the
+    payloads are 3 bytes per kept coefficient (8-bit indices, bf16 values), 1.25 with int2 values
+    (and a bf16 scale per chunk); int16 indices past 256."""
+    x = _rand(64 * 100, 9).cumsum(0)
+    dct, top = DCTTopK(1 / 32, chunk=64), TopK(1 / 32, chunk=64)
+    err = {c: float((c.decode(c.encode(x, CTX)) - x).norm() / x.norm()) for c in (dct, top)}
+    assert err[dct] < 0.1 < 0.5 < err[top]
+    assert dct.encode(x, CTX).nbytes == 100 * 2 * 3
+    assert DCTTopK(1 / 32, chunk=64, values="int2").encode(x, CTX).nbytes == 100 * (2 + 1 + 2)
+    assert DCTTopK(0.01, chunk=512).encode(x, CTX).tensors["idx"].dtype == torch.int16
+    assert torch.equal(dct_matrix(16) @ dct_matrix(16).T, dct_matrix(16) @ dct_matrix(16).T)
+    torch.testing.assert_close(dct_matrix(16) @ dct_matrix(16).T, torch.eye(16), rtol=0, atol=1e-6)
+
+
 def test_stochastic_rounding_at_the_edge_of_the_grid() -> None:
     # x / s == 127 exactly; 127 + u rounds up to 128 in fp32 for u > 1 - 2^-18: with 2^21 values
     # that happens about 8 times, and a missing clamp would wrap 128 to -128 in int8.
@@ -375,7 +421,7 @@ def test_topk_counts() -> None:
     assert TopK(0.5).encode(_rand(11), CTX).tensors["idx"].dtype == torch.int32
 
 
-@pytest.mark.parametrize("inner", ["topk", "topk-chunk", "sign", "int4", "randomk", "int2", "ternary"])
+@pytest.mark.parametrize("inner", ["topk", "topk-chunk", "sign", "int4", "randomk", "int2", "ternary", "dct"])
 def test_error_feedback_loses_nothing(inner: str) -> None:
     factory = CODECS[inner]
     codec = ErrorFeedback(factory())
@@ -477,14 +523,22 @@ def test_powersgd_handles_zero_matrices() -> None:
 
 def _spec(kind: str, **kw: object) -> SimpleNamespace:
     base = dict(
-        block=64, stochastic=False, clip=2.5, fraction=0.05, chunk=0, rank=2, min_compression=2.0, error_feedback=None
+        block=64,
+        stochastic=False,
+        clip=2.5,
+        fraction=0.05,
+        chunk=0,
+        values="bf16",
+        rank=2,
+        min_compression=2.0,
+        error_feedback=None,
     )
     base.update(kw)
     ns = SimpleNamespace(kind=kind, **base)
     ns.feedback = (
         ns.error_feedback
         if ns.error_feedback is not None
-        else kind in ("int2", "ternary", "topk", "randomk", "sign", "powersgd")
+        else kind in ("int2", "ternary", "topk", "dct", "randomk", "sign", "powersgd")
     )
     return ns
 
@@ -502,6 +556,7 @@ def _spec(kind: str, **kw: object) -> SimpleNamespace:
         ("sign", "ErrorFeedback(Sign(block=64))"),
         ("int2", "ErrorFeedback(Int2(block=64, stochastic=False))"),
         ("ternary", "ErrorFeedback(Ternary(block=64, clip=2.5))"),
+        ("dct", "ErrorFeedback(DCTTopK(fraction=0.05, chunk=64, values='bf16'))"),
         ("powersgd", "PowerSGD(rank=2, min_compression=2.0)"),
     ],
 )
@@ -517,3 +572,12 @@ def test_build_codec_overrides_feedback_and_reads_the_real_spec() -> None:
     config = pytest.importorskip("dilo.config")
     codec = build_codec(config.CodecSpec(kind="int4", block=32))
     assert repr(codec) == "BlockQuant(bits=4, block=32, stochastic=False)"
+
+
+def test_the_dct_chunk_is_validated() -> None:
+    config = pytest.importorskip("dilo.config")
+    with pytest.raises(ValueError, match="2 to 4096"):
+        config.CodecSpec(kind="dct", chunk=8192)
+    assert repr(build_codec(config.CodecSpec(kind="dct", fraction=0.03, values="int2"))) == (
+        "ErrorFeedback(DCTTopK(fraction=0.03, chunk=64, values='int2'))"
+    )

@@ -26,8 +26,13 @@ CODECS = {
     "int8": ({}, "reduce_scatter", 2e-2),
     "int4": ({}, "reduce_scatter", 0.3),
     "int2": ({}, "reduce_scatter", 0.7),  # quantized twice: each worker's share, then the mean shard
-    "ternary": ({"error_feedback": False}, "reduce_scatter", 2.0),  # TernGrad's draws: one round is noisier than its signal (unbiased)
+    "ternary": (
+        {"error_feedback": False},
+        "reduce_scatter",
+        2.0,
+    ),  # TernGrad's draws: one round is noisier than its signal (unbiased)
     "topk": ({"fraction": 0.1}, "all_gather", None),
+    "dct": ({"fraction": 0.1}, "all_gather", None),
     "randomk": ({"fraction": 0.1}, "all_reduce", None),
     "sign": ({}, "all_gather", None),
     "powersgd": ({"rank": 4}, "powersgd", None),
@@ -116,7 +121,9 @@ def test_weights_and_non_contributors() -> None:
         torch.testing.assert_close(m, e, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["fp16", "int8", "int4", "int2", "ternary", "topk", "sign", "randomk", "powersgd"])
+@pytest.mark.parametrize(
+    "kind", ["fp16", "int8", "int4", "int2", "ternary", "topk", "dct", "sign", "randomk", "powersgd"]
+)
 def test_diloco_with_each_codec_keeps_anchors_bit_identical(tmp_path: Path, corpus_dir: Path, kind: str) -> None:
     cfg = tiny_config(tmp_path, corpus_dir, steps=8, codec={"kind": kind, "fraction": 0.1, "block": 64})
     summaries = train_threads(cfg, 4)

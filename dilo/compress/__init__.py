@@ -11,6 +11,7 @@ from typing import Protocol
 
 from dilo.compress.base import Codec, Context, Encoded, Identity, check_finite, pack, unpack
 from dilo.compress.cast import BFloat16, Float16
+from dilo.compress.dct import DCTTopK
 from dilo.compress.feedback import ErrorFeedback
 from dilo.compress.lowbit import Int2, Ternary
 from dilo.compress.lowrank import PowerSGD
@@ -35,6 +36,8 @@ class CodecSpecLike(Protocol):
     @property
     def chunk(self) -> int: ...
     @property
+    def values(self) -> str: ...
+    @property
     def rank(self) -> int: ...
     @property
     def min_compression(self) -> float: ...
@@ -43,7 +46,7 @@ class CodecSpecLike(Protocol):
 
 
 def build_codec(spec: CodecSpecLike) -> Codec | PowerSGD:
-    """The codec a spec asks for: reads kind, block, stochastic, fraction, chunk, rank,
+    """The codec a spec asks for: reads kind, block, stochastic, clip, fraction, chunk, values, rank,
     min_compression and the `feedback` property.
 
     Lossy flat codecs are wrapped in ErrorFeedback when spec.feedback is true. Two exceptions:
@@ -71,6 +74,8 @@ def build_codec(spec: CodecSpecLike) -> Codec | PowerSGD:
         codec = Sign(block=spec.block)
     elif kind == "topk":
         codec = TopK(fraction=spec.fraction, chunk=spec.chunk)
+    elif kind == "dct":
+        codec = DCTTopK(fraction=spec.fraction, chunk=spec.chunk or 64, values=spec.values)
     elif kind == "randomk":
         codec = RandomK(fraction=spec.fraction)
     else:
@@ -82,6 +87,7 @@ __all__ = [
     "BFloat16",
     "BlockQuant",
     "Codec",
+    "DCTTopK",
     "CodecSpecLike",
     "Context",
     "Encoded",

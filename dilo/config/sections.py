@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
+from typing_extensions import Self
 
 from dilo.config.base import Frozen
 
@@ -197,15 +198,18 @@ class InnerConfig(Frozen):
 # codec
 
 
-CodecKind = Literal["none", "fp16", "bf16", "int8", "int4", "int2", "ternary", "topk", "randomk", "sign", "powersgd"]
+CodecKind = Literal[
+    "none", "fp16", "bf16", "int8", "int4", "int2", "ternary", "topk", "dct", "randomk", "sign", "powersgd"
+]
 
 
 class CodecSpec(Frozen):
     kind: CodecKind = "none"
     """How pseudo-gradients are encoded on the wire: none (fp32), fp16, bf16, int8 / int4
     (blockwise absmax), int2 (4 levels per block, 2 bits), ternary (TernGrad: stochastic
-    {-1, 0, +1} x a scale per block, 1.6 bits), topk, randomk (shared mask per round), sign (1 bit
-    + a scale per block), powersgd (rank-r factors)."""
+    {-1, 0, +1} x a scale per block, 1.6 bits), topk, dct (top-k of each chunk's DCT
+    coefficients, DeMo / SparseLoCo), randomk (shared mask per round), sign (1 bit + a scale per
+    block), powersgd (rank-r factors)."""
     block: int = Field(128, gt=0)
     """int8 / int4 / int2 / ternary / sign: values per scale."""
     stochastic: bool = False
@@ -215,10 +219,14 @@ class CodecSpec(Frozen):
     """ternary: clip each block to +-clip x its RMS before scaling (TernGrad's c = 2.5; what is cut
     goes to error feedback); 0: no clipping."""
     fraction: float = Field(0.01, gt=0.0, le=1.0)
-    """topk / randomk: share of the values sent."""
+    """topk / randomk: share of the values sent; dct: share of each chunk's coefficients."""
     chunk: int = Field(0, ge=0, le=65536)
     """topk: 0 picks the top values of the whole vector (int32 indices); > 0 picks them per chunk of
-    this many values (16-bit indices within the chunk)."""
+    this many values (16-bit indices within the chunk). dct: the transform's length (0: 64; 2 to
+    4096; 8-bit indices up to 256)."""
+    values: Literal["bf16", "int2"] = "bf16"
+    """dct: how the kept coefficients are sent: bf16, or int2 (4 levels and a bf16 scale per chunk,
+    SparseLoCo's 2-bit values)."""
     rank: int = Field(4, gt=0)
     """powersgd: rank r of the factors."""
     min_compression: float = Field(2.0, ge=1.0)
@@ -226,13 +234,19 @@ class CodecSpec(Frozen):
     tensors go uncompressed."""
     error_feedback: bool | None = None
     """Keep what was not sent and add it to the next round's pseudo-gradient. Default: on for
-    int2, ternary, topk, randomk, sign and powersgd, off otherwise."""
+    int2, ternary, topk, dct, randomk, sign and powersgd, off otherwise."""
+
+    @model_validator(mode="after")
+    def _dct_chunk(self) -> Self:
+        if self.kind == "dct" and self.chunk not in range(2, 4097) and self.chunk != 0:
+            raise ValueError(f"codec.chunk={self.chunk}: the DCT's chunk length must be 2 to 4096 (0: 64)")
+        return self
 
     @property
     def feedback(self) -> bool:
         if self.error_feedback is not None:
             return self.error_feedback
-        return self.kind in ("int2", "ternary", "topk", "randomk", "sign", "powersgd")
+        return self.kind in ("int2", "ternary", "topk", "dct", "randomk", "sign", "powersgd")
 
 
 class CodecOverride(CodecSpec):
