@@ -173,6 +173,11 @@ class RunConfig(Frozen):
                     "transport.island_shard='fsdp' runs the blocking outer step: set outer.overlap=false, "
                     "outer.fragments=1 and outer.fragment_delay=0"
                 )
+            if self.inner.optimizer == "muon":
+                raise ValueError(
+                    "inner.optimizer='muon' orthogonalises whole matrices, which transport.island_shard='fsdp' "
+                    "splits over ranks: use adamw there, or islands that hold the whole model"
+                )
             if self.outer.local or self.lora.r > 0 or self.inner.compile:
                 raise ValueError(
                     "transport.island_shard='fsdp' trains every parameter of an uncompiled model: drop outer.local, "

@@ -157,8 +157,15 @@ class DataConfig(Frozen):
 
 
 class InnerConfig(Frozen):
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    """Inner optimizer; AdamW in DiLoCo, SGD for exactness tests against DDP."""
+    optimizer: Literal["adamw", "sgd", "muon"] = "adamw"
+    """Inner optimizer: AdamW (DiLoCo's); SGD (exactness tests against DDP); muon (MuLoCo:
+    torch.optim.Muon on the hidden weight matrices, AdamW on embeddings, the output head, biases
+    and norms, one lr; torch >= 2.9, whole-model islands)."""
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    """muon: Muon's (Nesterov) momentum."""
+    muon_exclude: str = "lm_head|head"
+    """muon: regular expression (re.search on parameter names) of 2-D weights left to AdamW besides
+    the embeddings, e.g. the output head."""
     lr: float = Field(1e-3, gt=0.0)
     """Peak inner learning rate."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -191,6 +198,17 @@ class InnerConfig(Frozen):
     def _betas_in_range(self) -> InnerConfig:
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={self.betas} must both lie in [0, 1)")
+        try:
+            re.compile(self.muon_exclude)
+        except re.error as e:
+            raise ValueError(f"muon_exclude {self.muon_exclude!r} is not a valid regular expression: {e}") from None
+        if self.optimizer == "muon":
+            import torch
+
+            if not hasattr(torch.optim, "Muon"):
+                raise ValueError(
+                    f"optimizer='muon' needs torch.optim.Muon (torch >= 2.9), not torch {torch.__version__}"
+                )
         return self
 
 
