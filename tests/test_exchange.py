@@ -134,3 +134,23 @@ def test_diloco_with_each_codec_keeps_anchors_bit_identical(tmp_path: Path, corp
         assert len({log[rnd]["anchor_hash"] for log in logs}) == 1
     assert summaries[0]["rounds_committed"] == 2
     assert summaries[0]["comm_reduction"] > 4.0  # compressed: more than H=4 times less than DDP
+
+
+@pytest.mark.parametrize("kind", ["powersgd", "dct"])
+def test_resume_keeps_warm_start_and_feedback_state(tmp_path: Path, corpus_dir: Path, kind: str) -> None:
+    """2 Gloo workers, stopped after round 1 and resumed: the same anchors as the uninterrupted run
+    (PowerSGD's warm Q and its residual; DCT's error feedback are in the checkpoint)."""
+    from dilo.metrics import read_jsonl
+
+    codec = {"kind": kind, "rank": 2, "fraction": 0.1}
+    full = tiny_config(tmp_path / "full", corpus_dir, steps=12, codec=codec, checkpoint={"every": 1})
+    train_threads(full, 2)
+    part = tiny_config(tmp_path / "part", corpus_dir, steps=12, codec=codec, checkpoint={"every": 1})
+    train_threads(part, 2, max_rounds=1)
+    resumed = tiny_config(tmp_path / "part", corpus_dir, steps=12, codec=codec, checkpoint={"every": 1, "resume": True})
+    train_threads(resumed, 2)
+    hashes = {
+        run: [r["anchor_hash"] for r in read_jsonl(tmp_path / run / "logs" / "worker0.jsonl") if r["event"] == "round"]
+        for run in ("full", "part")
+    }
+    assert hashes["part"] == hashes["full"] and len(set(hashes["full"])) == 3

@@ -42,12 +42,14 @@ class CodecSpecLike(Protocol):
     @property
     def min_compression(self) -> float: ...
     @property
+    def warm_start(self) -> bool: ...
+    @property
     def feedback(self) -> bool: ...
 
 
 def build_codec(spec: CodecSpecLike) -> Codec | PowerSGD:
     """The codec a spec asks for: reads kind, block, stochastic, clip, fraction, chunk, values, rank,
-    min_compression and the `feedback` property.
+    min_compression, warm_start and the `feedback` property.
 
     Lossy flat codecs are wrapped in ErrorFeedback when spec.feedback is true. Two exceptions:
     "none" is always a bare Identity (lossless, its residual would stay zero), and "powersgd"
@@ -59,7 +61,7 @@ def build_codec(spec: CodecSpecLike) -> Codec | PowerSGD:
     if kind == "none":
         return Identity()
     if kind == "powersgd":
-        return PowerSGD(rank=spec.rank, min_compression=spec.min_compression)
+        return PowerSGD(rank=spec.rank, min_compression=spec.min_compression, warm_start=spec.warm_start)
     if kind == "fp16":
         codec = Float16()
     elif kind == "bf16":

@@ -2,7 +2,9 @@
 
 Vogels, Karimireddy, Jaggi, "PowerSGD: Practical Low-Rank Gradient Compression for Distributed
 Optimization", NeurIPS 2019 (docs/ALGORITHMS.md 5.7; the math follows the paper and torch's
-powerSGD_hook). One power-iteration step per round, with a fresh random Q each round:
+powerSGD_hook). One power-iteration step per round, from a fresh random Q, or (warm_start) from
+the previous round's summed Q', orthonormalised, which makes the rounds a continued power
+iteration that tracks the pseudo-gradients' dominant subspace:
 
     ps = PowerSGD(rank=4)
     p = ps.first_pass(deltas, ctx)        # P_i = M_i Q_i, then the small tensors as they are
@@ -10,6 +12,7 @@ powerSGD_hook). One power-iteration step per round, with a fresh random Q each r
     q = ps.second_pass(deltas, p_sum)     # Q'_i = M_i^T orth(P_sum_i)
     q_sum = all_reduce_sum(q)
     mean_hat = ps.decode(p_sum, q_sum, count=n_workers, shapes=[d.shape for d in deltas])
+    ps.keep(q_sum, shapes)                # warm_start: the next round's Q (state_dict() has it)
 
 Each tensor is viewed as an n x m matrix ([shape[0], -1]) and factorised only if it has at least
 2 dimensions and (n + m) r min_compression < n m, with r = min(rank, n, m); the others travel
@@ -62,13 +65,17 @@ class PowerSGD:
     shardable = False
     block = 1
 
-    def __init__(self, rank: int = 4, min_compression: float = 2.0) -> None:
+    def __init__(self, rank: int = 4, min_compression: float = 2.0, warm_start: bool = False) -> None:
         if rank <= 0:
             raise ValueError(f"rank must be positive, got {rank}")
         if min_compression < 1.0:
             raise ValueError(f"min_compression must be >= 1, got {min_compression}")
         self.rank = rank
         self.min_compression = min_compression
+        self.warm_start = warm_start
+        self.warm: dict[int, Tensor] = {}
+        """warm_start: the next round's Q per tensor index (replaced each round, never updated in
+        place, so a caller can keep the old dict to roll a failed round back)."""
 
     def _dims(self, shape: Sequence[int]) -> tuple[int, int, int] | None:
         """(n, m, r) when a tensor of this shape is factorised, else None."""
@@ -95,8 +102,12 @@ class PowerSGD:
         return first, second
 
     def initial_q(self, m: int, r: int, ctx: Context, index: int) -> Tensor:
-        """Q_i (m x r): N(0, 1) from a CPU generator seeded by the round and the tensor's index, then
-        orthonormalised, so every worker draws the same one."""
+        """Q_i (m x r): the kept one (warm_start, when it has no zero column), else N(0, 1) from a CPU
+        generator seeded by the round and the tensor's index, then orthonormalised, so every worker
+        draws the same one."""
+        kept = self.warm.get(index)
+        if kept is not None and kept.shape == (m, r) and bool((kept.norm(dim=0) > 0).all()):
+            return kept
         seed = (ctx.shared_seed() ^ ((index + 1) * 0x9E3779B97F4A7C15)) & 0x7FFFFFFFFFFFFFFF
         gen = torch.Generator().manual_seed(seed)
         return orthonormalize(torch.randn(m, r, generator=gen))
@@ -157,5 +168,27 @@ class PowerSGD:
             out.append((p @ q.T / count).view(tuple(s)))
         return out
 
+    def keep(self, q_sum: Tensor, shapes: Sequence[Sequence[int]]) -> None:
+        """warm_start: orth(Q'_sum_i) becomes tensor i's next Q (the same on every worker: q_sum is
+        all-reduced); without warm_start nothing is kept."""
+        if not self.warm_start:
+            return
+        warm: dict[int, Tensor] = {}
+        offset = 0
+        for i, s in enumerate(shapes):
+            dims = self._dims(s)
+            if dims is None:
+                continue
+            _, m, r = dims
+            warm[i] = orthonormalize(q_sum[offset : offset + m * r].view(m, r).float())
+            offset += m * r
+        self.warm = warm
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"q.{i}": q for i, q in self.warm.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.warm = {int(k.removeprefix("q.")): v.float() for k, v in state.items()}
+
     def __repr__(self) -> str:
-        return f"PowerSGD(rank={self.rank}, min_compression={self.min_compression})"
+        return f"PowerSGD(rank={self.rank}, min_compression={self.min_compression}, warm_start={self.warm_start})"

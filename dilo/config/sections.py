@@ -247,6 +247,10 @@ class CodecSpec(Frozen):
     SparseLoCo's 2-bit values)."""
     rank: int = Field(4, gt=0)
     """powersgd: rank r of the factors."""
+    warm_start: bool = True
+    """powersgd: start each round's power iteration from the previous round's Q (orthonormalised;
+    the paper's warm start) instead of a fresh random one, so the factors track the pseudo-gradients'
+    dominant subspace over rounds. Static worlds, kept in checkpoints."""
     min_compression: float = Field(2.0, ge=1.0)
     """powersgd: a matrix is factorised only if (n + m) * r * min_compression < n * m; smaller
     tensors go uncompressed."""

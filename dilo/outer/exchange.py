@@ -221,19 +221,22 @@ class Exchange:
             self._restore_feedback(saved)
             raise
 
-    def _feedback_snapshot(self) -> list[tuple[dict[int, Tensor] | None, Tensor | None, list[Tensor]]]:
+    def _feedback_snapshot(self) -> list[_Snapshot]:
         # References, not copies: every residual is replaced by a new tensor, never updated in place
-        # (ErrorFeedback.encode, the owner's and PowerSGD's residuals below).
+        # (ErrorFeedback.encode, the owner's and PowerSGD's residuals below), and so is PowerSGD's warm Q.
         snapshot = []
         for g in self.groups:
             residuals = dict(g.codec.residuals) if isinstance(g.codec, ErrorFeedback) else None
-            snapshot.append((residuals, g.owner_residual, list(g.lowrank_residual)))
+            warm = g.codec.warm if isinstance(g.codec, PowerSGD) else None
+            snapshot.append((residuals, g.owner_residual, list(g.lowrank_residual), warm))
         return snapshot
 
-    def _restore_feedback(self, saved: list[tuple[dict[int, Tensor] | None, Tensor | None, list[Tensor]]]) -> None:
-        for g, (residuals, owner, lowrank) in zip(self.groups, saved):
+    def _restore_feedback(self, saved: list[_Snapshot]) -> None:
+        for g, (residuals, owner, lowrank, warm) in zip(self.groups, saved):
             if residuals is not None and isinstance(g.codec, ErrorFeedback):
                 g.codec.residuals = residuals
+            if warm is not None and isinstance(g.codec, PowerSGD):
+                g.codec.warm = warm
             g.owner_residual, g.lowrank_residual = owner, lowrank
 
     def _mean(self, flat: Tensor, tail: Tensor, round_idx: int, finite: bool) -> ExchangeResult:
@@ -367,6 +370,7 @@ class Exchange:
         q = psgd.second_pass(weighted, p)
         self.transport.all_reduce_([q])
         out = psgd.decode(p, q, total, shapes)
+        psgd.keep(q, shapes)  # warm_start: the next round's Q, the same on every worker
         if g.feedback and mine > 0:
             g.lowrank_residual = [x - o for x, o in zip(m, out)]
         return out
@@ -378,7 +382,7 @@ class Exchange:
         for g in self.groups:
             key = f"group{g.index}"
             state[key] = {
-                "codec": g.codec.state_dict() if isinstance(g.codec, ErrorFeedback) else {},
+                "codec": g.codec.state_dict() if isinstance(g.codec, ErrorFeedback | PowerSGD) else {},
                 "owner": g.owner_residual,
                 "lowrank": list(g.lowrank_residual),
             }
@@ -389,7 +393,7 @@ class Exchange:
             s = state.get(f"group{g.index}")
             if s is None:
                 continue
-            if isinstance(g.codec, ErrorFeedback):
+            if isinstance(g.codec, ErrorFeedback | PowerSGD):
                 g.codec.load_state_dict(s["codec"])
             g.owner_residual = s["owner"]
             g.lowrank_residual = list(s["lowrank"])
@@ -399,8 +403,14 @@ class Exchange:
         for g in self.groups:
             if isinstance(g.codec, ErrorFeedback):
                 g.codec.reset()
+            if isinstance(g.codec, PowerSGD):
+                g.codec.warm = {}  # every worker draws the same fresh Q again
             g.owner_residual = None
             g.lowrank_residual = []
+
+
+_Snapshot = tuple[dict[int, Tensor] | None, Tensor | None, list[Tensor], dict[int, Tensor] | None]
+"""One group's error-feedback memory: the codec's residuals, the shard owner's, PowerSGD's, its warm Q."""
 
 
 def _part(ctx: Context, shard: int) -> Context:
