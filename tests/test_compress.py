@@ -66,6 +66,7 @@ CODECS: dict[str, Callable[[], Codec]] = {
     "dct-int2-short": lambda: DCTTopK(0.2, chunk=7, values="int2"),
     "dct-wide": lambda: DCTTopK(0.02, chunk=300),
     "ef-dct": lambda: ErrorFeedback(DCTTopK(0.1, chunk=16, values="int2")),
+    "dgc-topk": lambda: ErrorFeedback(TopK(0.1, chunk=32, warmup_rounds=3), momentum=0.9),
 }
 
 CTX = Context(seed=3, round=5, rank=1, part=2)
@@ -444,6 +445,43 @@ def test_error_feedback_loses_nothing(inner: str) -> None:
     assert codec.residuals == {}
 
 
+def test_dgc_momentum_correction_matches_the_naive_loop() -> None:
+    """ErrorFeedback(TopK, momentum=m) is DGC's worker side: u <- m u + g; v <- v + u; send
+    top-k(v); clear v and u where sent. 6 rounds against that loop written out, and nothing lost:
+    the payloads plus the residual sum to the velocities."""
+    m, n = 0.9, 200
+    codec = ErrorFeedback(TopK(0.05), momentum=m)
+    u, v = torch.zeros(n), torch.zeros(n)
+    sent_total, u_total = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    for r in range(6):
+        g = _rand(n, 40 + r)
+        got = codec.decode(codec.encode(g, Context(round=r)))
+        u = m * u + g
+        v = v + u
+        k = math.ceil(0.05 * n)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[v.abs().topk(k).indices] = True
+        expected = torch.where(mask, v, 0.0)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        u_total += u.double()
+        sent_total += got.double()
+        v, u = torch.where(mask, 0.0, v), torch.where(mask, 0.0, u)
+    torch.testing.assert_close(sent_total + codec.residuals[0].double(), u_total, rtol=1e-5, atol=1e-5)
+    twin = ErrorFeedback(TopK(0.05), momentum=m)
+    twin.load_state_dict(codec.state_dict())
+    assert sorted(codec.state_dict()) == ["part0", "velocity0"]
+    assert torch.equal(twin.velocities[0], codec.velocities[0]) and torch.equal(twin.residuals[0], codec.residuals[0])
+
+
+def test_dgc_sparsity_warm_up() -> None:
+    """warmup_rounds = 4 and fraction 1%: the density is 25%, 6.25%, 1.5625%, then 1% (0.39% is
+    below the target), whatever the round's workers; each round's payload has one size."""
+    codec = TopK(0.01, warmup_rounds=4)
+    assert [codec.fraction_at(r) for r in range(6)] == [0.25, 0.0625, 0.015625, 0.01, 0.01, 0.01]
+    sizes = [codec.encode(_rand(1000), Context(round=r)).tensors["values"].numel() for r in range(5)]
+    assert sizes == [250, 63, 16, 10, 10]
+
+
 def test_error_feedback_keeps_the_wrapped_flags() -> None:
     for make in (lambda: RandomK(0.1), lambda: BlockQuant(8, block=64), lambda: Sign(32)):
         inner = make()
@@ -557,6 +595,8 @@ def _spec(kind: str, **kw: object) -> SimpleNamespace:
         fraction=0.05,
         chunk=0,
         values="bf16",
+        momentum=0.0,
+        warmup_rounds=0,
         rank=2,
         min_compression=2.0,
         warm_start=True,
@@ -605,6 +645,11 @@ def test_build_codec_overrides_feedback_and_reads_the_real_spec() -> None:
 
 def test_the_dct_chunk_is_validated() -> None:
     config = pytest.importorskip("dilo.config")
+    with pytest.raises(ValueError, match="momentum correction"):
+        config.CodecSpec(kind="int8", momentum=0.9)
+    with pytest.raises(ValueError, match="sparsity warm-up"):
+        config.CodecSpec(kind="dct", warmup_rounds=3)
+    assert "momentum=0.9" in repr(build_codec(config.CodecSpec(kind="topk", momentum=0.9, warmup_rounds=2)))
     with pytest.raises(ValueError, match="2 to 4096"):
         config.CodecSpec(kind="dct", chunk=8192)
     assert repr(build_codec(config.CodecSpec(kind="dct", fraction=0.03, values="int2"))) == (

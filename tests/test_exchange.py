@@ -136,13 +136,18 @@ def test_diloco_with_each_codec_keeps_anchors_bit_identical(tmp_path: Path, corp
     assert summaries[0]["comm_reduction"] > 4.0  # compressed: more than H=4 times less than DDP
 
 
-@pytest.mark.parametrize("kind", ["powersgd", "dct"])
-def test_resume_keeps_warm_start_and_feedback_state(tmp_path: Path, corpus_dir: Path, kind: str) -> None:
+@pytest.mark.parametrize(
+    "codec",
+    [{"kind": "powersgd", "rank": 2}, {"kind": "dct", "fraction": 0.1},
+     {"kind": "topk", "fraction": 0.05, "momentum": 0.9, "warmup_rounds": 2}],
+    ids=["powersgd", "dct", "dgc"],
+)  # fmt: skip
+def test_resume_keeps_warm_start_and_feedback_state(tmp_path: Path, corpus_dir: Path, codec: dict) -> None:
     """2 Gloo workers, stopped after round 1 and resumed: the same anchors as the uninterrupted run
-    (PowerSGD's warm Q and its residual; DCT's error feedback are in the checkpoint)."""
+    (PowerSGD's warm Q and its residual, DCT's error feedback, DGC's velocities are in the
+    checkpoint; DGC's density warms up by round index)."""
     from dilo.metrics import read_jsonl
 
-    codec = {"kind": kind, "rank": 2, "fraction": 0.1}
     full = tiny_config(tmp_path / "full", corpus_dir, steps=12, codec=codec, checkpoint={"every": 1})
     train_threads(full, 2)
     part = tiny_config(tmp_path / "part", corpus_dir, steps=12, codec=codec, checkpoint={"every": 1})

@@ -38,6 +38,10 @@ class CodecSpecLike(Protocol):
     @property
     def values(self) -> str: ...
     @property
+    def momentum(self) -> float: ...
+    @property
+    def warmup_rounds(self) -> int: ...
+    @property
     def rank(self) -> int: ...
     @property
     def min_compression(self) -> float: ...
@@ -48,8 +52,8 @@ class CodecSpecLike(Protocol):
 
 
 def build_codec(spec: CodecSpecLike) -> Codec | PowerSGD:
-    """The codec a spec asks for: reads kind, block, stochastic, clip, fraction, chunk, values, rank,
-    min_compression, warm_start and the `feedback` property.
+    """The codec a spec asks for: reads kind, block, stochastic, clip, fraction, chunk, values,
+    momentum, warmup_rounds, rank, min_compression, warm_start and the `feedback` property.
 
     Lossy flat codecs are wrapped in ErrorFeedback when spec.feedback is true. Two exceptions:
     "none" is always a bare Identity (lossless, its residual would stay zero), and "powersgd"
@@ -75,14 +79,14 @@ def build_codec(spec: CodecSpecLike) -> Codec | PowerSGD:
     elif kind == "sign":
         codec = Sign(block=spec.block)
     elif kind == "topk":
-        codec = TopK(fraction=spec.fraction, chunk=spec.chunk)
+        codec = TopK(fraction=spec.fraction, chunk=spec.chunk, warmup_rounds=spec.warmup_rounds)
     elif kind == "dct":
         codec = DCTTopK(fraction=spec.fraction, chunk=spec.chunk or 64, values=spec.values)
     elif kind == "randomk":
         codec = RandomK(fraction=spec.fraction)
     else:
         raise ValueError(f"unknown codec kind {kind!r}")
-    return ErrorFeedback(codec) if spec.feedback else codec
+    return ErrorFeedback(codec, momentum=spec.momentum) if spec.feedback else codec
 
 
 __all__ = [

@@ -46,20 +46,32 @@ class TopK:
     shardable = False
     block = 1
 
-    def __init__(self, fraction: float, chunk: int = 0) -> None:
+    def __init__(self, fraction: float, chunk: int = 0, warmup_rounds: int = 0) -> None:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         if not 0 <= chunk <= 65536:
             raise ValueError(f"chunk must be in [0, 65536], got {chunk}")
+        if warmup_rounds < 0:
+            raise ValueError(f"warmup_rounds must be >= 0, got {warmup_rounds}")
         self.fraction = fraction
         self.chunk = chunk
+        self.warmup_rounds = warmup_rounds
+
+    def fraction_at(self, round_idx: int) -> float:
+        """Deep Gradient Compression's sparsity warm-up: in round r < warmup_rounds the density is
+        max(fraction, 0.25^(r + 1)) (25%, 6.25%, 1.6%, ...), then fraction. Every worker of a round
+        keeps the same count, so payloads of one round still have one size."""
+        if round_idx < self.warmup_rounds:
+            return max(self.fraction, 0.25 ** (round_idx + 1))
+        return self.fraction
 
     def encode(self, x: Tensor, ctx: Context) -> Encoded:
         check_finite(x, ctx)
         flat = x.detach().reshape(-1).float()
         n = flat.numel()
+        fraction = self.fraction_at(ctx.round)
         if self.chunk == 0:
-            k = _count(self.fraction, n)
+            k = _count(fraction, n)
             idx = flat.abs().topk(k, sorted=False).indices
             # Sorted indices make the gather here and the scatter in decode sequential.
             idx = idx.sort().values
@@ -67,7 +79,7 @@ class TopK:
         chunk = min(self.chunk, n)
         pad = -n % chunk
         xc = F.pad(flat, (0, pad)).view(-1, chunk) if pad else flat.view(-1, chunk)
-        k = _count(self.fraction, chunk)
+        k = _count(fraction, chunk)
         idx = xc.abs().topk(k, dim=1, sorted=False).indices
         values = xc.gather(1, idx).view(-1)
         # Values first: fp32 must sit at a 4-byte offset when a peer's bytes are unpacked.
@@ -86,7 +98,8 @@ class TopK:
         return torch.zeros(n_chunks * chunk, device=values.device).index_put_((pos,), values)[:n]
 
     def __repr__(self) -> str:
-        return f"TopK(fraction={self.fraction}, chunk={self.chunk})"
+        warm = f", warmup_rounds={self.warmup_rounds}" if self.warmup_rounds else ""
+        return f"TopK(fraction={self.fraction}, chunk={self.chunk}{warm})"
 
 
 _SEED_BITS = 40

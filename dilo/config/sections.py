@@ -242,6 +242,14 @@ class CodecSpec(Frozen):
     """topk: 0 picks the top values of the whole vector (int32 indices); > 0 picks them per chunk of
     this many values (16-bit indices within the chunk). dct: the transform's length (0: 64; 2 to
     4096; 8-bit indices up to 256)."""
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    """topk / dct (sparsifiers, with error feedback): Deep Gradient Compression's momentum
+    correction: a velocity u <- momentum u + delta per worker accumulates into the residual, and is
+    cleared where values were sent. It is momentum on the worker's side of the compressor: with it,
+    outer.momentum = 0 avoids applying momentum twice. 0: off."""
+    warmup_rounds: int = Field(0, ge=0)
+    """topk: DGC's sparsity warm-up: the density starts at 25% and falls 4x per round until it
+    reaches fraction, for at most this many rounds (then fraction). 0: fraction from the start."""
     values: Literal["bf16", "int2"] = "bf16"
     """dct: how the kept coefficients are sent: bf16, or int2 (4 levels and a bf16 scale per chunk,
     SparseLoCo's 2-bit values)."""
@@ -259,7 +267,14 @@ class CodecSpec(Frozen):
     int2, ternary, topk, dct, randomk, sign and powersgd, off otherwise."""
 
     @model_validator(mode="after")
-    def _dct_chunk(self) -> Self:
+    def _codec_options(self) -> Self:
+        if self.momentum > 0 and (self.kind not in ("topk", "dct") or not self.feedback):
+            raise ValueError(
+                f"codec.momentum is DGC's momentum correction of a sparsifier's error feedback: it needs "
+                f"codec.kind = 'topk' or 'dct' with error feedback on (kind is {self.kind!r})"
+            )
+        if self.warmup_rounds and self.kind != "topk":
+            raise ValueError(f"codec.warmup_rounds is top-k's sparsity warm-up; codec.kind is {self.kind!r}")
         if self.kind == "dct" and self.chunk not in range(2, 4097) and self.chunk != 0:
             raise ValueError(f"codec.chunk={self.chunk}: the DCT's chunk length must be 2 to 4096 (0: 64)")
         return self

@@ -226,15 +226,15 @@ class Exchange:
         # (ErrorFeedback.encode, the owner's and PowerSGD's residuals below), and so is PowerSGD's warm Q.
         snapshot = []
         for g in self.groups:
-            residuals = dict(g.codec.residuals) if isinstance(g.codec, ErrorFeedback) else None
+            memory = g.codec.memory() if isinstance(g.codec, ErrorFeedback) else None
             warm = g.codec.warm if isinstance(g.codec, PowerSGD) else None
-            snapshot.append((residuals, g.owner_residual, list(g.lowrank_residual), warm))
+            snapshot.append((memory, g.owner_residual, list(g.lowrank_residual), warm))
         return snapshot
 
     def _restore_feedback(self, saved: list[_Snapshot]) -> None:
-        for g, (residuals, owner, lowrank, warm) in zip(self.groups, saved):
-            if residuals is not None and isinstance(g.codec, ErrorFeedback):
-                g.codec.residuals = residuals
+        for g, (memory, owner, lowrank, warm) in zip(self.groups, saved):
+            if memory is not None and isinstance(g.codec, ErrorFeedback):
+                g.codec.restore(memory)
             if warm is not None and isinstance(g.codec, PowerSGD):
                 g.codec.warm = warm
             g.owner_residual, g.lowrank_residual = owner, lowrank
@@ -409,8 +409,11 @@ class Exchange:
             g.lowrank_residual = []
 
 
-_Snapshot = tuple[dict[int, Tensor] | None, Tensor | None, list[Tensor], dict[int, Tensor] | None]
-"""One group's error-feedback memory: the codec's residuals, the shard owner's, PowerSGD's, its warm Q."""
+_Snapshot = tuple[
+    tuple[dict[int, Tensor], dict[int, Tensor]] | None, Tensor | None, list[Tensor], dict[int, Tensor] | None
+]
+"""One group's error-feedback memory: the codec's residuals and velocities, the shard owner's
+residual, PowerSGD's, its warm Q."""
 
 
 def _part(ctx: Context, shard: int) -> Context:
