@@ -93,7 +93,7 @@ def lr_at(step: int, cfg: InnerConfig, total_steps: int) -> float:
 
 def build_optimizer(model: nn.Module, cfg: InnerConfig) -> torch.optim.Optimizer:
     """AdamW decays matrices (weights, embeddings) but not biases and norm gains, as in GPT-2;
-    muon: dilo/muon.py."""
+    muon: dilo/muon.py; lion: dilo/lion.py."""
     params = params_of(model)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
@@ -101,6 +101,10 @@ def build_optimizer(model: nn.Module, cfg: InnerConfig) -> torch.optim.Optimizer
         from dilo.muon import build_muon
 
         return build_muon(model, cfg)
+    if cfg.optimizer == "lion":
+        from dilo.lion import build_lion
+
+        return build_lion(model, cfg)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

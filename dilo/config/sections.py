@@ -157,10 +157,12 @@ class DataConfig(Frozen):
 
 
 class InnerConfig(Frozen):
-    optimizer: Literal["adamw", "sgd", "muon"] = "adamw"
+    optimizer: Literal["adamw", "sgd", "muon", "lion"] = "adamw"
     """Inner optimizer: AdamW (DiLoCo's); SGD (exactness tests against DDP); muon (MuLoCo:
     torch.optim.Muon on the hidden weight matrices, AdamW on embeddings, the output head, biases
-    and norms, one lr; torch >= 2.9, whole-model islands)."""
+    and norms, one lr; torch >= 2.9, whole-model islands); lion (Chen et al.: the sign of an
+    interpolated momentum, betas as its (beta1, beta2); a 3-10x lower lr and higher weight_decay
+    than AdamW's)."""
     muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
     """muon: Muon's (Nesterov) momentum."""
     muon_exclude: str = "lm_head|head"
