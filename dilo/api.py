@@ -37,11 +37,12 @@ import torch
 from torch import nn
 
 from dilo.adapters import shared_view
-from dilo.config import CodecConfig, DiLoCoConfig, FedAvgConfig, GossipConfig, OuterConfig, RunConfig, load
+from dilo.config import CodecConfig, DDPConfig, DiLoCoConfig, FedAvgConfig, GossipConfig, OuterConfig, RunConfig, load
 from dilo.errors import DiloError, TransportError
 from dilo.model import params_of
 from dilo.outer.base import Failure, Joined, Strategy, SyncReport, Tail, tensor_digest
 from dilo.outer.build import build_strategy
+from dilo.outer.ddp import DDP
 from dilo.shard import local, reshard_optimizer_state
 from dilo.worlds import ElasticWorld, GossipWorld, Placement, StaticWorld, World
 
@@ -181,6 +182,12 @@ class Outer:
             )
         self._prox: list[tuple[torch.Tensor, torch.Tensor]] = []
         """FedProx: (parameter, where the round started) for every exchanged parameter."""
+        if isinstance(cfg.outer, DDPConfig) and cfg.outer.vote != "none":  # Distributed Lion
+            from dilo.lion import Lion
+
+            if not isinstance(optimizer, Lion) or not isinstance(self.strategy, DDP):
+                raise DiloError("outer.vote (Distributed Lion) needs dilo.lion.Lion as the inner optimizer")
+            optimizer.vote = self.strategy.vote
         self._hook = optimizer.register_step_pre_hook(self._before_inner_step)
 
     # ------------------------------------------------------------------------------------------ start

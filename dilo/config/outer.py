@@ -159,6 +159,12 @@ class FedAvgConfig(AnchorRounds):
 class DDPConfig(Frozen):
     kind: Literal["ddp"] = "ddp"
     """Data-parallel baseline: gradients are averaged over all workers after every step."""
+    vote: Literal["none", "majority", "mean"] = "none"
+    """Distributed Lion (Liu et al., arXiv:2311.00537), with inner.optimizer = "lion": instead of
+    averaging gradients, every step each worker computes its own Lion update from its own gradient
+    and momentum and sends only its sign (1 bit per parameter, all-gathered); every worker applies
+    the majority vote (the sign of the sum; a tie moves nothing) or the mean of the signs. none:
+    plain DDP."""
 
 
 class AsyncConfig(KeepsLocal, OuterOptimizer):

@@ -132,6 +132,11 @@ class RunConfig(Frozen):
                 "torch.distributed: it needs membership.kind='static' (torchrun, Slurm, `dilo run`); "
                 "set outer.fragments=1 and outer.fragment_delay=0"
             )
+        if isinstance(self.outer, DDPConfig) and self.outer.vote != "none" and self.inner.optimizer != "lion":
+            raise ValueError(
+                f"outer.vote={self.outer.vote!r} is Distributed Lion: the workers vote on Lion update signs; set "
+                "inner.optimizer='lion', or outer.vote='none'"
+            )
         if getattr(self.outer, "round_seconds", 0.0):
             if self.transport.island_ranks != 1:
                 raise ValueError(

@@ -57,7 +57,7 @@ def build_strategy(cfg: RunConfig, model: nn.Module, links: Links) -> Strategy:
             warnings.warn(
                 "codec settings are ignored by outer.kind='ddp': the baseline sends fp32 gradients", stacklevel=2
             )
-        return DDP(model, links.collective, log_every=cfg.sync_every_ddp_eval, bucket_mb=bucket_mb)
+        return DDP(model, links.collective, log_every=cfg.sync_every_ddp_eval, bucket_mb=bucket_mb, vote=o.vote)
     view = shared_view(model, o)
     if links.sharded and links.island is not None:  # transport.island_shard = "fsdp" (dilo/outer/sharded.py)
         if links.outer is not None:  # static: every rank exchanges its shard

@@ -33,14 +33,23 @@ from dilo.outer.base import (
 )
 from dilo.transport.base import Transport
 
+_BITS = torch.arange(8, dtype=torch.uint8)
+
 
 class DDP:
-    def __init__(self, model: nn.Module, transport: Transport, *, log_every: int, bucket_mb: float = 32.0) -> None:
+    """vote = "majority" / "mean": Distributed Lion, see `vote`; the gradients stay local."""
+
+    def __init__(
+        self, model: nn.Module, transport: Transport, *, log_every: int, bucket_mb: float = 32.0, vote: str = "none"
+    ) -> None:
         self.round_steps = log_every
         self.transport = transport
         self.layout = FlatLayout.of(params_of(model), bucket_mb)
         self._flat = torch.empty(self.layout.total, dtype=torch.float32, device=params_of(model)[0].device)
         self._bytes_mark = (0, 0)
+        if vote not in ("none", "majority", "mean"):
+            raise ValueError(f"vote must be none, majority or mean, got {vote!r}")
+        self.voting = vote
 
     def due(self, step: int) -> bool:
         return (step + 1) % self.round_steps == 0
@@ -56,6 +65,10 @@ class DDP:
         return Joined()
 
     def describe(self) -> list[str]:
+        if self.voting != "none":
+            return [
+                f"every parameter: the sign of each worker's Lion update, 1 bit, all_gather every step ({self.voting})"
+            ]
         return ["every parameter: fp32 gradients, all_reduce after every backward pass"]
 
     def mark_bytes(self) -> None:
@@ -66,6 +79,8 @@ class DDP:
     def reduce_grads(self, model: nn.Module) -> None:
         """Replace every .grad by the mean over workers. Raises TransportError: in DDP a lost
         peer ends the step, there is no round to fall back to."""
+        if self.voting != "none":
+            return  # Distributed Lion: each worker's gradient feeds its own Lion momentum; signs are voted on
         params = params_of(model)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = self.layout.flatten(grads, out=self._flat)
@@ -76,6 +91,23 @@ class DDP:
                 p.grad = g.to(p.dtype).clone()
             else:
                 p.grad.copy_(g)
+
+    @torch.no_grad()
+    def vote(self, signs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Distributed Lion's exchange: this worker's update signs (+-1; a 0 counts as +1) packed 8
+        per byte and all-gathered, then the majority (sign of the sum over workers, 0 on a tie) or
+        the mean (sum / workers) per parameter, the same on every worker (integer sums)."""
+        layout = FlatLayout.of(signs, 1e9)  # the optimizer's order of tensors, the same on every worker
+        flat = layout.flatten(signs)
+        neg = (flat < 0).to(torch.uint8)
+        pad = -neg.numel() % 8
+        packed = (torch.nn.functional.pad(neg, (0, pad)).view(-1, 8) << _BITS.to(neg.device)).sum(1, dtype=torch.uint8)
+        votes = torch.zeros(flat.numel(), dtype=torch.int32, device=flat.device)
+        for buf in self.transport.all_gather(packed):  # rank order: the same sum everywhere
+            bits = ((buf[:, None] >> _BITS.to(buf.device)) & 1).view(-1)[: flat.numel()]
+            votes += 1 - 2 * bits.to(torch.int32)
+        out = votes.sign().float() if self.voting == "majority" else votes.float().div_(self.transport.size)
+        return [t.to(s.dtype) for t, s in zip(layout.unflatten(out), signs)]
 
     @torch.no_grad()
     def sync(self, model: nn.Module, *, tail: Tail) -> SyncReport:
