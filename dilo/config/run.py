@@ -148,6 +148,21 @@ class RunConfig(Frozen):
                     "membership.schedule='compass' hands each worker its steps per round; outer.round_seconds "
                     "cuts rounds by time: choose one"
                 )
+        if self.codec.adapt_every:
+            streaming = isinstance(self.outer, DiLoCoConfig) and self.outer.streaming
+            sharded = self.transport.island_shard == "fsdp" or self.transport.island_wire == "all"
+            if (
+                self.membership.kind != "static"
+                or not isinstance(self.outer, DiLoCoConfig | FedAvgConfig)
+                or streaming
+                or sharded
+                or self.aggregate.robust
+            ):
+                raise ValueError(
+                    "codec.adapt_every plans a static DiLoCo / FedAvg exchange of whole parameters: use "
+                    "membership.kind='static', outer.kind='diloco' or 'fedavg' (not streaming), islands that "
+                    "exchange through their lead, and aggregate.kind='mean'; or set codec.adapt_every=0"
+                )
         if self.aggregate.robust:
             self._check_robust()
         if self.heterogeneity.hostile and (

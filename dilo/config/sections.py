@@ -304,9 +304,34 @@ class CodecOverride(CodecSpec):
         return self
 
 
+def _default_candidates() -> list[CodecSpec]:
+    return [CodecSpec(kind="int8"), CodecSpec(kind="int4"), CodecSpec(kind="int2")]
+
+
 class CodecConfig(CodecSpec):
     overrides: list[CodecOverride] = Field(default_factory=list)
     """Per-parameter codecs, e.g. [[codec.overrides]] pattern = "emb|ln" kind = "fp16"."""
+    adapt_every: int = Field(0, ge=0)
+    """Adaptive per-parameter compression (L-GreCo): every this many rounds, measure each of
+    codec.adapt_candidates on each parameter's pseudo-gradient (errors summed over the workers) and
+    give every parameter the codec that makes the total bytes least while the total squared error
+    stays within codec.adapt_error of the pseudo-gradient's; the plan is in each round's log
+    (codec_plan) and the checkpoints. A new plan restarts the error feedback. Static DiLoCo /
+    FedAvg. 0: off (codec.kind and codec.overrides decide)."""
+    adapt_error: float = Field(0.05, gt=0.0)
+    """Adaptive compression: the error budget, as a share of the pseudo-gradient's squared norm."""
+    adapt_candidates: list[CodecSpec] = Field(default_factory=_default_candidates)
+    """Adaptive compression: the codecs to choose from, e.g. [[codec.adapt_candidates]] kind =
+    "int4" (each with its own settings; not powersgd)."""
+
+    @model_validator(mode="after")
+    def _check_adaptive(self) -> Self:
+        if self.adapt_every:
+            if self.overrides:
+                raise ValueError("codec.adapt_every chooses every parameter's codec: drop codec.overrides")
+            if not self.adapt_candidates or any(c.kind == "powersgd" for c in self.adapt_candidates):
+                raise ValueError("codec.adapt_candidates must list codecs other than powersgd")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

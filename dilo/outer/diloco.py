@@ -158,6 +158,8 @@ class DiLoCo:
         self.anchor.restore_into(params)
         failure = None if committed else Failure.NO_CONTRIBUTION
         report = self._report(committed, t0, sent0, recv0, result.tails, reason=reason, failure=failure)
+        if result.plan is not None:  # adaptive compression: the codec plan in force, in the round log
+            report = dataclasses.replace(report, extra={**report.extra, "codec_plan": result.plan})
         if result.members:  # a robust aggregate: who sent what (the round log's member_norms / member_cosines)
             extra = {"member_norms": {w: s["norm"] for w, s in result.members.items()},
                      "member_cosines": {w: s["cos"] for w, s in result.members.items()}}  # fmt: skip

@@ -43,6 +43,7 @@ from dilo.compress.base import Codec
 from dilo.compress.feedback import ErrorFeedback
 from dilo.compress.lowrank import PowerSGD
 from dilo.errors import TransportError
+from dilo.outer.adaptive import CodecPlanner
 from dilo.outer.base import TAIL_COUNT, TAIL_WEIGHT, FlatLayout
 from dilo.outer.robust import Aggregator
 from dilo.transport.base import Transport
@@ -124,6 +125,10 @@ class ExchangeResult:
     members: dict[str, dict[str, float | None]] = field(default_factory=dict)
     """A robust aggregate's per-contributor statistics ("worker<rank>": its update's norm and its
     cosine to the aggregate), so that an operator sees an outlier; empty for the plain mean."""
+    plan: dict[str, Any] | None = None
+    """Adaptive compression (codec.adapt_every): the codec plan in force this round (parameters per
+    codec, its relative squared error when it was chosen, bytes per worker) and whether it was
+    chosen this round; None without it."""
 
 
 @overload
@@ -162,6 +167,24 @@ def build_groups(names: list[str], shapes: list[torch.Size], spec: CodecSpec, bu
     return groups
 
 
+def plan_groups(shapes: list[torch.Size], specs: list[Any], plan: list[int], bucket_mb: float = 32.0) -> list[Group]:
+    """Groups for an adaptive plan: the parameters of each chosen candidate (index c) form group c."""
+    offsets = [0]
+    for shape in shapes:
+        offsets.append(offsets[-1] + shape.numel())
+    groups = []
+    for c, spec in enumerate(specs):
+        idx = [i for i, chosen in enumerate(plan) if chosen == c]
+        if not idx:
+            continue
+        layout = FlatLayout(
+            [shapes[i] for i in idx], [shapes[i].numel() for i in idx], max(1, int(bucket_mb * 2**20 / 4))
+        )
+        pieces = [(offsets[i], shapes[i].numel()) for i in idx]
+        groups.append(Group(c, f"adaptive {spec.kind}", idx, build_codec(spec), bool(spec.feedback), layout, pieces))
+    return groups
+
+
 def describe_groups(groups: list[Group]) -> list[str]:
     return [
         f"{g.label}: {_plain(g.codec)!r} via {g.kind}"
@@ -192,6 +215,15 @@ class Exchange:
         self.shapes = shapes
         self.numels = [s.numel() for s in shapes]
         self.groups = build_groups(names, shapes, spec, bucket_mb)
+        every = int(getattr(spec, "adapt_every", 0))
+        self.planner = (
+            CodecPlanner(spec.adapt_candidates, every=every, budget=spec.adapt_error, workers=transport.size)  # type: ignore[attr-defined]
+            if every > 0
+            else None
+        )
+        """codec.adapt_every: L-GreCo's per-parameter codec choice (dilo/outer/adaptive.py)."""
+        self.plan: list[int] | None = None
+        self._plan_summary: dict[str, Any] = {}
 
     def describe(self) -> list[str]:
         return describe_groups(self.groups)
@@ -215,9 +247,11 @@ class Exchange:
         into the residuals, and a shard owner may have re-encoded its mean, for a payload nobody
         applied). finite: the caller checked `flat` for NaN and Inf (the codecs do not scan it again)."""
         saved = self._feedback_snapshot()
+        plan = (self.groups, self.plan, self._plan_summary)  # a new plan made this round is undone too
         try:
             return self._mean(flat, tail, round_idx, finite)
         except TransportError:
+            self.groups, self.plan, self._plan_summary = plan
             self._restore_feedback(saved)
             raise
 
@@ -251,6 +285,7 @@ class Exchange:
             flat.zero_()  # a worker that does not contribute takes part with zeros
         if self.aggregator is not None:
             return self._robust(flat, tails, weights, round_idx, finite)
+        solved = self._replan(flat, round_idx) if self.planner is not None else False
         whole = len(self.groups) == 1 and self.groups[0].span == (0, flat.numel())
         out = None if whole else torch.empty_like(flat)
         for g in self.groups:
@@ -278,7 +313,33 @@ class Exchange:
             else:
                 g.put(out, mean_flat)
         assert out is not None
-        return ExchangeResult(out, tails, [v.view(s) for v, s in zip(torch.split(out, self.numels), self.shapes)])
+        plan = {**self._plan_summary, "solved": solved} if self.planner is not None else None
+        views = [v.view(s) for v, s in zip(torch.split(out, self.numels), self.shapes)]
+        return ExchangeResult(out, tails, views, plan=plan)
+
+    def _replan(self, flat: Tensor, round_idx: int) -> bool:
+        """L-GreCo: every planner.every rounds (and first thing after a start), measure every
+        candidate on every parameter of this round's pseudo-gradient, sum the errors over workers
+        and choose the plan; a new plan regroups the parameters (their error feedback restarts)."""
+        planner = self.planner
+        assert planner is not None
+        if self.plan is not None and not planner.due(round_idx):
+            return False
+        values = list(torch.split(flat, self.numels))
+        errors, norms = planner.measure(values, Context(seed=self.seed, round=round_idx, rank=self.transport.rank))
+        both = torch.cat([errors.reshape(-1), norms])
+        self.transport.all_reduce_([both])  # the sums: every worker solves the same problem
+        errors, norms = both[: errors.numel()].view_as(errors), both[errors.numel() :]
+        plan = planner.solve(errors, norms, self.shapes)
+        if plan != self.plan:
+            self._set_plan(plan)
+        self._plan_summary = planner.summary(plan, errors, norms, self.shapes)
+        return True
+
+    def _set_plan(self, plan: list[int]) -> None:
+        assert self.planner is not None
+        self.plan = plan
+        self.groups = plan_groups(self.shapes, self.planner.specs, plan, self.bucket_mb)
 
     def _robust(
         self, flat: Tensor, tails: Tensor, weights: list[float], round_idx: int, finite: bool
@@ -379,6 +440,8 @@ class Exchange:
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {}
+        if self.plan is not None:  # the groups below belong to this plan
+            state["plan"] = torch.tensor(self.plan, dtype=torch.int64)
         for g in self.groups:
             key = f"group{g.index}"
             state[key] = {
@@ -389,6 +452,8 @@ class Exchange:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "plan" in state and self.planner is not None:
+            self._set_plan([int(c) for c in state["plan"]])
         for g in self.groups:
             s = state.get(f"group{g.index}")
             if s is None:
