@@ -1,6 +1,6 @@
 """The quality-per-byte frontier of pseudo-gradient codecs.
 
-    .venv/bin/python scripts/bench_frontier.py [--steps 800] [--workers 4]
+    .venv/bin/python scripts/bench_frontier.py [--steps 800] [--workers 4] [--only ARM ...]
 
 DiLoCo H=50, 4 worker processes, the quickstart model on the stdlib corpus, equal tokens in
 every arm; one arm per codec, plus uncompressed DiLoCo and DDP measured in the same run. Each
@@ -29,8 +29,22 @@ ARMS: list[tuple[str, list[str]]] = [
     ("topk1", ["--codec.kind=topk", "--codec.fraction=0.01", "--codec.chunk=4096", "--codec.error_feedback=false"]),
     ("topk1-ef", ["--codec.kind=topk", "--codec.fraction=0.01", "--codec.chunk=4096", "--codec.error_feedback=true"]),
     ("sign-ef", ["--codec.kind=sign", "--codec.error_feedback=true"]),
-    ("powersgd-r4-ef", ["--codec.kind=powersgd", "--codec.rank=4", "--codec.error_feedback=true"]),
-]
+    ("powersgd-r4-ef", ["--codec.kind=powersgd", "--codec.rank=4", "--codec.error_feedback=true",
+                        "--codec.warm_start=false"]),
+    ("powersgd-r4-warm-ef", ["--codec.kind=powersgd", "--codec.rank=4", "--codec.error_feedback=true"]),
+    ("int2-ef", ["--codec.kind=int2"]),
+    ("int2-stochastic-ef", ["--codec.kind=int2", "--codec.stochastic=true"]),
+    ("ternary-ef", ["--codec.kind=ternary"]),
+    ("dct3-ef", ["--codec.kind=dct", "--codec.fraction=0.03"]),
+    ("dct3-int2-ef", ["--codec.kind=dct", "--codec.fraction=0.03", "--codec.values=int2"]),
+    ("topk1-dgc", ["--codec.kind=topk", "--codec.fraction=0.01", "--codec.chunk=4096", "--codec.momentum=0.9",
+                   "--codec.warmup_rounds=4"]),
+    ("adaptive", ["--codec.adapt_every=5", "--codec.adapt_error=0.05"]),
+    # inner optimizers (fp32 wire): Muon on the matrices at AdamW's lr; Lion at a third of it, 3x the decay
+    ("muon", ["--inner.optimizer=muon"]),
+    ("lion", ["--inner.optimizer=lion", "--inner.lr=1e-3", "--inner.weight_decay=0.3"]),
+    ("muon-int2-ef", ["--inner.optimizer=muon", "--codec.kind=int2"]),
+]  # fmt: skip
 
 
 def main() -> None:
@@ -103,8 +117,10 @@ def main() -> None:
         ],
         rows,
     )
+    # the standard run (800 steps, every arm) is the "frontier" section; a longer or partial one its own
+    key = "frontier" if args.steps == 800 and not args.only else f"frontier-{args.steps}"
     write_json(
-        "frontier",
+        key,
         {
             "benchmark": "frontier",
             "machine": machine(),
@@ -114,12 +130,13 @@ def main() -> None:
             "arms": results,
         },
     )
-    plot(results, RESULTS / "frontier.png")
+    plot(results, RESULTS / f"{key}.png")
     m = machine()
+    title = "" if key == "frontier" else f", {args.steps} steps ({args.steps // 50} outer rounds), selected arms"
     update_benchmarks_md(
-        "frontier",
+        key,
         f"""
-## Quality per byte: pseudo-gradient codecs (`scripts/bench_frontier.py`)
+## Quality per byte: pseudo-gradient codecs (`scripts/bench_frontier.py`{title})
 
 DiLoCo H=50, {args.workers} worker processes on {m["cpus"]} CPU cores, the quickstart model and
 inner hyper-parameters, {args.steps} steps per worker in every arm (equal tokens), {m["date"]},
@@ -128,9 +145,9 @@ the same run.
 
 {table}
 
-![validation loss against bytes sent](scripts/results/frontier.png)
+![validation loss against bytes sent](scripts/results/{key}.png)
 
-Raw results: `scripts/results/frontier.json`.
+Raw results: `scripts/results/{key}.json`.
 """,
     )
     print(table)
