@@ -15,22 +15,19 @@ coordinator's checkpoints carry it.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from dilo.outer.outer_opt import OptimizerFactory, load_state_tensors, state_tensors
-from dilo.outer.server import _Rule
+from dilo.outer.server import _Buffered
 
 
-class OptimizedPushes(_Rule):
+class OptimizedPushes(_Buffered):
     """Pushes (per_push) or buffers of K pushes as the gradients of an outer optimizer's steps."""
 
     _tensor_keys = ("acc",)
-    _int_keys = ("count", "workers", "flushes")
-    _float_keys = ("acc_weight",)
 
     def __init__(
         self,
@@ -45,60 +42,29 @@ class OptimizedPushes(_Rule):
         staleness_b: int = 4,
     ) -> None:
         super().__init__(params, staleness=staleness, staleness_a=staleness_a, staleness_b=staleness_b)
-        if buffer < 0 or workers < 1:
-            raise ValueError(f"buffer={buffer} must be >= 0 and workers={workers} >= 1")
         self.name = "nesterov" if per_push else "fedbuff"
         self.per_push = per_push
-        self.buffer, self.workers = int(buffer), int(workers)
         self._leaves = [torch.nn.Parameter(p, requires_grad=False) for p in params]  # views of params
         self.optimizer = make_optimizer(self._leaves)
-        self.acc = self._zeros()
-        """Sum of s_i w_i g_i over the buffered pushes (fedbuff)."""
-        self.acc_weight = 0.0
-        self.count = 0
-        self.flushes = 0
-        """Optimizer steps taken."""
-
-    @property
-    def buffer_size(self) -> int:
-        return 1 if self.per_push else self.buffer or self.workers
-
-    def set_workers(self, n: int) -> None:
-        super().set_workers(n)
-        self.workers = int(n)
+        self._init_buffer(buffer, workers)
 
     def push(self, g: list[Tensor], *, staleness: int, weight: float = 1.0, base: list[Tensor] | None = None) -> bool:
-        if not (math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"weight={weight} must be finite and >= 0")
+        if not self.per_push:
+            return self._buffered(g, staleness, weight)
         g = self._check(g)
         s = self._weight(staleness)
         self.pushes += 1
-        if self.per_push:
-            return self._step([x * s for x in g])
-        w = s * weight
-        if w == 0:
-            return False
-        with torch.no_grad():
-            for a, x in zip(self.acc, g):
-                a.add_(x, alpha=w)
-        self.acc_weight += w
-        self.count += 1
-        if self.count < self.buffer_size:
-            return False
-        mean = [a / self.acc_weight for a in self.acc]
-        for a in self.acc:
-            a.zero_()
-        self.acc_weight, self.count = 0.0, 0
-        return self._step(mean)
+        self._flush([x * s for x in g])
+        self.flushes += 1
+        return True
 
-    def _step(self, grads: list[Tensor]) -> bool:
-        for leaf, grad in zip(self._leaves, grads):
+    def _flush(self, mean: list[Tensor]) -> None:
+        """One step of the optimizer with `mean` as the gradient."""
+        for leaf, grad in zip(self._leaves, mean):
             leaf.grad = grad
         self.optimizer.step()
         for leaf in self._leaves:
             leaf.grad = None
-        self.flushes += 1
-        return True
 
     def state_dict(self) -> dict[str, Any]:
         # copies: the coordinator keeps this to roll a non-finite push back, and steps change the state in place

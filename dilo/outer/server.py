@@ -298,34 +298,17 @@ class DelayedNesterov(_Rule):
         return True
 
 
-class FedBuff(_Rule):
-    """FedBuff: K buffered pushes, their s_i w_i-weighted mean applied as one SGD (momentum) step."""
+class _Buffered(_Rule):
+    """K pushes summed as sum s_i w_i g_i / sum s_i w_i, the mean handed to `_flush` on the K-th
+    (FedBuff's buffer; also the adaptive outer optimizers' of dilo/outer/async_opt.py)."""
 
-    name = "fedbuff"
-    _tensor_keys = ("momentum_buf", "acc")
     _int_keys = ("count", "workers", "flushes")
     _float_keys = ("acc_weight",)
 
-    def __init__(
-        self,
-        params: list[Tensor],
-        *,
-        lr: float,
-        momentum: float,
-        buffer: int,
-        workers: int,
-        staleness: str = "constant",
-        staleness_a: float = 0.5,
-        staleness_b: int = 4,
-    ) -> None:
-        super().__init__(params, staleness=staleness, staleness_a=staleness_a, staleness_b=staleness_b)
-        _check_lr_momentum(lr, momentum)
+    def _init_buffer(self, buffer: int, workers: int) -> None:
         _check_buffer_workers(buffer, workers)
-        self.lr = float(lr)
-        self.momentum = float(momentum)
         self.buffer = int(buffer)
         self.workers = int(workers)
-        self.momentum_buf = self._zeros()
         self.acc = self._zeros()
         """Sum of s_i w_i g_i over the buffered pushes."""
         self.acc_weight = 0.0
@@ -344,7 +327,7 @@ class FedBuff(_Rule):
         super().set_workers(n)
         self.workers = int(n)
 
-    def push(self, g: list[Tensor], *, staleness: int, weight: float = 1.0, base: list[Tensor] | None = None) -> bool:
+    def _buffered(self, g: list[Tensor], staleness: int, weight: float) -> bool:
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"weight={weight} must be finite and >= 0")
         g = self._check(g)
@@ -359,19 +342,55 @@ class FedBuff(_Rule):
             self.count += 1
             if self.count < self.buffer_size:
                 return False
-            total = self.acc_weight
-            for p, m, a in zip(self.params, self.momentum_buf, self.acc):
-                a.div_(total)
-                if self.momentum:
-                    m.mul_(self.momentum).add_(a)
-                    p.sub_(m, alpha=self.lr)
-                else:
-                    p.sub_(a, alpha=self.lr)
+            for a in self.acc:
+                a.div_(self.acc_weight)
+            self._flush(self.acc)
+            for a in self.acc:
                 a.zero_()
         self.acc_weight = 0.0
         self.count = 0
         self.flushes += 1
         return True
+
+    def _flush(self, mean: list[Tensor]) -> None:
+        raise NotImplementedError
+
+
+class FedBuff(_Buffered):
+    """FedBuff: K buffered pushes, their s_i w_i-weighted mean applied as one SGD (momentum) step."""
+
+    name = "fedbuff"
+    _tensor_keys = ("momentum_buf", "acc")
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        *,
+        lr: float,
+        momentum: float,
+        buffer: int,
+        workers: int,
+        staleness: str = "constant",
+        staleness_a: float = 0.5,
+        staleness_b: int = 4,
+    ) -> None:
+        super().__init__(params, staleness=staleness, staleness_a=staleness_a, staleness_b=staleness_b)
+        _check_lr_momentum(lr, momentum)
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+        self.momentum_buf = self._zeros()
+        self._init_buffer(buffer, workers)
+
+    def push(self, g: list[Tensor], *, staleness: int, weight: float = 1.0, base: list[Tensor] | None = None) -> bool:
+        return self._buffered(g, staleness, weight)
+
+    def _flush(self, mean: list[Tensor]) -> None:
+        for p, m, a in zip(self.params, self.momentum_buf, mean):
+            if self.momentum:
+                m.mul_(self.momentum).add_(a)
+                p.sub_(m, alpha=self.lr)
+            else:
+                p.sub_(a, alpha=self.lr)
 
 
 class FedAsync(_Rule):
