@@ -105,10 +105,17 @@ def build_optimizer(model: nn.Module, cfg: InnerConfig) -> torch.optim.Optimizer
         from dilo.lion import build_lion
 
         return build_lion(model, cfg)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
+    return torch.optim.AdamW(decay_groups(params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, foreach=True)
+
+
+def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Parameter groups with the weight decay on matrices (weights, embeddings) and none on biases
+    and norm gains, as in GPT-2 (AdamW, Lion, Muon's AdamW half); empty groups left out."""
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def checkpoint_blocks(model: nn.Module) -> None:

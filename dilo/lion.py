@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dilo.config import InnerConfig
+from dilo.model import params_of
 
 Vote = Callable[[list[Tensor]], list[Tensor]]
 """Distributed Lion: the workers' update signs in, the aggregated directions out (a collective)."""
@@ -80,9 +81,6 @@ class Lion(torch.optim.Optimizer):
 
 def build_lion(model: nn.Module, cfg: InnerConfig) -> Lion:
     """Lion with the weight decay on matrices (weights, embeddings), not on biases and norm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return Lion([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+    from dilo.inner import decay_groups
+
+    return Lion(decay_groups(params_of(model), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)

@@ -24,15 +24,11 @@ from dilo.config import InnerConfig
 from dilo.errors import ConfigError
 
 
-def muon_available() -> bool:
-    return hasattr(torch.optim, "Muon")
-
-
 class MuonWithAdamW(torch.optim.Optimizer):
     """torch.optim.Muon over `matrices` and torch.optim.AdamW over `adamw_groups`, one optimizer."""
 
     def __init__(self, matrices: list[nn.Parameter], adamw_groups: list[dict[str, Any]], cfg: InnerConfig) -> None:
-        if not muon_available():
+        if not hasattr(torch.optim, "Muon"):  # torch < 2.9 (the config check says so first)
             raise ConfigError(
                 f"inner.optimizer='muon' needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}"
             )
@@ -67,20 +63,18 @@ def build_muon(model: nn.Module, cfg: InnerConfig) -> MuonWithAdamW:
     matrices, not biases and norm gains) on the rest."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     exclude = re.compile(cfg.muon_exclude) if cfg.muon_exclude else None
-    matrices, decay, no_decay = [], [], []
+    matrices: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() == 2 and id(p) not in embeddings and not (exclude and exclude.search(name)):
-            matrices.append(p)
-        elif p.dim() >= 2:
-            decay.append(p)
-        else:
-            no_decay.append(p)
+        is_hidden = p.dim() == 2 and id(p) not in embeddings and not (exclude and exclude.search(name))
+        (matrices if is_hidden else rest).append(p)
     if not matrices:
         raise ConfigError(
             "inner.optimizer='muon' found no weight matrix for Muon (all embeddings, excluded by "
             f"inner.muon_exclude={cfg.muon_exclude!r}, or not 2-D): use adamw"
         )
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return MuonWithAdamW(matrices, [g for g in groups if g["params"]], cfg)
+    from dilo.inner import decay_groups
+
+    return MuonWithAdamW(matrices, decay_groups(rest, cfg.weight_decay), cfg)

@@ -10,6 +10,8 @@ numel values. Payloads of different workers have different scales: not linear.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,6 +26,13 @@ _INT2_LEVELS = torch.tensor([[((b >> (2 * j)) & 3) - 1.5 for j in range(4)] for 
 """Every int2 byte's four levels, (q + 2) - 1.5 = q + 1/2: decode is one table lookup."""
 _TRITS = torch.tensor([[(b // 3**j) % 3 - 1.0 for j in range(5)] for b in range(256)])
 """Every ternary byte's five values in {-1, 0, +1} (bytes past 242 are never written)."""
+
+
+def _slabs(n_blocks: int, block: int) -> Iterator[tuple[int, int]]:
+    """(first, end) block ranges of about _SLAB values: the fp32 temporaries of each stay in cache."""
+    rows = max(1, _SLAB // block)
+    for lo in range(0, n_blocks, rows):
+        yield lo, min(lo + rows, n_blocks)
 
 
 def _pack(q: Tensor, per_byte: int, radix: int) -> Tensor:
@@ -112,9 +121,7 @@ class Int2:
         s = torch.where(s > 0, s, 1.0)[:, None]
         gen = torch.Generator(xb.device).manual_seed(ctx.worker_seed()) if self.stochastic else None
         packed = torch.empty(xb.shape[0], -(-self.block // 4), dtype=torch.uint8, device=xb.device)
-        rows = max(1, _SLAB // self.block)
-        for lo in range(0, xb.shape[0], rows):  # slab by slab: the fp32 temporaries stay in cache
-            hi = min(lo + rows, xb.shape[0])
+        for lo, hi in _slabs(xb.shape[0], self.block):
             y = xb[lo:hi] / s[lo:hi]
             if gen is not None:
                 y.sub_(0.5).add_(_uniform16(tuple(y.shape), gen, y.device))
@@ -173,9 +180,7 @@ class Ternary:
         s = torch.where(s > 0, s, 1.0)[:, None]
         gen = torch.Generator(xb.device).manual_seed(ctx.worker_seed())
         packed = torch.empty(xb.shape[0], -(-self.block // 5), dtype=torch.uint8, device=xb.device)
-        rows = max(1, _SLAB // self.block)
-        for lo in range(0, xb.shape[0], rows):
-            hi = min(lo + rows, xb.shape[0])
+        for lo, hi in _slabs(xb.shape[0], self.block):
             xs = xb[lo:hi]
             if bound is not None:
                 b = bound[lo:hi, None]

@@ -47,6 +47,7 @@ class CodecPlanner:
         self.specs = list(candidates)
         self.codecs = [_plain(build_codec(s)) for s in self.specs]
         self.every, self.budget, self.workers, self.resolution = every, budget, workers, resolution
+        self._bytes: dict[tuple[torch.Size, ...], Tensor] = {}
 
     def due(self, round_idx: int) -> bool:
         return round_idx % self.every == 0
@@ -72,13 +73,18 @@ class CodecPlanner:
         return errors, norms
 
     def wire_bytes(self, shapes: Sequence[torch.Size]) -> Tensor:
-        """[L, C] bytes each worker sends for each candidate on each parameter, through its collective."""
+        """[L, C] bytes each worker sends for each candidate on each parameter, through its
+        collective (computed once per set of shapes: payload sizes depend only on lengths)."""
+        key = tuple(shapes)
+        if key in self._bytes:
+            return self._bytes[key]
         w = self.workers
         out = torch.zeros(len(shapes), len(self.codecs), dtype=torch.float64)
         for c, codec in enumerate(self.codecs):
             factor = (w - 1) if not (codec.linear or codec.shardable) else 2 * (w - 1) / w
             for i, shape in enumerate(shapes):
                 out[i, c] = factor * codec.encode(torch.zeros(shape.numel()), Context(checked=True)).nbytes
+        self._bytes[key] = out
         return out
 
     def solve(self, errors: Tensor, norms: Tensor, shapes: Sequence[torch.Size]) -> list[int]:

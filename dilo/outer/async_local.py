@@ -30,7 +30,7 @@ from dilo.bodies import AsyncResultBody, StateBody, parse
 from dilo.errors import PeerLost, ProtocolError, SyncTimeout
 from dilo.model import param_names, params_of
 from dilo.outer.base import Anchor, Failure, Joined, SyncReport, Tail, all_finite
-from dilo.outer.exchange import describe_groups
+from dilo.outer.groups import describe_groups
 from dilo.outer.star import REJOIN_CODES, StarCodec, StarLink, adopt_parameters, joined_from, worker_key
 
 if TYPE_CHECKING:

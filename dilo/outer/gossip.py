@@ -44,7 +44,7 @@ from dilo import wire
 from dilo.model import param_names, params_of
 from dilo.outer import mixing
 from dilo.outer.base import Failure, GossipLinks, Joined, SyncReport, Tail, tensor_digest
-from dilo.outer.exchange import describe_groups
+from dilo.outer.groups import describe_groups
 from dilo.outer.star import StarCodec, worker_key
 
 if TYPE_CHECKING:

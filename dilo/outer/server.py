@@ -32,6 +32,7 @@ The rules do no I/O and keep no reference to the pushed tensors; all arithmetic 
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict, runtime_checkable
@@ -298,7 +299,7 @@ class DelayedNesterov(_Rule):
         return True
 
 
-class _Buffered(_Rule):
+class _Buffered(_Rule, abc.ABC):
     """K pushes summed as sum s_i w_i g_i / sum s_i w_i, the mean handed to `_flush` on the K-th
     (FedBuff's buffer; also the adaptive outer optimizers' of dilo/outer/async_opt.py)."""
 
@@ -352,8 +353,9 @@ class _Buffered(_Rule):
         self.flushes += 1
         return True
 
+    @abc.abstractmethod
     def _flush(self, mean: list[Tensor]) -> None:
-        raise NotImplementedError
+        """Apply the buffer's mean (FedBuff: one SGD step; async_opt: one step of the optimizer)."""
 
 
 class FedBuff(_Buffered):

@@ -32,7 +32,7 @@ from dilo.config import DiLoCoConfig
 from dilo.errors import PeerLost, ProtocolError, SyncTimeout
 from dilo.model import param_names, params_of
 from dilo.outer.base import Anchor, Failure, Joined, SyncReport, Tail, all_finite
-from dilo.outer.exchange import describe_groups
+from dilo.outer.groups import describe_groups
 from dilo.transport.base import ByteCounter
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from dilo.config import DDPConfig
 from dilo.errors import ConfigError
 from dilo.model import params_of
 from dilo.outer.base import Anchor
-from dilo.outer.exchange import SHARDS_PER_GROUP, Group, _plain, build_groups
+from dilo.outer.groups import SHARDS_PER_GROUP, Group, _plain, build_groups
 from dilo.outer.outer_opt import build_outer_optimizer, load_state_tensors, state_tensors
 
 if TYPE_CHECKING:
