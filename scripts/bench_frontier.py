@@ -37,6 +37,8 @@ ARMS: list[tuple[str, list[str]]] = [
     ("ternary-ef", ["--codec.kind=ternary"]),
     ("dct3-ef", ["--codec.kind=dct", "--codec.fraction=0.03"]),
     ("dct3-int2-ef", ["--codec.kind=dct", "--codec.fraction=0.03", "--codec.values=int2"]),
+    ("dct2.5-c256-int2-ef", ["--codec.kind=dct", "--codec.fraction=0.025", "--codec.chunk=256",
+                             "--codec.values=int2"]),
     ("topk1-dgc", ["--codec.kind=topk", "--codec.fraction=0.01", "--codec.chunk=4096", "--codec.momentum=0.9",
                    "--codec.warmup_rounds=4"]),
     ("adaptive", ["--codec.adapt_every=5", "--codec.adapt_error=0.05"]),
@@ -44,7 +46,14 @@ ARMS: list[tuple[str, list[str]]] = [
     ("muon", ["--inner.optimizer=muon"]),
     ("lion", ["--inner.optimizer=lion", "--inner.lr=1e-3", "--inner.weight_decay=0.3"]),
     ("muon-int2-ef", ["--inner.optimizer=muon", "--codec.kind=int2"]),
+    ("muon-dct2.5-c256-int2-ef", ["--inner.optimizer=muon", "--codec.kind=dct", "--codec.fraction=0.025",
+                                  "--codec.chunk=256", "--codec.values=int2"]),
 ]  # fmt: skip
+
+LONG_ARMS: list[tuple[str, list[str]]] = [
+    # the long run's own arms (--steps 1500 --only NAME): H must divide the steps
+    ("muon-int2-h150-ef", ["--inner.optimizer=muon", "--codec.kind=int2", "--outer.inner_steps=150"]),
+]
 
 
 def main() -> None:
@@ -52,10 +61,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=800, help="inner steps per worker in every arm")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--only", nargs="*", help="run only these arms (plus ddp and diloco)")
+    ap.add_argument(
+        "--no-ddp",
+        action="store_true",
+        help="skip the DDP arm (a long run): bytes against DDP use the all-reduce bytes DDP would "
+        "send for these steps, as every run counts them (ddp_bytes_per_worker); no loss against DDP",
+    )
     ap.add_argument("--config", default=str(REPO / "configs" / "quickstart.toml"))
     args = ap.parse_args()
 
     arms = [a for a in ARMS if not args.only or a[0] in ("ddp", "diloco", *args.only)]
+    arms += [a for a in LONG_ARMS if args.only and a[0] in args.only]
+    if args.no_ddp:
+        arms = [a for a in arms if a[0] != "ddp"]
     for name, _ in arms:  # arm names become run names: check them all before the first run
         if not re.fullmatch(r"[\w.-]+", name):
             raise SystemExit(f"arm name {name!r} must be letters, digits, '.', '-' or '_'")
@@ -82,16 +100,18 @@ def main() -> None:
                 )
             )
 
-    ddp = next(r["summary"] for r in results if r["name"] == "ddp")
     base = next(r["summary"] for r in results if r["name"] == "diloco")
+    ran_ddp = next((r["summary"] for r in results if r["name"] == "ddp"), None)
+    ddp_loss = ran_ddp["val_loss"] if ran_ddp else None
+    ddp_bytes = ran_ddp["bytes_sent_per_worker"] if ran_ddp else base["ddp_bytes_per_worker"]
     rows = []
     for r in results:
         s = r["summary"]
         r["ratios"] = {
             "val_loss_vs_diloco": s["val_loss"] / base["val_loss"],
-            "val_loss_vs_ddp": s["val_loss"] / ddp["val_loss"],
+            "val_loss_vs_ddp": s["val_loss"] / ddp_loss if ddp_loss else None,
             "bytes_vs_diloco": s["bytes_sent_per_worker"] / base["bytes_sent_per_worker"],
-            "bytes_vs_ddp": s["bytes_sent_per_worker"] / ddp["bytes_sent_per_worker"],
+            "bytes_vs_ddp": s["bytes_sent_per_worker"] / ddp_bytes,
         }
         q = r["ratios"]
         rows.append(
@@ -99,7 +119,7 @@ def main() -> None:
                 r["name"],
                 f"{s['val_loss']:.4f}",
                 f"{q['val_loss_vs_diloco']:.4f}",
-                f"{q['val_loss_vs_ddp']:.4f}",
+                "-" if q["val_loss_vs_ddp"] is None else f"{q['val_loss_vs_ddp']:.4f}",
                 f"{s['bytes_sent_per_worker'] / 1e6:.2f}",
                 f"{1 / q['bytes_vs_diloco']:.1f}x",
                 f"{1 / q['bytes_vs_ddp']:.0f}x",
@@ -118,7 +138,7 @@ def main() -> None:
         rows,
     )
     # the standard run (800 steps, every arm) is the "frontier" section; a longer or partial one its own
-    key = "frontier" if args.steps == 800 and not args.only else f"frontier-{args.steps}"
+    key = "frontier" if args.steps == 800 and not args.only and not args.no_ddp else f"frontier-{args.steps}"
     write_json(
         key,
         {
@@ -133,6 +153,12 @@ def main() -> None:
     plot(results, RESULTS / f"{key}.png")
     m = machine()
     title = "" if key == "frontier" else f", {args.steps} steps ({args.steps // 50} outer rounds), selected arms"
+    no_ddp = (
+        ""
+        if ran_ddp
+        else " DDP was not run: its bytes are those its per-step fp32 all-reduce sends over these"
+        " steps, as every run counts them."
+    )
     update_benchmarks_md(
         key,
         f"""
@@ -141,7 +167,7 @@ def main() -> None:
 DiLoCo H=50, {args.workers} worker processes on {m["cpus"]} CPU cores, the quickstart model and
 inner hyper-parameters, {args.steps} steps per worker in every arm (equal tokens), {m["date"]},
 torch {m["torch"]}. "ef" is error feedback. Ratios are against uncompressed DiLoCo and DDP from
-the same run.
+the same run.{no_ddp}
 
 {table}
 

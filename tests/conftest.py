@@ -20,6 +20,26 @@ from dilo.worlds import Placement
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files with the longest process tests first, the quick ones after: pytest-xdist hands
+    out whole files (--dist loadfile) in collection order, so the quick files fill in behind the
+    long ones instead of a long file starting last and running alone. A file's weight is the sum
+    of its `slow` tests' timeouts (60 s for one without its own); files keep their order among
+    equals, tests theirs in a file."""
+
+    def weight(item: pytest.Item) -> float:
+        if item.get_closest_marker("slow") is None:
+            return 0.0
+        mark = item.get_closest_marker("timeout")
+        return float(mark.args[0]) if mark and mark.args else 60.0
+
+    files: dict[str, float] = {}
+    for item in items:
+        files[item.nodeid.split("::")[0]] = files.get(item.nodeid.split("::")[0], 0.0) + weight(item)
+    rank = {f: i for i, f in enumerate(sorted(files, key=lambda f: -files[f]))}
+    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 1 MB of Python sources: small enough to load in milliseconds per worker."""

@@ -33,6 +33,7 @@ def _ruff() -> list[str]:
     return [exe]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(MYPY_TIMEOUT_S + 20)
 def test_mypy_strict_on_dilo() -> None:
     if importlib.util.find_spec("mypy") is None:
