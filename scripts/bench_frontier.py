@@ -24,9 +24,7 @@ ARMS: list[tuple[str, list[str]]] = [
     ("fp16", ["--codec.kind=fp16"]),
     ("int8", ["--codec.kind=int8"]),
     ("int4", ["--codec.kind=int4"]),
-    ("topk10", ["--codec.kind=topk", "--codec.fraction=0.1", "--codec.chunk=4096", "--codec.error_feedback=false"]),
     ("topk10-ef", ["--codec.kind=topk", "--codec.fraction=0.1", "--codec.chunk=4096", "--codec.error_feedback=true"]),
-    ("topk1", ["--codec.kind=topk", "--codec.fraction=0.01", "--codec.chunk=4096", "--codec.error_feedback=false"]),
     ("topk1-ef", ["--codec.kind=topk", "--codec.fraction=0.01", "--codec.chunk=4096", "--codec.error_feedback=true"]),
     ("sign-ef", ["--codec.kind=sign", "--codec.error_feedback=true"]),
     ("powersgd-r4-ef", ["--codec.kind=powersgd", "--codec.rank=4", "--codec.error_feedback=true",
@@ -39,8 +37,12 @@ ARMS: list[tuple[str, list[str]]] = [
     ("dct3-int2-ef", ["--codec.kind=dct", "--codec.fraction=0.03", "--codec.values=int2"]),
     ("dct2.5-c256-int2-ef", ["--codec.kind=dct", "--codec.fraction=0.025", "--codec.chunk=256",
                              "--codec.values=int2"]),
+    # SparseLoCo's outer step: the error feedback is the only momentum (outer SGD, lr 1)
+    ("dct2.5-c256-int2-ef-m0", ["--codec.kind=dct", "--codec.fraction=0.025", "--codec.chunk=256",
+                                "--codec.values=int2", "--outer.momentum=0", "--outer.nesterov=false"]),
+    # DGC: its momentum correction replaces the outer momentum (outer SGD, lr 1)
     ("topk1-dgc", ["--codec.kind=topk", "--codec.fraction=0.01", "--codec.chunk=4096", "--codec.momentum=0.9",
-                   "--codec.warmup_rounds=4"]),
+                   "--codec.warmup_rounds=4", "--outer.momentum=0", "--outer.nesterov=false"]),
     ("adaptive", ["--codec.adapt_every=5", "--codec.adapt_error=0.05"]),
     # inner optimizers (fp32 wire): Muon on the matrices at AdamW's lr; Lion at a third of it, 3x the decay
     ("muon", ["--inner.optimizer=muon"]),
