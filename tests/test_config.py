@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,24 @@ def test_every_config_loads(path: Path) -> None:
     cfg = load(path)
     assert isinstance(cfg, RunConfig)
     assert cfg.steps >= cfg.round_steps
+
+
+def test_loading_a_config_does_not_import_torch() -> None:
+    """`dilo run` validates the config before it starts its workers: with the default outer SGD
+    that takes no torch import (seconds per launch on a loaded machine)."""
+    code = (
+        "import sys; from dilo.config import load; "
+        f"load({str(REPO / 'configs' / 'quickstart.toml')!r}, ['--outer.momentum=0.3']); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_nesterov_without_momentum_is_refused_at_config_time() -> None:
+    with pytest.raises(ConfigError, match="outer.nesterov = true needs outer.momentum > 0"):
+        load(REPO / "configs" / "quickstart.toml", ["--outer.momentum=0"])
+    assert load(REPO / "configs" / "quickstart.toml", ["--outer.momentum=0", "--outer.nesterov=false"])
 
 
 def test_quickstart_is_the_documented_main_job() -> None:

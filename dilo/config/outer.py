@@ -43,10 +43,14 @@ class OuterOptimizer(Frozen):
 
     @model_validator(mode="after")
     def _check_optimizer(self) -> Self:
-        from dilo.outer.outer_opt import check_outer_optimizer
+        if self.optimizer == "sgd":  # its settings are this section's fields, checked above: no torch here
+            if self.optimizer_args:
+                raise ValueError("outer.optimizer_args are for the other outer optimizers; sgd takes outer.momentum")
+            if getattr(self, "nesterov", False) and not getattr(self, "momentum", 0.0):
+                raise ValueError("outer.nesterov = true needs outer.momentum > 0 (outer.nesterov = false: plain SGD)")
+            return self
+        from dilo.outer.outer_opt import check_outer_optimizer  # builds it on a dummy parameter
 
-        if self.optimizer == "sgd" and self.optimizer_args:
-            raise ValueError("outer.optimizer_args are for the other outer optimizers; sgd takes outer.momentum")
         check_outer_optimizer(self)
         return self
 
