@@ -21,8 +21,6 @@ from benchlib import REPO, RESULTS, machine, markdown_table, run_arm, update_ben
 ARMS: list[tuple[str, list[str]]] = [
     ("ddp", ["--outer.kind=ddp", "--sync_every_ddp_eval=50"]),
     ("diloco", []),
-    ("fp16", ["--codec.kind=fp16"]),
-    ("int8", ["--codec.kind=int8"]),
     ("int4", ["--codec.kind=int4"]),
     ("topk10-ef", ["--codec.kind=topk", "--codec.fraction=0.1", "--codec.chunk=4096", "--codec.error_feedback=true"]),
     ("topk1-ef", ["--codec.kind=topk", "--codec.fraction=0.01", "--codec.chunk=4096", "--codec.error_feedback=true"]),
