@@ -46,6 +46,9 @@ ARMS: list[tuple[str, list[str]]] = [
     ("muon", ["--inner.optimizer=muon"]),
     ("lion", ["--inner.optimizer=lion", "--inner.lr=1e-3", "--inner.weight_decay=0.3"]),
     ("muon-int2-ef", ["--inner.optimizer=muon", "--codec.kind=int2"]),
+    # Distributed Lion: data parallel, every step 1 bit per parameter all-gathered and a majority vote
+    ("dlion-majority", ["--outer.kind=ddp", "--sync_every_ddp_eval=50", "--outer.vote=majority",
+                        "--inner.optimizer=lion", "--inner.lr=1e-3", "--inner.weight_decay=0.3"]),
     ("muon-dct2.5-c256-int2-ef", ["--inner.optimizer=muon", "--codec.kind=dct", "--codec.fraction=0.025",
                                   "--codec.chunk=256", "--codec.values=int2"]),
 ]  # fmt: skip
@@ -87,7 +90,7 @@ def main() -> None:
                 "--log.eval_batches=32",
                 "--log.eval_every=1",
             ]
-            if name == "ddp":
+            if "--outer.kind=ddp" in overrides:
                 common.remove("--outer.inner_steps=50")
             results.append(
                 run_arm(
