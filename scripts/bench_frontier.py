@@ -42,9 +42,10 @@ ARMS: list[tuple[str, list[str]]] = [
     ("topk1-dgc", ["--codec.kind=topk", "--codec.fraction=0.01", "--codec.chunk=4096", "--codec.momentum=0.9",
                    "--codec.warmup_rounds=4", "--outer.momentum=0", "--outer.nesterov=false"]),
     ("adaptive", ["--codec.adapt_every=5", "--codec.adapt_error=0.05"]),
-    # inner optimizers (fp32 wire): Muon on the matrices at AdamW's lr; Lion at a third of it, 3x the decay
+    # inner optimizers (fp32 wire): Muon on the matrices at AdamW's lr; Lion at 1/3 and 1/10 of it (same lr x decay)
     ("muon", ["--inner.optimizer=muon"]),
     ("lion", ["--inner.optimizer=lion", "--inner.lr=1e-3", "--inner.weight_decay=0.3"]),
+    ("lion-lr3e-4", ["--inner.optimizer=lion", "--inner.lr=3e-4", "--inner.weight_decay=1.0"]),
     ("muon-int2-ef", ["--inner.optimizer=muon", "--codec.kind=int2"]),
     # Distributed Lion: data parallel, every step 1 bit per parameter all-gathered and a majority vote
     ("dlion-majority", ["--outer.kind=ddp", "--sync_every_ddp_eval=50", "--outer.vote=majority",
