@@ -28,7 +28,7 @@ ARMS: list[tuple[str, list[str]]] = [
     ("powersgd-r4-warm-ef", ["--codec.kind=powersgd", "--codec.rank=4", "--codec.error_feedback=true"]),
     ("int2-ef", ["--codec.kind=int2"]),
     ("int2-stochastic-ef", ["--codec.kind=int2", "--codec.stochastic=true"]),
-    ("ternary-ef", ["--codec.kind=ternary"]),
+    ("ternary-ef", ["--codec.kind=ternary", "--codec.error_feedback=true"]),
     ("ternary", ["--codec.kind=ternary", "--codec.error_feedback=false"]),  # TernGrad sends no residual
     ("dct3-ef", ["--codec.kind=dct", "--codec.fraction=0.03"]),
     ("dct3-int2-ef", ["--codec.kind=dct", "--codec.fraction=0.03", "--codec.values=int2"]),

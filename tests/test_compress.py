@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from types import SimpleNamespace
+from typing import get_args
 
 import pytest
 import torch
@@ -36,6 +37,7 @@ from dilo.compress import (
 )
 from dilo.compress.dct import dct_matrix
 from dilo.compress.sparse import _count, randomk_indices
+from dilo.config import CodecKind, CodecSpec
 
 CODECS: dict[str, Callable[[], Codec]] = {
     "identity": Identity,
@@ -604,11 +606,8 @@ def _spec(kind: str, **kw: object) -> SimpleNamespace:
     )
     base.update(kw)
     ns = SimpleNamespace(kind=kind, **base)
-    ns.feedback = (
-        ns.error_feedback
-        if ns.error_feedback is not None
-        else kind in ("int2", "ternary", "topk", "dct", "randomk", "sign", "powersgd")
-    )
+    default = CodecSpec(kind=kind).feedback if kind in get_args(CodecKind) else False  # the config's default
+    ns.feedback = ns.error_feedback if ns.error_feedback is not None else default
     return ns
 
 
@@ -624,7 +623,7 @@ def _spec(kind: str, **kw: object) -> SimpleNamespace:
         ("randomk", "ErrorFeedback(RandomK(fraction=0.05))"),
         ("sign", "ErrorFeedback(Sign(block=64))"),
         ("int2", "ErrorFeedback(Int2(block=64, stochastic=False))"),
-        ("ternary", "ErrorFeedback(Ternary(block=64, clip=2.5))"),
+        ("ternary", "Ternary(block=64, clip=2.5)"),
         ("dct", "ErrorFeedback(DCTTopK(fraction=0.05, chunk=64, values='bf16'))"),
         ("powersgd", "PowerSGD(rank=2, min_compression=2.0, warm_start=True)"),
     ],

@@ -266,7 +266,8 @@ class CodecSpec(Frozen):
     tensors go uncompressed."""
     error_feedback: bool | None = None
     """Keep what was not sent and add it to the next round's pseudo-gradient. Default: on for
-    int2, ternary, topk, dct, randomk, sign and powersgd, off otherwise."""
+    int2, topk, dct, randomk, sign and powersgd, off otherwise (ternary: its error is as large as
+    its signal, so a residual would grow instead of being paid back)."""
 
     @model_validator(mode="after")
     def _codec_options(self) -> Self:
@@ -285,7 +286,7 @@ class CodecSpec(Frozen):
     def feedback(self) -> bool:
         if self.error_feedback is not None:
             return self.error_feedback
-        return self.kind in ("int2", "ternary", "topk", "dct", "randomk", "sign", "powersgd")
+        return self.kind in ("int2", "topk", "dct", "randomk", "sign", "powersgd")
 
 
 class CodecOverride(CodecSpec):
