@@ -33,11 +33,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         mark = item.get_closest_marker("timeout")
         return float(mark.args[0]) if mark and mark.args else 60.0
 
-    files: dict[str, float] = {}
+    files: dict[Path, float] = {}
     for item in items:
-        files[item.nodeid.split("::")[0]] = files.get(item.nodeid.split("::")[0], 0.0) + weight(item)
+        files[item.path] = files.get(item.path, 0.0) + weight(item)
     rank = {f: i for i, f in enumerate(sorted(files, key=lambda f: -files[f]))}
-    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
+    items.sort(key=lambda item: rank[item.path])
 
 
 @pytest.fixture(scope="session")

@@ -100,42 +100,33 @@ def build_groups(names: list[str], shapes: list[torch.Size], spec: CodecSpec, bu
     `spec` is a CodecConfig, or a bare CodecSpec (no overrides).
     """
     overrides: list[CodecOverride] = list(getattr(spec, "overrides", []))
-    specs = [spec, *overrides]
-    members: list[list[int]] = [[] for _ in specs]
-    for i, name in enumerate(names):
-        k = next((j + 1 for j, o in enumerate(overrides) if re.search(o.pattern, name)), 0)
-        members[k].append(i)
-    offsets = [0]
-    for shape in shapes:
-        offsets.append(offsets[-1] + shape.numel())
-    groups = []
-    for k, (s, idx) in enumerate(zip(specs, members)):
-        if not idx:
-            continue
-        label = "default" if k == 0 else f"override {overrides[k - 1].pattern!r}"
-        layout = FlatLayout(
-            [shapes[i] for i in idx], [shapes[i].numel() for i in idx], max(1, int(bucket_mb * 2**20 / 4))
-        )
-        pieces = [(offsets[i], shapes[i].numel()) for i in idx]
-        groups.append(Group(k, label, idx, build_codec(s), bool(s.feedback), layout, pieces))
-    return groups
+    chosen = [next((j + 1 for j, o in enumerate(overrides) if re.search(o.pattern, name)), 0) for name in names]
+    labels = ["default", *(f"override {o.pattern!r}" for o in overrides)]
+    return _grouped(shapes, [spec, *overrides], labels, chosen, bucket_mb)
 
 
 def plan_groups(shapes: list[torch.Size], specs: list[Any], plan: list[int], bucket_mb: float = 32.0) -> list[Group]:
     """Groups for an adaptive plan: the parameters of each chosen candidate (index c) form group c."""
+    return _grouped(shapes, specs, [f"adaptive {s.kind}" for s in specs], plan, bucket_mb)
+
+
+def _grouped(
+    shapes: list[torch.Size], specs: list[Any], labels: list[str], chosen: list[int], bucket_mb: float
+) -> list[Group]:
+    """Group k: the parameters i with chosen[i] == k, encoded by build_codec(specs[k]); empty groups
+    are left out (the others keep their index k)."""
     offsets = [0]
     for shape in shapes:
         offsets.append(offsets[-1] + shape.numel())
     groups = []
-    for c, spec in enumerate(specs):
-        idx = [i for i, chosen in enumerate(plan) if chosen == c]
+    for k, spec in enumerate(specs):
+        idx = [i for i, c in enumerate(chosen) if c == k]
         if not idx:
             continue
-        layout = FlatLayout(
-            [shapes[i] for i in idx], [shapes[i].numel() for i in idx], max(1, int(bucket_mb * 2**20 / 4))
-        )
-        pieces = [(offsets[i], shapes[i].numel()) for i in idx]
-        groups.append(Group(c, f"adaptive {spec.kind}", idx, build_codec(spec), bool(spec.feedback), layout, pieces))
+        numels = [shapes[i].numel() for i in idx]
+        layout = FlatLayout([shapes[i] for i in idx], numels, max(1, int(bucket_mb * 2**20 / 4)))
+        pieces = [(offsets[i], n) for i, n in zip(idx, numels)]
+        groups.append(Group(k, labels[k], idx, build_codec(spec), bool(spec.feedback), layout, pieces))
     return groups
 
 
