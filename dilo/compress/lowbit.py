@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dilo.compress.base import Context, Encoded, check_finite
+from dilo.compress.dither import LANE_MEAN, LANE_STEP, Dither
 from dilo.compress.quant import _bf16_at_least, _blocks
 
 _SLAB = 1 << 18
@@ -28,44 +29,50 @@ _TRITS = torch.tensor([[(b // 3**j) % 3 - 1.0 for j in range(5)] for b in range(
 """Every ternary byte's five values in {-1, 0, +1} (bytes past 242 are never written)."""
 
 
+def _slab_rows(n_blocks: int, block: int) -> int:
+    """Blocks per slab: about _SLAB values, at most all of them."""
+    return max(1, min(n_blocks, _SLAB // block))
+
+
 def _slabs(n_blocks: int, block: int) -> Iterator[tuple[int, int]]:
     """(first, end) block ranges of about _SLAB values: the fp32 temporaries of each stay in cache."""
-    rows = max(1, _SLAB // block)
+    rows = _slab_rows(n_blocks, block)
     for lo in range(0, n_blocks, rows):
         yield lo, min(lo + rows, n_blocks)
 
 
-def _pack(q: Tensor, per_byte: int, radix: int) -> Tensor:
-    """[rows, block] codes (uint8, < radix) packed per row, `per_byte` to a byte, value j of a byte
-    times radix^j; each row zero-padded to whole bytes."""
-    pad = -q.shape[1] % per_byte
-    if pad:
-        q = F.pad(q, (0, pad))
-    v = q.view(q.shape[0], -1, per_byte)
-    out = v[:, :, 0].clone()
-    for j in range(1, per_byte):
-        out += v[:, :, j] * radix**j  # uint8: the digits never carry past 255
+class _Packer:
+    """Codes of [rows, block] (fp32 integers below `radix`) into bytes: `per_byte` codes to a byte,
+    code j of a byte times radix^j, each row zero-padded to whole bytes. The codes are written
+    into `codes(k)`, a view of a buffer whose padding columns stay zero; `pack_into` forms each
+    byte's sum as one matrix-vector product (exact: integers below 256) and casts it to uint8,
+    one pass over contiguous memory where per-digit shifts and adds would stride over it."""
+
+    def __init__(self, block: int, per_byte: int, radix: int, rows: int, device: torch.device) -> None:
+        self.block, self.per_byte = block, per_byte
+        self.nbytes = -(-block // per_byte)
+        self._buf = torch.zeros(rows, self.nbytes * per_byte, device=device)
+        self._weights = torch.tensor([float(radix**j) for j in range(per_byte)], device=device)
+
+    def codes(self, k: int) -> Tensor:
+        return self._buf[:k, : self.block]
+
+    def pack_into(self, out: Tensor) -> None:
+        k = out.shape[0]
+        out.copy_(torch.matmul(self._buf[:k].view(k, self.nbytes, self.per_byte), self._weights))
+
+
+def _unpack(packed: Tensor, table: Tensor, block: int, scale: Tensor) -> Tensor:
+    """[n_blocks, bytes] through a per-byte table of values, times each block's scale:
+    [n_blocks, block] fp32, contiguous. Slab by slab: the looked-up values stay in cache and the
+    output is written once."""
+    table = table.to(packed.device)
+    out = torch.empty(packed.shape[0], block, device=packed.device)
+    for lo, hi in _slabs(packed.shape[0], block):
+        # an embedding lookup with int32 indices: about twice as fast as indexing, or as shifting bits out
+        values = F.embedding(packed[lo:hi].int(), table)  # [rows, bytes, per_byte]
+        torch.mul(values.flatten(1)[:, :block], scale[lo:hi, None], out=out[lo:hi])
     return out
-
-
-def _unpack(packed: Tensor, table: Tensor, block: int) -> Tensor:
-    """[n_blocks, bytes] through a per-byte table of values: [n_blocks, block] fp32."""
-    # an embedding lookup with int32 indices: about twice as fast as indexing, or as shifting bits out
-    values = F.embedding(packed.int(), table.to(packed.device))  # [n_blocks, bytes, per_byte]
-    return values.flatten(1)[:, :block]
-
-
-def _uniform16(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> Tensor:
-    """Uniform [0, 1) draws on a 2^-16 grid plus half a step (so the mean is exactly 1/2), three per
-    64-bit random word (its low 48 bits: random_ on int64 draws from [0, 2^63)): the CPU generator's
-    cost per word, not per value, is what limits a stochastic codec. An event of probability p then
-    has probability p to within 2^-17."""
-    n = 1
-    for d in shape:
-        n *= d
-    words = torch.empty((n + 2) // 3, dtype=torch.int64, device=device).random_(generator=gen)
-    lanes = words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n].to(torch.int32).add_(32768)  # 0 .. 65535
-    return lanes.float().add_(0.5).mul_(2.0**-16).view(shape)
 
 
 def _rms(xb: Tensor, n: int) -> Tensor:
@@ -96,7 +103,7 @@ class Int2:
     0 and decodes to zeros. Deterministic: q = floor(x / s_b) clamped to [-2, 1], the level at the
     middle of the value's interval, |x - x_hat| <= s_b / 2 where |x| <= 2 s_b. Stochastic
     (stochastic = True): q = floor(x / s_b - 1/2 + u), u uniform on a 2^-16 grid from
-    ctx.worker_seed(), between the two levels around x: |x - x_hat| <= s_b and E[x_hat] = x to
+    ctx.worker_seed() (`dilo.compress.dither`), between the two levels around x: |x - x_hat| <= s_b and E[x_hat] = x to
     within 2^-17 s_b where |x| <= 1.5 s_b. Zero is not a level: small values cost up to s_b / 2.
 
     Payload {"scale": bf16[n_blocks], "q": uint8[n_blocks, ceil(block / 4)]}, value 4i + j of a
@@ -119,19 +126,20 @@ class Int2:
         scale = _bf16_at_least(torch.minimum(absmax.double() / 1.5, _rms(xb, n)))
         s = scale.float()
         s = torch.where(s > 0, s, 1.0)[:, None]
-        gen = torch.Generator(xb.device).manual_seed(ctx.worker_seed()) if self.stochastic else None
-        packed = torch.empty(xb.shape[0], -(-self.block // 4), dtype=torch.uint8, device=xb.device)
+        dither = Dither(ctx.worker_seed(), xb.device) if self.stochastic else None
+        packer = _Packer(self.block, 4, 4, _slab_rows(xb.shape[0], self.block), xb.device)
+        packed = torch.empty(xb.shape[0], packer.nbytes, dtype=torch.uint8, device=xb.device)
         for lo, hi in _slabs(xb.shape[0], self.block):
-            y = xb[lo:hi] / s[lo:hi]
-            if gen is not None:
-                y.sub_(0.5).add_(_uniform16(tuple(y.shape), gen, y.device))
-            q = y.floor_().clamp_(-2, 1).add_(2).to(torch.uint8)
-            packed[lo:hi] = _pack(q, 4, 4)
+            y = torch.div(xb[lo:hi], s[lo:hi], out=packer.codes(hi - lo))
+            if dither is not None:  # x / s - 1/2 + u
+                y.add_(dither.lanes(y.numel()).view(y.shape), alpha=LANE_STEP).add_(LANE_MEAN - 0.5)
+            y.floor_().clamp_(-2, 1).add_(2)
+            packer.pack_into(packed[lo:hi])
         return Encoded({"scale": scale, "q": packed}, n)
 
     def decode(self, e: Encoded) -> Tensor:
         scale = e.tensors["scale"].float()
-        out = _unpack(e.tensors["q"], _INT2_LEVELS, self.block).mul_(scale[:, None]).reshape(-1)[: e.numel]
+        out = _unpack(e.tensors["q"], _INT2_LEVELS, self.block, scale).view(-1)[: e.numel]
         limit = torch.finfo(torch.float32).max
         if out.numel() and float(scale.max()) * 1.5 > limit:
             out.clamp_(-limit, limit)  # near fp32's limit the rounded-up scale overflows: +-max is closer
@@ -144,12 +152,14 @@ class Int2:
 class Ternary:
     """TernGrad (Wen et al., NeurIPS 2017): x_hat = s_b sign(x) b, b ~ Bernoulli(|x| / s_b).
 
-    Per block: with clip > 0, values are first clipped to +-clip x the block's RMS (TernGrad's
-    gradient clipping, c = 2.5: a few outliers would otherwise make s_b large and almost every b
-    zero); s_b = max |x_clipped| (bf16, rounded up). The draw is unbiased for the clipped values
-    (to within 2^-17 s_b: 16-bit uniform draws), E[x_hat] = x_clipped, with |x_clipped - x_hat| <=
-    s_b; the clipped excess is left to error feedback. Random streams from ctx.worker_seed(),
-    independent per worker.
+    Per block: s_b = max |x| (bf16, rounded up), or with clip > 0 the smaller clip x the block's
+    RMS (TernGrad's gradient clipping, c = 2.5: a few outliers would otherwise make s_b large and
+    almost every b zero), and values are clipped to +-s_b. The draw is stochastic rounding of
+    y = x_clipped / s_b in [-1, 1] to {-1, 0, +1}: floor(y + u), u uniform on a 2^-16 grid from
+    ctx.worker_seed() (see `dilo.compress.dither`), which is +-1 with probability |y| and keeps
+    y's sign: unbiased for the clipped values to within 2^-17 s_b, E[x_hat] = x_clipped, with
+    |x_clipped - x_hat| <= s_b; the clipped excess is left to error feedback. Independent
+    streams per worker.
 
     Payload {"scale": bf16[n_blocks], "t": uint8[n_blocks, ceil(block / 5)]}: five values per byte
     in base 3 (t = sign b + 1, value 5i + j of a block times 3^j in its byte i): 1.6 bits per value."""
@@ -178,21 +188,20 @@ class Ternary:
         scale = _bf16_at_least(top.double()).clamp_(max=torch.finfo(torch.bfloat16).max)
         s = scale.float()
         s = torch.where(s > 0, s, 1.0)[:, None]
-        gen = torch.Generator(xb.device).manual_seed(ctx.worker_seed())
-        packed = torch.empty(xb.shape[0], -(-self.block // 5), dtype=torch.uint8, device=xb.device)
+        dither = Dither(ctx.worker_seed(), xb.device)
+        packer = _Packer(self.block, 5, 3, _slab_rows(xb.shape[0], self.block), xb.device)
+        packed = torch.empty(xb.shape[0], packer.nbytes, dtype=torch.uint8, device=xb.device)
         for lo, hi in _slabs(xb.shape[0], self.block):
-            xs = xb[lo:hi]
-            if bound is not None:
-                b = bound[lo:hi, None]
-                xs = torch.maximum(torch.minimum(xs, b), b.neg())
-            keep = _uniform16(tuple(xs.shape), gen, xs.device) < xs.abs() / s[lo:hi]
-            t = (torch.sign(xs) * keep).add_(1).to(torch.uint8)
-            packed[lo:hi] = _pack(t, 5, 3)
+            y = torch.div(xb[lo:hi], s[lo:hi], out=packer.codes(hi - lo)).clamp_(-1, 1)  # clipped at +-s_b
+            # t = floor(y + u) + 1: -1, 0 or +1 with E = y, moved to the codes 0, 1, 2
+            y.add_(dither.lanes(y.numel()).view(y.shape), alpha=LANE_STEP).add_(LANE_MEAN + 1)
+            y.floor_().clamp_(0, 2)
+            packer.pack_into(packed[lo:hi])
         return Encoded({"scale": scale, "t": packed}, n)
 
     def decode(self, e: Encoded) -> Tensor:
         scale = e.tensors["scale"].float()
-        return _unpack(e.tensors["t"], _TRITS, self.block).mul_(scale[:, None]).reshape(-1)[: e.numel]
+        return _unpack(e.tensors["t"], _TRITS, self.block, scale).view(-1)[: e.numel]
 
     def __repr__(self) -> str:
         return f"Ternary(block={self.block}, clip={self.clip})"

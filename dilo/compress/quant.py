@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dilo.compress.base import Context, Encoded, check_finite
+from dilo.compress.dither import LANE_MEAN, LANE_STEP, Dither
 
 _SLAB = 1 << 18
 """Values quantized per step. Whole-tensor ops would allocate fp32 temporaries as large as the
@@ -72,13 +73,13 @@ class BlockQuant:
     Per block b: s_b = absmax_b / qmax (qmax = 127 for int8, 7 for int4), stored as bf16 rounded
     UP, so |x| / s_b <= qmax always holds and no value is clipped. A zero block gets s_b = 0 and
     decodes to exact zeros. q = round(x / s_b) (half to even), or with `stochastic`,
-    q = floor(x / s_b + u), u ~ U[0, 1) from a generator seeded by ctx.worker_seed(), so each worker
-    draws an independent stream. Decode: x_hat = q * s_b.
+    q = floor(x / s_b + u), u uniform on a 2^-16 grid in (0, 1) drawn from ctx.worker_seed() (see
+    `dilo.compress.dither`), so each worker draws an independent stream. Decode: x_hat = q * s_b.
 
     Bounds, with s_b the stored scale (absmax_b / qmax <= s_b <= absmax_b / qmax * (1 + 2^-7)
     while s_b is a normal bf16), up to the fp32 rounding of the product (2^-24 |x_hat|):
     - deterministic: |x - x_hat| <= s_b / 2;
-    - stochastic: |x - x_hat| <= s_b, and E[x_hat] = x (unbiased).
+    - stochastic: |x - x_hat| <= s_b, and E[x_hat] = x to within 2^-17 s_b (unbiased).
     Within 1% of the fp32 maximum, q * s_b can exceed it; decode saturates those values, which only
     brings them closer to x.
 
@@ -111,17 +112,16 @@ class BlockQuant:
         scale = _bf16_at_least(absmax.double() / self.qmax)
         s = scale.float()
         s = torch.where(s > 0, s, 1.0)[:, None]
-        gen = torch.Generator(xb.device).manual_seed(ctx.worker_seed()) if self.stochastic else None
+        dither = Dither(ctx.worker_seed(), xb.device) if self.stochastic else None
         q = torch.empty(xb.shape, dtype=torch.int8, device=xb.device)
         rows = max(1, _SLAB // self.block)
         y = torch.empty(min(rows, n_blocks), self.block, device=xb.device)
-        noise = torch.empty_like(y) if self.stochastic else None
         # Slab by slab, so the fp32 temporaries stay in cache (see _SLAB).
         for lo in range(0, n_blocks, rows):
             hi = min(lo + rows, n_blocks)
             ys = torch.div(xb[lo:hi], s[lo:hi], out=y[: hi - lo])
-            if noise is not None:
-                ys.add_(noise[: hi - lo].uniform_(generator=gen)).floor_()
+            if dither is not None:  # x / s + u
+                ys.add_(dither.lanes(ys.numel()).view(ys.shape), alpha=LANE_STEP).add_(LANE_MEAN).floor_()
                 # x/s + u may round up to qmax + 1 in fp32 when x/s == qmax and u is close to 1.
                 ys.clamp_(-self.qmax, self.qmax)
             else:
