@@ -1,6 +1,7 @@
-"""The stochastic codecs' random lanes and the low-bit codecs' byte packing, each against a plain
-reference: the lanes are uniform 16-bit integers, a pure function of the seed; the packed bytes
-are the documented wire format, digit by digit."""
+"""The codecs' fast paths against plain references: the stochastic codecs' random lanes are
+uniform 16-bit integers, a pure function of the seed; the low-bit codecs' packed bytes are the
+documented wire format, digit by digit; DCT top-k's slab-by-slab selection keeps the
+coefficients a whole-tensor topk keeps, and its decode is the inverse transform."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import math
 import pytest
 import torch
 
-from dilo.compress import Context, Int2, Ternary
+from dilo.compress import Context, DCTTopK, Int2, Ternary
+from dilo.compress.dct import dct_matrix
 from dilo.compress.dither import LANE_MEAN, LANE_STEP, Dither, device_lanes
 from dilo.compress.lowbit import _Packer
 
@@ -100,3 +102,36 @@ def test_payload_bytes_are_the_documented_wire_format(codec: Int2 | Ternary) -> 
     real = (codec.block - n_pad) if n_pad else codec.block
     digits = [(int(b) // radix**j) % radix for b in got[-1] for j in range(per_byte)][:real]
     assert digits == [int(c) for c in codes[-1, :real]]
+
+
+def _dct_reference(codec: DCTTopK, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every chunk's coefficients (fp64) and its k largest magnitudes, sorted, by one topk."""
+    pad = -x.numel() % codec.chunk
+    xc = torch.nn.functional.pad(x.double(), (0, pad)).view(-1, codec.chunk)
+    coeffs = xc @ dct_matrix(codec.chunk).double().T
+    return coeffs, coeffs.abs().topk(codec.k, dim=1).values
+
+
+@pytest.mark.parametrize(
+    ("fraction", "chunk"),
+    [(0.03, 64), (0.2, 64), (0.027, 256), (0.05, 256), (0.01, 1024), (1.0, 8)],
+    ids=["k2-passes", "k13-topk", "k7-passes", "k13-topk-256", "k11-topk-1024", "all"],
+)
+def test_dct_selection_and_inverse_match_a_whole_tensor_reference(fraction: float, chunk: int) -> None:
+    codec = DCTTopK(fraction, chunk=chunk)
+    g = torch.Generator().manual_seed(chunk)
+    # more than one slab of chunks, a short last chunk, and chunks of ties (all zero, constant)
+    x = torch.randn(chunk * 5000 + chunk // 2, generator=g)
+    x[: 3 * chunk] = 0.0
+    x[3 * chunk : 4 * chunk] = 2.0
+    e = codec.encode(x, Context())
+    coeffs, top = _dct_reference(codec, x)
+    idx = e.tensors["idx"].long() + (32768 if chunk > 256 else 0)
+    assert bool((idx.sort(dim=1).values.diff(dim=1) > 0).all()), "a coefficient kept twice"
+    kept = coeffs.gather(1, idx)
+    torch.testing.assert_close(kept.abs().sort(dim=1, descending=True).values, top, rtol=0, atol=1e-5)
+    torch.testing.assert_close(e.tensors["values"].double(), kept, rtol=2**-8, atol=1e-5)
+    # decode: the inverse transform of the kept (bf16) coefficients
+    sparse = torch.zeros_like(coeffs).scatter_(1, idx, e.tensors["values"].double())
+    ref = (sparse @ dct_matrix(chunk).double()).view(-1)[: x.numel()]
+    torch.testing.assert_close(codec.decode(e).double(), ref, rtol=0, atol=1e-5)
