@@ -475,6 +475,55 @@ def test_dgc_momentum_correction_matches_the_naive_loop() -> None:
     assert torch.equal(twin.velocities[0], codec.velocities[0]) and torch.equal(twin.residuals[0], codec.residuals[0])
 
 
+@pytest.mark.parametrize("inner", ["identity", "topk", "int2"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_error_feedback_never_writes_what_it_does_not_own(inner: str, momentum: float) -> None:
+    """Residuals and velocities are updated in place only in tensors of the encode's own: the
+    caller's input, the payload (the fp32 identity's payload is the input itself), and the
+    residuals and velocities a `memory` snapshot holds for a rollback stay as they were; the
+    results are those of the update written out on copies, a rollback included."""
+    codec = ErrorFeedback(CODECS[inner](), momentum=momentum)
+    plain = CODECS[inner]()
+    r_ref: Tensor | None = None
+    u_ref: Tensor | None = None
+    for r in range(5):
+        x = _rand(300, 70 + r)
+        x_before = x.clone()
+        snapshot = codec.memory()
+        saved = [{p: t.clone() for p, t in d.items()} for d in snapshot]
+        e = codec.encode(x, Context(round=r))
+        payload = {k: t.clone() for k, t in e.tensors.items()}
+        # the update on copies: u <- m u + x; y = r + u; r <- y - sent; u <- 0 where sent
+        flat = x.clone() if u_ref is None or not momentum else torch.add(x, u_ref, alpha=momentum)
+        y = flat + r_ref if r_ref is not None else flat.clone()
+        ref = plain.encode(y.clone(), Context(round=r))
+        sent = plain.decode(ref).clone()
+        assert torch.equal(x, x_before), "the caller's input was written"
+        assert all(torch.equal(payload[k], e.tensors[k]) for k in payload), "the payload was written"
+        for d, before in zip(snapshot, saved):
+            assert all(torch.equal(d[p], before[p]) for p in before), "a rollback snapshot was written"
+        assert all(torch.equal(e.tensors[k], ref.tensors[k]) for k in payload)
+        r_ref, u_ref = y - sent, torch.where(sent != 0, 0.0, flat)
+        assert torch.equal(codec.residuals[0], r_ref)
+        if momentum:
+            assert torch.equal(codec.velocities[0], u_ref)
+        if r == 2:  # a failed round: roll back; the next encode starts from the snapshot
+            codec.restore(snapshot)
+            r_ref = saved[0].get(0)
+            u_ref = saved[1].get(0)
+
+
+def test_a_velocity_without_a_residual_leaves_the_identity_payload_alone() -> None:
+    """A state with a velocity and no residual (loaded so): the fp32 identity's payload is the
+    new velocity itself, so the velocity's masking must not happen in place."""
+    codec = ErrorFeedback(Identity(), momentum=0.5)
+    codec.velocities = {0: torch.ones(10)}
+    x = torch.arange(10.0)
+    e = codec.encode(x, Context(part=0))
+    assert torch.equal(e.tensors["values"], x + 0.5)
+    assert torch.equal(codec.velocities[0], torch.zeros(10)) and torch.equal(codec.residuals[0], torch.zeros(10))
+
+
 def test_dgc_sparsity_warm_up() -> None:
     """warmup_rounds = 4 and fraction 1%: the density is 25%, 6.25%, 1.5625%, then 1% (0.39% is
     below the target), whatever the round's workers; each round's payload has one size."""

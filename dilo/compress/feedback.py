@@ -23,6 +23,12 @@ from torch import Tensor
 from dilo.compress.base import Codec, Context, Encoded, check_finite
 
 
+def _private(t: Tensor, e: Encoded, sent: Tensor) -> bool:
+    """t shares memory with neither the payload's tensors nor the decoded vector."""
+    ptr = t.untyped_storage().data_ptr()
+    return all(o.untyped_storage().data_ptr() != ptr for o in (*e.tensors.values(), sent))
+
+
 class ErrorFeedback:
     """Wraps a codec with a residual per part; the flags are the wrapped codec's.
 
@@ -53,14 +59,20 @@ class ErrorFeedback:
             raise ValueError(f"part {ctx.part} has {flat.numel()} values but its residual has {r.numel()}")
         if self.momentum > 0:
             u = self.velocities.get(ctx.part)
-            flat = flat + u * self.momentum if u is not None else flat
+            flat = torch.add(flat, u, alpha=self.momentum) if u is not None else flat
         y = flat + r if r is not None else flat
         e = self.codec.encode(y, ctx)
-        # Not in place: a decode may alias the payload, which may alias y (fp32 Identity).
         sent = self.codec.decode(e)
-        self.residuals[ctx.part] = y - sent
+        # In place where the tensor is this encode's own and nothing sent aliases it (the fp32
+        # Identity's payload is y itself, and its decode returns the payload); the caller's x,
+        # the last residual and velocity (kept by `memory` for a rollback) are never written.
+        if r is not None and _private(y, e, sent):
+            self.residuals[ctx.part] = y.sub_(sent)
+        else:
+            self.residuals[ctx.part] = y - sent
         if self.momentum > 0:  # momentum factor masking: where a value went out its velocity stops
-            self.velocities[ctx.part] = torch.where(sent != 0, 0.0, flat)
+            own = u is not None and _private(flat, e, sent)  # (after the residual: y may be flat)
+            self.velocities[ctx.part] = (flat if own else flat.clone()).masked_fill_(sent != 0, 0.0)
         return e
 
     def decode(self, e: Encoded) -> Tensor:
