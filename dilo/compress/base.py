@@ -25,11 +25,29 @@ unpack a peer's bytes with its own payload as the template.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
+
+SLAB = 1 << 18
+"""Values a codec works on per step (about 1 MB of fp32): its temporaries stay in cache and live
+in buffers reused slab after slab. A new vector-sized temporary costs a pass over memory, and on
+a fresh allocation the first touch of every page as well."""
+
+
+def slab_rows(n_rows: int, width: int) -> int:
+    """Rows of `width` values per slab: about SLAB values, at least one, at most all of them."""
+    return max(1, min(n_rows, SLAB // width))
+
+
+def slabs(n_rows: int, width: int) -> Iterator[tuple[int, int]]:
+    """(first, end) row ranges of about SLAB values each."""
+    rows = slab_rows(n_rows, width)
+    for lo in range(0, n_rows, rows):
+        yield lo, min(lo + rows, n_rows)
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dilo.compress.base import Context, Encoded, check_finite
-from dilo.compress.lowbit import Int2, _slab_rows
+from dilo.compress.base import Context, Encoded, check_finite, slab_rows
+from dilo.compress.lowbit import Int2
 from dilo.compress.sparse import _count
 
 _BF16_MAX = torch.finfo(torch.bfloat16).max
@@ -108,7 +108,7 @@ class DCTTopK:
         kept = torch.empty(n_chunks, self.k, device=xc.device)
         idx = torch.empty(n_chunks, self.k, dtype=torch.long, device=xc.device)
         # slab by slab: the coefficients and their magnitudes stay in cache, in two buffers
-        rows = _slab_rows(n_chunks, self.chunk)
+        rows = slab_rows(n_chunks, self.chunk)
         coeffs = torch.empty(rows, self.chunk, device=xc.device)
         mags, scratch = torch.empty_like(coeffs), torch.empty_like(coeffs)
         for lo in range(0, n_chunks, rows):
@@ -145,7 +145,7 @@ class DCTTopK:
             return out.view(-1)[: e.numel]
         # slab by slab: the sparse coefficients are scattered into a buffer in cache, and the
         # output is written once, by the inverse transform
-        rows = _slab_rows(n_chunks, self.chunk)
+        rows = slab_rows(n_chunks, self.chunk)
         coeffs = torch.empty(rows, self.chunk, device=kept.device)
         for lo in range(0, n_chunks, rows):
             hi = min(lo + rows, n_chunks)

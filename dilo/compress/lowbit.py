@@ -10,35 +10,18 @@ numel values. Payloads of different workers have different scales: not linear.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dilo.compress.base import Context, Encoded, check_finite
+from dilo.compress.base import Context, Encoded, check_finite, slab_rows, slabs
 from dilo.compress.dither import LANE_MEAN, LANE_STEP, Dither
 from dilo.compress.quant import _bf16_at_least, _blocks
-
-_SLAB = 1 << 18
-"""Values quantized per step (about 1 MB of fp32): the temporaries stay in cache (as BlockQuant's)."""
 
 _INT2_LEVELS = torch.tensor([[((b >> (2 * j)) & 3) - 1.5 for j in range(4)] for b in range(256)])
 """Every int2 byte's four levels, (q + 2) - 1.5 = q + 1/2: decode is one table lookup."""
 _TRITS = torch.tensor([[(b // 3**j) % 3 - 1.0 for j in range(5)] for b in range(256)])
 """Every ternary byte's five values in {-1, 0, +1} (bytes past 242 are never written)."""
-
-
-def _slab_rows(n_blocks: int, block: int) -> int:
-    """Blocks per slab: about _SLAB values, at most all of them."""
-    return max(1, min(n_blocks, _SLAB // block))
-
-
-def _slabs(n_blocks: int, block: int) -> Iterator[tuple[int, int]]:
-    """(first, end) block ranges of about _SLAB values: the fp32 temporaries of each stay in cache."""
-    rows = _slab_rows(n_blocks, block)
-    for lo in range(0, n_blocks, rows):
-        yield lo, min(lo + rows, n_blocks)
 
 
 class _Packer:
@@ -68,7 +51,7 @@ def _unpack(packed: Tensor, table: Tensor, block: int, scale: Tensor) -> Tensor:
     output is written once."""
     table = table.to(packed.device)
     out = torch.empty(packed.shape[0], block, device=packed.device)
-    for lo, hi in _slabs(packed.shape[0], block):
+    for lo, hi in slabs(packed.shape[0], block):
         # an embedding lookup with int32 indices: about twice as fast as indexing, or as shifting bits out
         values = F.embedding(packed[lo:hi].int(), table)  # [rows, bytes, per_byte]
         torch.mul(values.flatten(1)[:, :block], scale[lo:hi, None], out=out[lo:hi])
@@ -127,9 +110,9 @@ class Int2:
         s = scale.float()
         s = torch.where(s > 0, s, 1.0)[:, None]
         dither = Dither(ctx.worker_seed(), xb.device) if self.stochastic else None
-        packer = _Packer(self.block, 4, 4, _slab_rows(xb.shape[0], self.block), xb.device)
+        packer = _Packer(self.block, 4, 4, slab_rows(xb.shape[0], self.block), xb.device)
         packed = torch.empty(xb.shape[0], packer.nbytes, dtype=torch.uint8, device=xb.device)
-        for lo, hi in _slabs(xb.shape[0], self.block):
+        for lo, hi in slabs(xb.shape[0], self.block):
             y = torch.div(xb[lo:hi], s[lo:hi], out=packer.codes(hi - lo))
             if dither is not None:  # x / s - 1/2 + u
                 y.add_(dither.lanes(y.numel()).view(y.shape), alpha=LANE_STEP).add_(LANE_MEAN - 0.5)
@@ -189,9 +172,9 @@ class Ternary:
         s = scale.float()
         s = torch.where(s > 0, s, 1.0)[:, None]
         dither = Dither(ctx.worker_seed(), xb.device)
-        packer = _Packer(self.block, 5, 3, _slab_rows(xb.shape[0], self.block), xb.device)
+        packer = _Packer(self.block, 5, 3, slab_rows(xb.shape[0], self.block), xb.device)
         packed = torch.empty(xb.shape[0], packer.nbytes, dtype=torch.uint8, device=xb.device)
-        for lo, hi in _slabs(xb.shape[0], self.block):
+        for lo, hi in slabs(xb.shape[0], self.block):
             y = torch.div(xb[lo:hi], s[lo:hi], out=packer.codes(hi - lo)).clamp_(-1, 1)  # clipped at +-s_b
             # t = floor(y + u) + 1: -1, 0 or +1 with E = y, moved to the codes 0, 1, 2
             y.add_(dither.lanes(y.numel()).view(y.shape), alpha=LANE_STEP).add_(LANE_MEAN + 1)

@@ -9,7 +9,7 @@ Sign is the 1-bit scaled-sign compressor used with error feedback (signSGD / EF-
 
 Everything is vectorised over blocks: the vector is zero-padded to a multiple of `block` and
 viewed as [n_blocks, block]; each step is a tensor op on that view (BlockQuant walks it in slabs
-of about 1 MB, see _SLAB). Decoding returns exactly numel values.
+of about 1 MB, see dilo.compress.base.SLAB). Decoding returns exactly numel values.
 """
 
 from __future__ import annotations
@@ -18,13 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dilo.compress.base import Context, Encoded, check_finite
+from dilo.compress.base import Context, Encoded, check_finite, slab_rows
 from dilo.compress.dither import LANE_MEAN, LANE_STEP, Dither
-
-_SLAB = 1 << 18
-"""Values quantized per step. Whole-tensor ops would allocate fp32 temporaries as large as the
-input, and on CPU first touching fresh memory costs more than the arithmetic: slabs of 1 MB stay
-in cache, which makes int8 encoding about 4x faster on a 64 MB tensor."""
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 """Bit i of sign byte j holds the sign of value 8j + i."""
@@ -114,9 +109,9 @@ class BlockQuant:
         s = torch.where(s > 0, s, 1.0)[:, None]
         dither = Dither(ctx.worker_seed(), xb.device) if self.stochastic else None
         q = torch.empty(xb.shape, dtype=torch.int8, device=xb.device)
-        rows = max(1, _SLAB // self.block)
+        rows = slab_rows(n_blocks, self.block)
         y = torch.empty(min(rows, n_blocks), self.block, device=xb.device)
-        # Slab by slab, so the fp32 temporaries stay in cache (see _SLAB).
+        # Slab by slab, so the fp32 temporaries stay in cache (see SLAB).
         for lo in range(0, n_blocks, rows):
             hi = min(lo + rows, n_blocks)
             ys = torch.div(xb[lo:hi], s[lo:hi], out=y[: hi - lo])

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dilo.compress.base import Context, Encoded, check_finite
+from dilo.compress.base import Context, Encoded, check_finite, slab_rows
 
 
 def _count(fraction: float, n: int) -> int:
@@ -80,8 +80,18 @@ class TopK:
         pad = -n % chunk
         xc = F.pad(flat, (0, pad)).view(-1, chunk) if pad else flat.view(-1, chunk)
         k = _count(fraction, chunk)
-        idx = xc.abs().topk(k, dim=1, sorted=False).indices
-        values = xc.gather(1, idx).view(-1)
+        n_chunks = xc.shape[0]
+        idx = torch.empty(n_chunks, k, dtype=torch.long, device=xc.device)
+        values = torch.empty(n_chunks, k, device=xc.device)
+        # slab by slab: the magnitudes are written to one buffer in cache, not to a new vector
+        rows = slab_rows(n_chunks, chunk)
+        mags = torch.empty(rows, chunk, device=xc.device)
+        for lo in range(0, n_chunks, rows):
+            hi = min(lo + rows, n_chunks)
+            m = torch.abs(xc[lo:hi], out=mags[: hi - lo])
+            torch.topk(m, k, dim=1, sorted=False, out=(values[lo:hi], idx[lo:hi]))
+            torch.gather(xc[lo:hi], 1, idx[lo:hi], out=values[lo:hi])  # the signed values
+        values = values.view(-1)
         # Values first: fp32 must sit at a 4-byte offset when a peer's bytes are unpacked.
         return Encoded({"values": values, "idx": (idx - 32768).to(torch.int16).view(-1)}, n)
 
