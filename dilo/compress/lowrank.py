@@ -165,7 +165,7 @@ class PowerSGD:
             _, m, r = d
             q = q_sum[q_offset : q_offset + m * r].view(m, r).float()
             q_offset += m * r
-            out.append((p @ q.T / count).view(tuple(s)))
+            out.append((p @ (q.T / count)).view(tuple(s)))  # scale the small factor: one output pass
         return out
 
     def keep(self, q_sum: Tensor, shapes: Sequence[Sequence[int]]) -> None:
